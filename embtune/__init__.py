@@ -1,0 +1,10 @@
+"""embtune: fine-tune text-embedding models for retrieval and similarity."""
+
+__version__ = "0.1.0"
+
+
+def load(name_or_path: str, device: str | None = None):
+    """Load a saved embtune model or any local/hub encoder; see :func:`embtune.model.load`."""
+    from embtune.model import load as _load
+
+    return _load(name_or_path, device)

@@ -1,0 +1,50 @@
+"""The ``embtune`` command: a thin Hydra entry around :func:`embtune.train.train`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+# conf/ beside the package in a source checkout; the packaged copy in an installed wheel.
+_REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").is_file() else "pkg://embtune.conf"
+
+log = logging.getLogger("embtune")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises)."""
+    from embtune.train import train
+
+    hc = HydraConfig.get()
+    output_dir = Path(hc.runtime.output_dir)
+    if (output_dir / "summary.json").exists():
+        raise FileExistsError(f"{output_dir} holds a finished run; embtune never overwrites one")
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    multirun = hc.mode == RunMode.MULTIRUN
+    # partial: the resolved config holds _target_ keys that instantiate must not build
+    logger = instantiate(cfg.logger, _partial_=True)(
+        output_dir=output_dir, run_config=OmegaConf.to_container(cfg, resolve=True),
+        group=cfg.logger.get("group") or (Path(hc.sweep.dir).name if multirun else None),
+        name=cfg.logger.get("name") or (" ".join(hc.overrides.task) or "defaults"),
+        **({"tags": list(hc.overrides.task)} if cfg.logger.get("wandb") else {}))
+    try:
+        summary = train(cfg, output_dir, logger)
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    logger.finish()
+    return summary["final"].get(cfg.eval.metric)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,264 @@
+"""BEIR-format retrieval data: ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv``.
+
+The layout is the one of Thakur et al., "BEIR: A Heterogeneous Benchmark for Zero-shot Evaluation of
+Information Retrieval Models", NeurIPS 2021 (https://github.com/beir-cellar/beir):
+
+- ``corpus.jsonl``: one object a line, ``{"_id", "title", "text"}``;
+- ``queries.jsonl``: one object a line, ``{"_id", "text"}``;
+- ``qrels/{split}.tsv``: ``query-id <TAB> corpus-id <TAB> score`` with an optional header line.
+
+Any of them may be gzipped (``.gz``). On the hub, ``BeIR/<name>`` holds the corpus and queries at its root
+and ``BeIR/<name>-qrels`` holds ``{split}.tsv`` at its root; both layouts are read. IDs are always strings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Hashable, TextIO
+
+from huggingface_hub import snapshot_download
+
+from embtune.data import RetrievalSet, TrainingData
+
+log = logging.getLogger(__name__)
+
+_HUB_FILES = ["*.jsonl", "*.jsonl.gz", "*.tsv", "*.tsv.gz", "*.md"]
+
+
+def load_beir(
+    path: str,
+    train_split: str = "train",
+    test_split: str = "test",
+    max_train_pairs: int | None = None,
+    max_test_queries: int | None = None,
+    seed: int = 0,
+) -> TrainingData:
+    """Load a BEIR data set: (query, positive) training pairs and a held-out retrieval set.
+
+    Args:
+        path: a local BEIR folder, or a hub data set name such as ``BeIR/scifact`` (its qrels are then
+            read from the same repository's ``qrels/`` folder or, as BEIR publishes them, from ``<path>-qrels``).
+        train_split: qrels file giving the training pairs, ``qrels/{train_split}.tsv``.
+        test_split: qrels file giving the evaluation queries, ``qrels/{test_split}.tsv``.
+        max_train_pairs: keep at most this many training pairs (deterministic sample), None for all.
+        max_test_queries: keep at most this many test queries (deterministic sample), None for all.
+        seed: seed of the samples above.
+
+    Returns:
+        TrainingData whose rows are ``{"query", "positive", "query_id", "doc_id"}``, one per judged pair
+        with score > 0, in file order; ``source`` is ``(qrels file, line number)`` of each row. ``test`` holds
+        the test queries that have a score > 0 judgment, their relevant grades, and the WHOLE corpus as
+        candidates; it is None (with a warning) when the test qrels file does not exist.
+        Document text is ``title + " " + text`` (just ``text`` when the title is empty), stripped.
+
+    Raises:
+        FileNotFoundError: the folder, corpus, queries or train qrels file is missing, or a hub name
+            could not be fetched.
+        ValueError: a malformed line (bad JSON, missing or non-string field, wrong column count,
+            non-integer score), a duplicate id, or a qrels line naming an unknown query or document; the
+            message gives ``file:line``, the field and the id.
+    """
+    data_dir, qrels_dirs = resolve_beir(path)
+    train_file = _find_qrels(qrels_dirs, train_split)
+    if train_file is None:
+        raise FileNotFoundError(f"{path}: no train qrels file {train_split}.tsv (looked in {_names(qrels_dirs)})")
+    corpus = read_corpus(_find(data_dir, "corpus.jsonl"))
+    queries = read_queries(_find(data_dir, "queries.jsonl"))
+    judged = [j for j in read_qrels(train_file, queries, corpus) if j[2] > 0]
+    keep = subsample([(qid, did) for qid, did, _, _ in judged], max_train_pairs, seed)
+    rows, source = [], []
+    for qid, did, _, line in judged:
+        if (qid, did) in keep:
+            rows.append({"query": queries[qid], "positive": corpus[did], "query_id": qid, "doc_id": did})
+            source.append((str(train_file), line))
+
+    test_file = _find_qrels(qrels_dirs, test_split)
+    if test_file is None:
+        log.warning("%s: no test qrels file %s.tsv (looked in %s); no evaluation set", path, test_split,
+                    _names(qrels_dirs))
+        test = None
+    else:
+        test = _retrieval_set(test_file, queries, corpus, max_test_queries, seed)
+    return TrainingData(rows=rows, test=test, name=str(path), source=source)
+
+
+def load_beir_test(path: str, split: str = "test", max_test_queries: int | None = None, seed: int = 0) -> RetrievalSet:
+    """Read only the evaluation set of a BEIR folder or hub name (see :func:`load_beir`).
+
+    Raises:
+        FileNotFoundError: the folder, corpus, queries or ``{split}.tsv`` qrels file is missing.
+        ValueError: as :func:`load_beir`.
+    """
+    data_dir, qrels_dirs = resolve_beir(path)
+    qrels_file = _find_qrels(qrels_dirs, split)
+    if qrels_file is None:
+        raise FileNotFoundError(f"{path}: no qrels file {split}.tsv (looked in {_names(qrels_dirs)})")
+    corpus = read_corpus(_find(data_dir, "corpus.jsonl"))
+    queries = read_queries(_find(data_dir, "queries.jsonl"))
+    return _retrieval_set(qrels_file, queries, corpus, max_test_queries, seed)
+
+
+def resolve_beir(path: str) -> tuple[Path, list[Path]]:
+    """Find the folder holding corpus and queries, and the folders to search for ``{split}.tsv``.
+
+    A local directory is used as it is; anything else is fetched with ``huggingface_hub.snapshot_download``
+    as a data set repository (``<path>-qrels`` too, when ``<path>`` itself has no ``qrels/`` folder).
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local, [local / "qrels", local]
+    if local.exists():
+        raise FileNotFoundError(f"{path}: expected a BEIR folder (corpus.jsonl, queries.jsonl, qrels/), got a file")
+    data_dir = _download(path)
+    if (data_dir / "qrels").is_dir():
+        return data_dir, [data_dir / "qrels", data_dir]
+    qrels_dir = _download(f"{path}-qrels")
+    return data_dir, [qrels_dir / "qrels", qrels_dir, data_dir]
+
+
+def read_corpus(file: Path) -> dict[str, str]:
+    """Read ``corpus.jsonl(.gz)``: id -> ``title + " " + text`` stripped (``text`` alone when no title)."""
+    corpus = {}
+    for line, obj, doc_id in _read_objects(file):
+        text = _string_field(obj, "text", file, line)
+        title = _string_field(obj, "title", file, line, required=False)
+        corpus[doc_id] = f"{title.strip()} {text.strip()}".strip()
+    return corpus
+
+
+def read_queries(file: Path) -> dict[str, str]:
+    """Read ``queries.jsonl(.gz)``: id -> text stripped."""
+    queries = {}
+    for line, obj, query_id in _read_objects(file):
+        queries[query_id] = _string_field(obj, "text", file, line).strip()
+    return queries
+
+
+def read_qrels(file: Path, queries: dict[str, str], corpus: dict[str, str]) -> list[tuple[str, str, int, int]]:
+    """Read a qrels TSV as ``(query id, doc id, score, line number)``, every score kept, ids as strings.
+
+    Line 1 is skipped when its first column is ``query-id`` (BEIR's header). Raises ValueError on a wrong
+    column count, a non-integer score, an id missing from ``queries``/``corpus`` or a repeated pair.
+    """
+    out, seen = [], {}
+    with _open(file) as f:
+        for line, raw in enumerate(f, 1):
+            if not raw.strip() or (line == 1 and raw.split("\t")[0].strip() == "query-id"):
+                continue
+            cols = [c.strip() for c in raw.rstrip("\r\n").split("\t")]
+            if len(cols) != 3:
+                raise ValueError(
+                    f"{file}:{line}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"
+                )
+            qid, did, score = cols
+            try:
+                grade = int(score)
+            except ValueError:
+                raise ValueError(f"{file}:{line}: field 'score' must be an integer, got {score!r}") from None
+            if qid not in queries:
+                raise ValueError(f"{file}:{line}: field 'query-id': unknown query id {qid!r} (not in queries.jsonl)")
+            if did not in corpus:
+                raise ValueError(f"{file}:{line}: field 'corpus-id': unknown document id {did!r} (not in corpus.jsonl)")
+            if (qid, did) in seen:
+                first = seen[qid, did]
+                raise ValueError(f"{file}:{line}: duplicate judgment ({qid!r}, {did!r}), first on line {first}")
+            seen[qid, did] = line
+            out.append((qid, did, grade, line))
+    return out
+
+
+def subsample(keys: list[Hashable], k: int | None, seed: int) -> set:
+    """A deterministic sample of ``k`` keys: ``random.Random(seed).sample`` over the sorted keys.
+
+    Returns all keys when ``k`` is None or not smaller than their number. Raises ValueError when ``k < 0``.
+    """
+    if k is None or k >= len(keys):
+        return set(keys)
+    if k < 0:
+        raise ValueError(f"sample size must be >= 0 or None, got {k}")
+    return set(random.Random(seed).sample(sorted(keys), k))
+
+
+def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | None, seed: int) -> RetrievalSet:
+    qrels: dict[str, dict[str, int]] = {}
+    for qid, did, grade, _ in read_qrels(file, queries, corpus):
+        if grade > 0:
+            qrels.setdefault(qid, {})[did] = grade
+    keep = subsample(list(qrels), max_queries, seed)
+    qrels = {qid: docs for qid, docs in qrels.items() if qid in keep}
+    return RetrievalSet(queries={qid: queries[qid] for qid in qrels}, corpus=corpus, qrels=qrels)
+
+
+def _read_objects(file: Path):
+    """Yield ``(line number, object, string id)`` for each non-blank line of a JSON Lines file."""
+    first_line: dict[str, int] = {}
+    with _open(file) as f:
+        for line, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{line}: bad JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{file}:{line}: expected a JSON object, got {type(obj).__name__}")
+            if "_id" not in obj:
+                raise ValueError(f"{file}:{line}: missing field '_id'")
+            raw_id = obj["_id"]
+            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+                raise ValueError(f"{file}:{line}: field '_id' must be a string or integer, got {type(raw_id).__name__}")
+            item_id = str(raw_id)
+            if item_id in first_line:
+                first = first_line[item_id]
+                raise ValueError(f"{file}:{line}: field '_id': duplicate id {item_id!r}, first on line {first}")
+            first_line[item_id] = line
+            yield line, obj, item_id
+
+
+def _string_field(obj: dict, field: str, file: Path, line: int, required: bool = True) -> str:
+    if field not in obj or (obj[field] is None and not required):
+        if required:
+            raise ValueError(f"{file}:{line}: missing field {field!r}")
+        return ""
+    if not isinstance(obj[field], str):
+        raise ValueError(f"{file}:{line}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+    return obj[field]
+
+
+def _open(file: Path) -> TextIO:
+    """Open a UTF-8 text file (gzipped when it ends in ``.gz``) with universal newlines; a BOM is dropped."""
+    if file.suffix == ".gz":
+        return gzip.open(file, "rt", encoding="utf-8-sig")
+    return open(file, encoding="utf-8-sig")
+
+
+def _find(folder: Path, name: str) -> Path:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{folder}: no {name} or {name}.gz")
+
+
+def _find_qrels(folders: list[Path], split: str) -> Path | None:
+    for folder in folders:
+        for candidate in (folder / f"{split}.tsv", folder / f"{split}.tsv.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _names(folders: list[Path]) -> str:
+    return ", ".join(str(f) for f in folders)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, unknown repo, invalid name: all mean "no such data set here"
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder and could not be fetched as a hub data set: {type(e).__name__}: {e}"
+        ) from e

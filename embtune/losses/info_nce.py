@@ -1,0 +1,61 @@
+"""InfoNCE: softmax cross-entropy of the positive against all candidates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class InfoNCE(nn.Module):
+    """InfoNCE / multiple-negatives ranking loss (van den Oord et al. 2018, "Representation Learning
+    with Contrastive Predictive Coding", eq. 4; as used for dense retrieval by Karpukhin et al. 2020, DPR).
+
+        loss = CE(scores / τ, target)   with label smoothing ε (Szegedy et al. 2016):
+        q = (1-ε)·onehot(target) + ε/C
+
+    Args:
+        temperature: τ > 0; logits = similarity / τ (τ = 0.05 is sentence-transformers' scale 20).
+        label_smoothing: ε in [0, 1).
+        learnable: learn log(1/τ) as a parameter (CLIP, Radford et al. 2021, §2.5), clamped so that
+            τ stays in [min_temperature, max_temperature].
+    Inputs:
+        scores [B,C]: similarities (cosine when embeddings are normalised) of each anchor to C candidates.
+        target [B]: int64 index of each anchor's positive among the candidates.
+    Raises:
+        ValueError: τ <= 0, ε outside [0, 1), or min/max temperature out of order.
+    """
+
+    margin = None
+
+    def __init__(self, temperature: float = 0.05, label_smoothing: float = 0.0, learnable: bool = False,
+                 min_temperature: float = 0.01, max_temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not 0 < min_temperature <= max_temperature:
+            raise ValueError(f"need 0 < loss.min_temperature <= loss.max_temperature, got "
+                             f"{min_temperature}, {max_temperature}")
+        self.label_smoothing = label_smoothing
+        self.min_temperature, self.max_temperature = min_temperature, max_temperature
+        log_inv = torch.tensor(math.log(1.0 / temperature))
+        if learnable:
+            self.log_inv_temperature = nn.Parameter(log_inv)
+        else:
+            self.register_buffer("log_inv_temperature", log_inv)
+
+    def inv_temperature(self) -> Tensor:
+        """1/τ, clamped to [1/max_temperature, 1/min_temperature]."""
+        return self.log_inv_temperature.exp().clamp(1.0 / self.max_temperature, 1.0 / self.min_temperature)
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.inv_temperature().detach())
+
+    def forward(self, scores: Tensor, target: Tensor) -> Tensor:
+        logits = scores.float() * self.inv_temperature()
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
