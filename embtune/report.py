@@ -51,15 +51,18 @@ def print_comparison(base: dict[str, float], final: dict[str, float]) -> None:
 
 
 def sweep_rows(sweep_dir: str | Path, metric: str = "ndcg@10") -> list[dict]:
-    """One dict per job folder of a sweep: job number, overrides, temperature, margin, base and final
-    ``metric``; a job without summary.json is reported as failed or running."""
+    """One dict per job folder of a sweep: job number, overrides (key -> value), temperature, margin,
+    base and final ``metric``; a job without summary.json is reported as failed or running."""
     rows = []
-    for job in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+    jobs = sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    for job in jobs:
         overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = []
+        overrides = {}
         if overrides_file.is_file():
-            overrides = [line[2:].strip() for line in overrides_file.read_text().splitlines() if line.startswith("- ")]
-        row = {"job": job.name, "overrides": " ".join(overrides), "status": "failed or running"}
+            for line in overrides_file.read_text().splitlines():
+                key, _, value = line.removeprefix("- ").partition("=")
+                overrides[key.strip()] = value.strip()
+        row = {"job": job.name, "overrides": overrides, "status": "failed or running"}
         summary_file = job / "summary.json"
         if summary_file.is_file():
             s = json.loads(summary_file.read_text())
@@ -70,13 +73,17 @@ def sweep_rows(sweep_dir: str | Path, metric: str = "ndcg@10") -> list[dict]:
 
 
 def print_sweep(sweep_dir: str | Path, metric: str = "ndcg@10") -> None:
-    """Print one table of a sweep's jobs: overrides, temperature, margin, base and final metric."""
+    """Print one table of a sweep's jobs: the swept overrides (keys whose value differs between jobs) as
+    columns, then temperature, margin, base and final ``metric``."""
+    rows = sweep_rows(sweep_dir, metric)
+    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
+    swept = [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1] or keys[:1]
     table = Table(title=f"sweep {sweep_dir}")
-    for col in ("job", "overrides", "temperature", "margin", f"base {metric}", f"final {metric}", "status"):
-        table.add_column(col)
-    for r in sweep_rows(sweep_dir, metric):
-        table.add_row(r["job"], r["overrides"], _fmt(r.get("temperature")), _fmt(r.get("margin")),
-                      _fmt(r.get("base")), _fmt(r.get("final")), r["status"])
+    for col in ("job", *swept, "temperature", "margin", f"base {metric}", f"final {metric}", "status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["job"], *(r["overrides"].get(k, "") for k in swept), _fmt(r.get("temperature")),
+                      _fmt(r.get("margin")), _fmt(r.get("base")), _fmt(r.get("final")), r["status"])
     console.print(table)
 
 

@@ -9,8 +9,6 @@ import logging
 import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 from hydra.utils import instantiate

@@ -1,0 +1,37 @@
+"""The `embtune` command: a multirun puts each job in its own folder and prints one table."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_multirun_two_temperatures(tmp_path, tiny_bert):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "embtune.cli", "-m", "loss.temperature=0.02,0.05", f"model.name_or_path={tiny_bert}",
+           "data.max_train_pairs=16", "data.max_test_queries=8", "train.batch_size=8", "train.max_steps=1",
+           "eval.batch_size=16", f"hydra.sweep.dir={sweep}", "logger.mode=offline"]
+    env = {**os.environ, "COLUMNS": "200"}  # rich wraps tables to 80 columns when not on a terminal
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    temps = [json.loads((sweep / str(i) / "summary.json").read_text())["temperature"] for i in (0, 1)]
+    assert temps == [0.02, 0.05] or [round(t, 6) for t in temps] == [0.02, 0.05]
+    for i in (0, 1):  # one wandb run per job, inside the job's folder
+        assert list((sweep / str(i) / "wandb").glob("offline-run-*"))
+    table = out.stdout[out.stdout.index("sweep "):]
+    assert "loss.temperature" in table and "0.02" in table and "0.05" in table and "final ndcg@10" in table
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path, tiny_bert):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "logger=none",
+           "data.max_train_pairs=8", "data.max_test_queries=4", "train.batch_size=4", "train.max_steps=1",
+           "eval.before=false", f"hydra.run.dir={run_dir}"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (run_dir / "summary.json").read_text()
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode != 0 and "never overwrites" in second.stderr
+    assert (run_dir / "summary.json").read_text() == before

@@ -1,0 +1,28 @@
+"""Candidate construction for in-batch and hard negatives."""
+
+import pytest
+import torch
+
+from embtune.negatives import Hard, InBatch
+
+A = torch.tensor([[1., 0.], [0., 1.]])        # anchors
+P = torch.tensor([[0.6, 0.8], [0.8, 0.6]])    # positives
+N = torch.tensor([[[-1., 0.]], [[0., -1.]]])  # one hard negative each: [B=2, K=1, D=2]
+
+
+def test_in_batch_scores_every_positive():
+    scores, target = InBatch()(A, P, N)  # data negatives are ignored
+    torch.testing.assert_close(scores, torch.tensor([[0.6, 0.8], [0.8, 0.6]]))
+    assert target.tolist() == [0, 1]
+
+
+def test_hard_appends_all_negatives_of_the_batch():
+    scores, target = Hard()(A, P, N)
+    # columns: p0, p1, n0, n1
+    torch.testing.assert_close(scores, torch.tensor([[0.6, 0.8, -1., 0.], [0.8, 0.6, 0., -1.]]))
+    assert target.tolist() == [0, 1]
+
+
+def test_hard_without_negatives_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"\[B,K,D\]"):
+        Hard()(A, P, None)

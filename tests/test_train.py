@@ -1,0 +1,90 @@
+"""A few training steps on a tiny random model, end to end: metrics, summary, saved model."""
+
+import json
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, DATA
+from embtune.logger import RunLogger
+from embtune.train import train
+
+STDLIB_SMALL = ["data.max_train_pairs=24", "data.max_test_queries=12"]
+SMALL = ["train.batch_size=8", "train.max_steps=2",
+         "train.log_every=1", "eval.batch_size=16"]
+
+
+def _run(tmp_path, tiny_bert, overrides):
+    data = [] if any(o.startswith("data=") for o in overrides) else STDLIB_SMALL
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model.name_or_path={tiny_bert}", *SMALL, *data, *overrides])
+    logger = RunLogger(tmp_path, wandb=False)
+    try:
+        return train(cfg, tmp_path, logger)
+    finally:
+        logger.finish()
+
+
+def test_few_steps_write_metrics_summary_and_model(tmp_path, tiny_bert):
+    summary = _run(tmp_path, tiny_bert, [])
+    assert summary["steps"] == 2
+    assert set(summary["base"]) == set(summary["final"]) == {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
+    assert summary["temperature"] == pytest.approx(0.05) and summary["margin"] is None
+    assert summary["data"]["train_rows"] == 24 and len(summary["data"]["fingerprint"]) == 64
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_events = [e for e in events if "train/loss" in e]
+    assert [e["step"] for e in train_events] == [1, 2]
+    assert {"train/lr", "train/temperature", "train/margin"} <= set(train_events[0])
+    assert sum("eval/ndcg@10" in e for e in events) == 2  # base and final
+    meta = json.loads((tmp_path / "model" / "embtune.json").read_text())
+    assert meta["pooling"] == "Mean" and meta["config"]["loss"]["temperature"] == 0.05
+
+
+def test_training_changes_the_weights_and_lowers_the_loss(tmp_path, tiny_bert):
+    summary = _run(tmp_path, tiny_bert, ["train.max_steps=8", "train.lr=1e-3", "eval.before=false"])
+    losses = [json.loads(x)["train/loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in x]
+    assert summary["steps"] == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_matryoshka_reports_every_dimension(tmp_path, tiny_bert):
+    summary = _run(tmp_path, tiny_bert, ["matryoshka=on", "matryoshka.dims=[32,16,8]", "matryoshka.weights=[1,1,1]"])
+    assert {"ndcg@10", "dim16/ndcg@10", "dim8/ndcg@10"} <= set(summary["final"])
+    assert json.loads((tmp_path / "model" / "embtune.json").read_text())["matryoshka_dims"] == [32, 16, 8]
+
+
+def test_matryoshka_dim_larger_than_the_model_is_a_clear_error(tmp_path, tiny_bert):
+    with pytest.raises(ValueError, match=r"matryoshka.dims \[64\] outside 1..32"):
+        _run(tmp_path, tiny_bert, ["matryoshka=on", "matryoshka.dims=[64,16]", "matryoshka.weights=[1,1]"])
+
+
+def test_hard_negatives_from_a_triplet_file(tmp_path, tiny_bert):
+    toy = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"
+    summary = _run(tmp_path, tiny_bert, ["data=jsonl", f"data.path={toy}", "data_format=triplet",
+                                         "data_format.positive=pos", "data_format.negative=neg", "negatives=hard"])
+    assert summary["steps"] == 2 and summary["base"] == {} and summary["examples"] == 10
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last_token"])
+def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(tmp_path, tiny_bert, pooling):
+    from sentence_transformers import SentenceTransformer
+
+    import embtune
+
+    _run(tmp_path, tiny_bert, [f"pooling={pooling}", "eval.before=false", "eval.after=false"])
+    texts = ["def add(a, b): return a + b", "Return the sum of two numbers.", "ünïcode ✓ text"]
+    ours = embtune.load(str(tmp_path / "model")).encode(texts)
+    theirs = SentenceTransformer(str(tmp_path / "model"), device="cpu").encode(texts)
+    assert ours.dtype == np.float32 and ours.shape == (3, 32)
+    assert np.abs(ours - theirs).max() < 1e-5
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_saving_never_overwrites(tmp_path, tiny_bert):
+    _run(tmp_path, tiny_bert, ["eval.before=false", "eval.after=false"])
+    import embtune
+
+    with pytest.raises(FileExistsError):
+        embtune.load(str(tmp_path / "model")).save(tmp_path / "model")
