@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -20,30 +20,41 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from embtune.batching import as_labeled_texts, collate
 from embtune.evaluate import evaluate_retrieval
-from embtune.formats import Example
 from embtune.report import print_comparison, progress_bar
 
 log = logging.getLogger(__name__)
 
 
 def check_compatible(data_format, negatives, loss) -> None:
-    """Fail early, naming both options, when the data cannot feed the negatives or the loss.
+    """Fail early, naming the options that clash, when the data cannot feed the loss or the negatives.
+
+    A loss takes one kind of example (``loss.input_kind``); a format gives one (``data_format.kind``).
+    Pair data also feeds classification losses (each pair a class).
 
     Raises:
-        ValueError: e.g. ``negatives=hard`` with ``data_format=pairwise`` (which has no negatives).
+        ValueError: e.g. ``negatives=hard`` with ``data_format=pairwise`` (which has no negatives), or
+            ``loss=cosent`` (scored pairs) with ``data_format=triplet``.
     """
+    kind = getattr(loss, "input_kind", "scores")
+    gives = {data_format.kind} | ({"embeddings"} if data_format.kind == "scores" else set())
+    if kind not in gives:
+        raise ValueError(f"loss={loss.name} takes {kind} examples, but data_format={data_format.name} gives "
+                         f"{data_format.kind} examples: pick a data_format that matches the loss (see README)")
+    if getattr(negatives, "needs_negatives", False) and kind != "scores":
+        raise ValueError(f"negatives={negatives.name} only applies to losses over candidates, not loss={loss.name}")
     if getattr(data_format, "has_negatives", False):
         return
     for group, part in (("negatives", negatives), ("loss", loss)):
         if getattr(part, "needs_negatives", False):
             raise ValueError(
                 f"{group}={part.name} needs negatives in each example, but data_format={data_format.name} "
-                f"has none: use data_format=triplet, or {group} without negatives")
+                f"has none: use data_format=triplet or multi_negative, or {group} without negatives")
 
 
 def matryoshka_dims(cfg: DictConfig, dim: int) -> list[tuple[int, float]]:
-    """(dimension, weight) pairs to train at; [(D, 1.0)] when Matryoshka is off.
+    """(dimension, weight) pairs to train at, largest first; [(D, 1.0)] when Matryoshka is off.
 
     Raises:
         ValueError: dims and weights differ in length, or a dim is not in 1..D.
@@ -66,15 +77,62 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def collate(model, examples: list[Example], with_negatives: bool) -> dict:
-    """Tokenise one batch; each column is padded only to its own longest text."""
-    batch = {"query": model.tokenize([e.query for e in examples], model.query_max_length),
-             "positive": model.tokenize([e.positive for e in examples], model.document_max_length)}
-    if with_negatives:
-        k = min(len(e.negatives) for e in examples)
-        batch["negative"] = model.tokenize([n for e in examples for n in e.negatives[:k]], model.document_max_length)
-        batch["k"] = k
-    return batch
+def param_groups(model, loss_fn, t: DictConfig) -> list[dict]:
+    """AdamW parameter groups: layer-wise learning-rate decay for the encoder (Clark et al. 2020,
+    ELECTRA, App. A: layer l of L gets lr · decay^(L−l), embeddings decay^L; 1.0 turns it off), and the
+    loss's own parameters at lr · ``loss.weight_lr_multiplier`` (ArcFace's class weights)."""
+    n_layers = model.encoder.config.num_hidden_layers
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = re.search(r"\.layers?\.(\d+)\.", name)
+        depth = int(layer.group(1)) + 1 if layer else (0 if "embed" in name else n_layers)
+        groups.setdefault(t.lr * t.layerwise_lr_decay ** (n_layers - depth), []).append(p)
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.setdefault(t.lr * getattr(loss_fn, "weight_lr_multiplier", 1.0), []).extend(loss_params)
+    return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
+
+
+@torch.no_grad()
+def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
+    """For classification losses (ArcFace): size the class-weight matrix, set per-class margins from
+    class frequencies, and start each class weight at the mean embedding of its texts."""
+    labels = torch.tensor([e.label for e in examples])
+    n_classes = int(labels.max()) + 1
+    emb = torch.from_numpy(model.encode([e.text for e in examples], batch_size=batch_size))
+    means = torch.zeros(n_classes, emb.size(1)).index_add_(0, labels, emb)
+    loss_fn.build(n_classes, emb.size(1))
+    loss_fn.set_class_counts(torch.bincount(labels, minlength=n_classes).float())
+    loss_fn.init_weights(F.normalize(means, dim=-1))
+
+
+def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]]) -> torch.Tensor:
+    """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
+    (Kusupati et al. 2022: truncate to d, re-normalise, score)."""
+
+    def cut(x, d):
+        if x is None or d >= x.size(-1):
+            return x
+        return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
+
+    if kind == "scores":
+        a, p = model(**batch["query"]), model(**batch["positive"])
+        n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
+        mask = batch.get("negative_mask")
+        return sum(w * loss_fn(*negatives(cut(a, d), cut(p, d), cut(n, d), mask)) for d, w in dims)
+    if kind == "pair_scores":
+        e1, e2 = model(**batch["text1"]), model(**batch["text2"])
+        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
+    if kind == "list_scores":
+        q = model(**batch["query"])
+        docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
+        return sum(w * loss_fn(torch.einsum("bd,bld->bl", cut(q, d), cut(docs, d)), batch["teacher"], batch["mask"])
+                   for d, w in dims)
+    if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
+        return loss_fn(model(**batch["text"]), batch["label"])
+    raise ValueError(f"unknown example kind {kind!r}")
 
 
 def evaluate(model, test, cfg_eval: DictConfig, dims: list[int]) -> dict[str, float]:
@@ -84,6 +142,11 @@ def evaluate(model, test, cfg_eval: DictConfig, dims: list[int]) -> dict[str, fl
     d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=cfg_eval.batch_size)
     return evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
                               k=cfg_eval.k, dims=[x for x in dims if x < model.dim])
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}
 
 
 def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
@@ -97,6 +160,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     data_format, negatives, loss_fn = instantiate(cfg.data_format), instantiate(cfg.negatives), instantiate(cfg.loss)
     check_compatible(data_format, negatives, loss_fn)
     examples = data_format(data.rows, data.source)
+    kind = getattr(loss_fn, "input_kind", "scores")
+    if kind == "embeddings" and data_format.kind == "scores":
+        examples = as_labeled_texts(examples)
     if not examples:
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
@@ -104,9 +170,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     # -- model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
-    loss_fn.to(device)
     dims = matryoshka_dims(cfg, model.dim)
     eval_dims = [d for d, _ in dims]
+    if hasattr(loss_fn, "build"):
+        prepare_classes(loss_fn, examples, model, cfg.eval.batch_size)
+    loss_fn.to(device)
 
     # -- base metrics
     base = {}
@@ -115,15 +183,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
-    with_negatives = negatives.needs_negatives
-    generator = torch.Generator().manual_seed(t.seed)
+    group_size = negatives.group_size if negatives.needs_negatives else 1
+    rng = random.Random(t.seed)  # negative sampling
     loader = torch.utils.data.DataLoader(
-        examples, batch_size=t.batch_size, shuffle=True, generator=generator, drop_last=len(examples) > t.batch_size,
-        collate_fn=lambda b: collate(model, b, with_negatives))
+        examples, batch_size=t.batch_size, shuffle=True, generator=torch.Generator().manual_seed(t.seed),
+        drop_last=len(examples) > t.batch_size, collate_fn=lambda b: collate(model, b, kind, group_size, rng))
     total = t.max_steps or t.epochs * len(loader)
     warmup = max(1, int(t.warmup_ratio * total))
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda"
                               and torch.cuda.is_bf16_supported())
@@ -134,27 +202,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     with progress_bar(total) as bar:
         while step < total:
             for batch in loader:
-                batch = {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v)
-                         for k, v in batch.items()}
                 with autocast:
-                    anchor, positive = model(**batch["query"]), model(**batch["positive"])
-                    negative = None
-                    if with_negatives:
-                        negative = model(**batch["negative"]).view(anchor.size(0), batch["k"], -1)
-                    loss = 0.0
-                    for d, w in dims:  # Matryoshka: truncate, re-normalise, score, weight
-                        a, p, n = anchor[:, :d], positive[:, :d], negative[..., :d] if negative is not None else None
-                        if d < model.dim and model.normalize:
-                            a, p = F.normalize(a, dim=-1), F.normalize(p, dim=-1)
-                            n = F.normalize(n, dim=-1) if n is not None else None
-                        loss = loss + w * loss_fn(*negatives(a, p, n))
+                    loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                seen += anchor.size(0)
+                seen += len(next(iter(batch.values()))["input_ids"])
                 pairs_per_s = seen / (time.perf_counter() - start)
                 if step % t.log_every == 0 or step == total:
                     logger.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
@@ -171,7 +227,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     if data.test is not None and cfg.eval.after:
         final = evaluate(model, data.test, cfg.eval, eval_dims)
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
-    model.save(output_dir / "model", matryoshka_dims=[d for d, _ in dims] if cfg.matryoshka.dims else None,
+    model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None,
                config=OmegaConf.to_container(cfg, resolve=True))
     summary = {
         "base": base, "final": final, "steps": step, "train_seconds": round(train_seconds, 2),

@@ -55,3 +55,16 @@ def test_low_temperature_stays_finite():
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InfoNCE(**kwargs)
+
+
+def test_padded_candidate_changes_nothing_even_with_label_smoothing():
+    padded = torch.cat([SCORES, torch.full((2, 1), float("-inf"))], dim=1)
+    for eps in (0.0, 0.1):
+        loss_fn = InfoNCE(temperature=0.1, label_smoothing=eps)
+        assert loss_fn(padded, TARGET).item() == pytest.approx(loss_fn(SCORES, TARGET).item(), abs=1e-7)
+
+
+def test_info_nce_gradcheck():
+    scores = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, -0.4]], dtype=torch.float64, requires_grad=True)
+    loss_fn = InfoNCE(temperature=0.5, label_smoothing=0.1)
+    assert torch.autograd.gradcheck(lambda s: loss_fn(s, TARGET), (scores,))

@@ -26,3 +26,17 @@ def test_hard_appends_all_negatives_of_the_batch():
 def test_hard_without_negatives_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\[B,K,D\]"):
         Hard()(A, P, None)
+
+
+def test_padded_negatives_score_minus_inf():
+    neg = torch.tensor([[[-1., 0.], [0.5, 0.5]], [[0., -1.], [9., 9.]]])  # row 1's second slot is padding
+    mask = torch.tensor([[True, True], [True, False]])
+    scores, _ = Hard(group_size=3)(A, P, neg, mask)
+    # columns: p0, p1, n00, n01, n10, n11(pad)
+    assert torch.isinf(scores[:, 5]).all() and (scores[:, 5] < 0).all()
+    assert torch.isfinite(scores[:, :5]).all()
+
+
+def test_group_size_below_two_is_refused():
+    with pytest.raises(ValueError, match="group_size"):
+        Hard(group_size=1)

@@ -88,3 +88,46 @@ def test_saving_never_overwrites(tmp_path, tiny_bert):
 
     with pytest.raises(FileExistsError):
         embtune.load(str(tmp_path / "model")).save(tmp_path / "model")
+
+
+STSB = DATA / "stsb" / "train.tsv"
+TOY = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"
+SCORED = ["data=jsonl", f"data.path={STSB}", "data.max_train_pairs=32", "data_format=scored_pairs"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss=binary"], ["loss=hinge"], ["loss=logistic"], ["loss=triplet"], ["loss=multi_label_softmax"],
+    ["loss=simcse", "data_format.positive=query"],                     # unsupervised: same text twice
+    ["loss=arcface"],                                                   # pairs as classes
+    ["loss=arcface", "data_format=pointwise", "train.layerwise_lr_decay=0.8"],
+    [*SCORED, "loss=cosent"], [*SCORED, "data_format.score_scale=5", "loss=pointwise_bce"],
+    ["data=jsonl", f"data.path={TOY}", "data_format=multi_negative", "negatives=hard", "negatives.group_size=4"],
+    ["data=jsonl", f"data.path={TOY}", "data_format=multi_negative", "negatives=hard", "negatives.group_size=4",
+     "loss=hinge"],
+], ids=lambda o: " ".join(x for x in o if not x.startswith("data.path")))
+def test_every_loss_trains_a_few_steps(tmp_path, tiny_bert, overrides):
+    summary = _run(tmp_path, tiny_bert, [*overrides, "eval.before=false"])
+    assert summary["steps"] == 2
+    losses = [json.loads(x)["train/loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in x]
+    assert all(np.isfinite(losses))
+
+
+def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
+    rows = [{"query": f"query {i}", "documents": [f"doc {i} a", f"doc {i} b", f"doc {i} c"][: 2 + i % 2],
+             "scores": [3, 1, 0][: 2 + i % 2]} for i in range(16)]  # lists of 2 and 3: padding and masks
+    path = tmp_path / "lists.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    summary = _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "data_format=listwise",
+                                                 "loss=listwise"])
+    assert summary["steps"] == 2
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["loss=cosent"], r"loss=cosent takes pair_scores examples, but data_format=pairwise"),
+    (["loss=listwise", "data_format=triplet"], r"loss=listwise .* data_format=triplet"),
+    ([*SCORED, "loss=info_nce"], r"loss=info_nce takes scores examples, but data_format=scored_pairs"),
+])
+def test_mismatched_loss_and_format_fail_before_the_model_loads(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, "/nonexistent/model", overrides)

@@ -24,10 +24,14 @@ class InfoNCE(nn.Module):
     Inputs:
         scores [B,C]: similarities (cosine when embeddings are normalised) of each anchor to C candidates.
         target [B]: int64 index of each anchor's positive among the candidates.
+        Candidates scored -inf (padding) take no part, also not in the smoothing.
     Raises:
         ValueError: τ <= 0, ε outside [0, 1), or min/max temperature out of order.
     """
 
+    name = "info_nce"
+    input_kind = "scores"
+    needs_negatives = False
     margin = None
 
     def __init__(self, temperature: float = 0.05, label_smoothing: float = 0.0, learnable: bool = False,
@@ -43,19 +47,28 @@ class InfoNCE(nn.Module):
         self.label_smoothing = label_smoothing
         self.min_temperature, self.max_temperature = min_temperature, max_temperature
         log_inv = torch.tensor(math.log(1.0 / temperature))
+        self.learnable = learnable
         if learnable:
             self.log_inv_temperature = nn.Parameter(log_inv)
         else:
             self.register_buffer("log_inv_temperature", log_inv)
 
     def inv_temperature(self) -> Tensor:
-        """1/τ, clamped to [1/max_temperature, 1/min_temperature]."""
-        return self.log_inv_temperature.exp().clamp(1.0 / self.max_temperature, 1.0 / self.min_temperature)
+        """1/τ; when learnable, clamped to [1/max_temperature, 1/min_temperature]."""
+        inv = self.log_inv_temperature.exp()
+        return inv.clamp(1.0 / self.max_temperature, 1.0 / self.min_temperature) if self.learnable else inv
 
     @property
     def temperature(self) -> float:
         return float(1.0 / self.inv_temperature().detach())
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        logits = scores.float() * self.inv_temperature()
-        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        logits = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.inv_temperature()
+        if self.label_smoothing == 0:
+            return F.cross_entropy(logits, target)
+        # smoothing mass over the real candidates only: padded ones (-inf) would make it infinite
+        logp = logits.log_softmax(-1)
+        valid = torch.isfinite(logits)
+        nll = -logp.gather(1, target[:, None]).squeeze(1)
+        smooth = -logp.masked_fill(~valid, 0).sum(1) / valid.sum(1)
+        return ((1 - self.label_smoothing) * nll + self.label_smoothing * smooth).mean()

@@ -1,0 +1,52 @@
+"""Logistic: the soft-margin pairwise loss log(1 + exp(−(s_p − s_n)/τ))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Logistic(nn.Module):
+    """Logistic (soft-margin) pairwise loss: a smooth hinge on the gap between the positive's and each
+    negative's similarity (the soft-margin triplet loss of Hermans et al. 2017, "In Defense of the
+    Triplet Loss for Person Re-Identification", §2, on similarities scaled by 1/τ):
+
+        loss = mean over pairs of  log(1 + exp(−(s_p − s_n) / τ)) = softplus(−(s_p − s_n) / τ)
+
+    Mathematically equal to ``binary`` with label_smoothing 0 (RankNet's cost with P̄ = 1); this is
+    the plain form, with no target probability. softplus keeps it finite for small τ.
+
+    Input kind "scores"; data formats: pairwise (in-batch negatives), triplet and multi_negative
+    (hard negatives). Needs no negatives in the data.
+
+    Args:
+        temperature: τ > 0 (0.05).
+    Inputs:
+        scores [B,C]: similarities of each anchor to C candidates.
+        target [B]: int64 column of each anchor's positive; every other column is a negative.
+        Candidates scored -inf (padding) take no part.
+    Returns:
+        The mean over all (positive, real negative) pairs; 0 when there is none (C = 1).
+    Raises:
+        ValueError: τ <= 0.
+    """
+
+    name = "logistic"
+    input_kind = "scores"
+    needs_negatives = False
+    margin = None
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, scores: Tensor, target: Tensor) -> Tensor:
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        real = scores != float("-inf")  # padded candidates score -inf: no pair
+        is_negative = real.scatter(1, target[:, None], False)
+        gap = scores.gather(1, target[:, None]) - scores.masked_fill(~real, 0)  # [B,C]: s_p − s_n
+        per_pair = F.softplus(-gap / self.temperature)
+        return (per_pair * is_negative).sum() / is_negative.sum().clamp(min=1)

@@ -1,0 +1,65 @@
+"""MultiLabelSoftmax: softmax cross-entropy where an anchor may have several positive candidates."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class MultiLabelSoftmax(nn.Module):
+    """Multi-positive InfoNCE: the probability mass of all positives, summed inside the log (MIL-NCE,
+    Miech et al. 2020, "End-to-End Learning of Visual Representations from Uncurated Instructional
+    Videos", §3):
+
+        loss_i = −log( Σ_{j∈P(i)} exp(s_ij/τ) / Σ_j exp(s_ij/τ) )
+               = logsumexp_j(s_ij/τ) − logsumexp_{j∈P(i)}(s_ij/τ),   loss = mean over anchors
+
+    This is the "L_in" form of supervised contrastive learning (Khosla et al. 2020, "Supervised
+    Contrastive Learning", eq. 3) without its 1/|P(i)| inside the log, a constant log|P(i)| per anchor
+    that changes no gradient. (Their "L_out", eq. 2, averages −log p over positives instead.)
+    With one positive per row it is InfoNCE (``info_nce`` with label_smoothing 0).
+
+    Input kind "scores"; data formats: pointwise (texts sharing a class label are each other's
+    positives, as in SupCon), pairwise with a list of positives per query (rows sharing a query mark
+    each other's positives), triplet and multi_negative (hard negatives). Needs no negatives.
+
+    Args:
+        temperature: τ > 0 (0.05).
+    Inputs:
+        scores [B,C]: similarities of each anchor to C candidates.
+        target: [B] int64 column of each anchor's single positive, or [B,C] bool (or float 0/1)
+            marking every positive column of each anchor.
+        Candidates scored -inf (padding) take no part (exp(−inf) = 0).
+    Raises:
+        ValueError: τ <= 0; a [B,C] target of another shape than scores, with values other than 0/1,
+            or with a row that has no positive.
+    """
+
+    name = "multi_label_softmax"
+    input_kind = "scores"
+    needs_negatives = False
+    margin = None
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, scores: Tensor, target: Tensor) -> Tensor:
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        if target.dim() == 1:
+            positive = torch.zeros_like(scores, dtype=torch.bool).scatter(1, target[:, None], True)
+        else:
+            if target.shape != scores.shape:
+                raise ValueError(f"multi_label_softmax: target {tuple(target.shape)} must be [B] or the "
+                                 f"shape of scores {tuple(scores.shape)}")
+            if target.dtype != torch.bool and not ((target == 0) | (target == 1)).all():
+                raise ValueError("multi_label_softmax: a [B,C] target must hold only 0 and 1")
+            positive = target.bool()
+            if not positive.any(dim=1).all():
+                rows = (~positive.any(dim=1)).nonzero().flatten().tolist()
+                raise ValueError(f"multi_label_softmax: rows {rows[:10]} of target have no positive")
+        logits = scores / self.temperature
+        log_positive_mass = logits.masked_fill(~positive, float("-inf")).logsumexp(dim=1)
+        return (logits.logsumexp(dim=1) - log_positive_mass).mean()
