@@ -21,7 +21,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune.batching import as_labeled_texts, collate
-from embtune.evaluate import evaluate_retrieval
 from embtune.report import print_comparison, progress_bar
 
 log = logging.getLogger(__name__)
@@ -135,15 +134,6 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
     raise ValueError(f"unknown example kind {kind!r}")
 
 
-def evaluate(model, test, cfg_eval: DictConfig, dims: list[int]) -> dict[str, float]:
-    """Encode the test queries and the whole test corpus, rank, and compute the IR metrics."""
-    qids, dids = list(test.qrels), list(test.corpus)
-    q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=cfg_eval.batch_size)
-    d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=cfg_eval.batch_size)
-    return evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
-                              k=cfg_eval.k, dims=[x for x in dims if x < model.dim])
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
@@ -158,6 +148,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     # -- data, format, negatives, loss: cheap, and checked before any model loads
     data = instantiate(cfg.data)
     data_format, negatives, loss_fn = instantiate(cfg.data_format), instantiate(cfg.negatives), instantiate(cfg.loss)
+    evaluator = instantiate(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)
     examples = data_format(data.rows, data.source)
     kind = getattr(loss_fn, "input_kind", "scores")
@@ -173,13 +164,12 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     dims = matryoshka_dims(cfg, model.dim)
     eval_dims = [d for d, _ in dims]
     if hasattr(loss_fn, "build"):
-        prepare_classes(loss_fn, examples, model, cfg.eval.batch_size)
+        prepare_classes(loss_fn, examples, model, evaluator.batch_size)
     loss_fn.to(device)
 
     # -- base metrics
-    base = {}
-    if data.test is not None and cfg.eval.before:
-        base = evaluate(model, data.test, cfg.eval, eval_dims)
+    base = evaluator(model, data, eval_dims) if evaluator.before else {}
+    if base:
         logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
@@ -223,9 +213,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     train_seconds = time.perf_counter() - start
 
     # -- final metrics, model, summary
-    final = {}
-    if data.test is not None and cfg.eval.after:
-        final = evaluate(model, data.test, cfg.eval, eval_dims)
+    final = evaluator(model, data, eval_dims) if evaluator.after else {}
+    if final:
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None,
                config=OmegaConf.to_container(cfg, resolve=True))

@@ -16,6 +16,7 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml")
 NEEDS = {
     ("data", "beir"): [f"data.path={DATA / 'scifact'}", "data.max_test_queries=5"],
     ("data", "jsonl"): [f"data.path={DATA / 'triplets' / 'flagembedding_toy_finetune_data.jsonl'}"],
+    ("eval", "sts"): [f"eval.path={DATA / 'stsb' / 'dev.tsv'}"],
     ("data", "hf"): [f"data.name={DATA / 'triplets' / 'flagembedding_toy_finetune_data.jsonl'}"],
 }
 

@@ -5,7 +5,6 @@ within 0.01 shows that tokenisation, pooling, normalisation, search and the metr
 """
 
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import DATA
 
@@ -17,11 +16,11 @@ SCIFACT = DATA / "scifact"
 def test_base_model_reproduces_the_published_scifact_ndcg():
     import embtune
     from embtune.data.beir import load_beir
-    from embtune.train import evaluate
+    from embtune.evaluators import Retrieval
 
     data = load_beir(str(SCIFACT))
     model = embtune.load("sentence-transformers/all-MiniLM-L6-v2")  # bundled copy, offline
     model.query_max_length = model.document_max_length = 256  # MTEB encodes both at the model's 256
-    metrics = evaluate(model, data.test, OmegaConf.create({"batch_size": 32, "k": 100}), dims=[])
+    metrics = Retrieval(batch_size=32)(model, data, dims=[])
     print("SciFact base metrics:", metrics)
     assert metrics["ndcg@10"] == pytest.approx(0.6451, abs=0.01)

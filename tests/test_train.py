@@ -131,3 +131,8 @@ def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
 def test_mismatched_loss_and_format_fail_before_the_model_loads(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         _run(tmp_path, "/nonexistent/model", overrides)
+
+
+def test_sts_evaluation_reports_spearman(tmp_path, tiny_bert):
+    summary = _run(tmp_path, tiny_bert, [*SCORED, "loss=cosent", "eval=sts", f"eval.path={DATA / 'stsb' / 'dev.tsv'}"])
+    assert -1 <= summary["base"]["spearman"] <= 1 and -1 <= summary["final"]["spearman"] <= 1
