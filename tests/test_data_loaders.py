@@ -294,3 +294,16 @@ def test_configs_list_every_argument_and_instantiate(hf_cache, name, func, manda
     cfg[mandatory] = str(write_beir(hf_cache / "beir") if name == "beir" else hf_cache / "t.jsonl")
     data = instantiate(cfg)
     assert isinstance(data, TrainingData) and len(data.rows) == (2 if name == "beir" else 1)
+
+
+@needs_scifact
+def test_beir_random_negatives_are_never_relevant():
+    data = load_beir(str(SCIFACT), random_negatives=3, max_train_pairs=50, seed=1)
+    full = load_beir(str(SCIFACT))
+    positives: dict[str, set[str]] = {}
+    for r in full.rows:
+        positives.setdefault(r["query_id"], set()).add(r["positive"])
+    for row in data.rows:
+        assert len(row["negative"]) == 3
+        assert not positives[row["query_id"]] & set(row["negative"])
+    assert load_beir(str(SCIFACT), random_negatives=3, max_train_pairs=50, seed=1).rows == data.rows

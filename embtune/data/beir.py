@@ -35,6 +35,7 @@ def load_beir(
     test_split: str = "test",
     max_train_pairs: int | None = None,
     max_test_queries: int | None = None,
+    random_negatives: int = 0,
     seed: int = 0,
 ) -> TrainingData:
     """Load a BEIR data set: (query, positive) training pairs and a held-out retrieval set.
@@ -46,6 +47,8 @@ def load_beir(
         test_split: qrels file giving the evaluation queries, ``qrels/{test_split}.tsv``.
         max_train_pairs: keep at most this many training pairs (deterministic sample), None for all.
         max_test_queries: keep at most this many test queries (deterministic sample), None for all.
+        random_negatives: add a ``negative`` column of this many corpus documents drawn at random
+            (seeded), never one judged relevant to the query, for ``data_format=triplet``/``multi_negative``.
         seed: seed of the samples above.
 
     Returns:
@@ -71,9 +74,20 @@ def load_beir(
     judged = [j for j in read_qrels(train_file, queries, corpus) if j[2] > 0]
     keep = subsample([(qid, did) for qid, did, _, _ in judged], max_train_pairs, seed)
     rows, source = [], []
+    relevant: dict[str, set[str]] = {}
+    for qid, did, _, _ in judged:
+        relevant.setdefault(qid, set()).add(did)
+    doc_ids, rng = sorted(corpus), random.Random(seed)
     for qid, did, _, line in judged:
         if (qid, did) in keep:
             rows.append({"query": queries[qid], "positive": corpus[did], "query_id": qid, "doc_id": did})
+            if random_negatives:
+                negs: list[str] = []
+                while len(negs) < random_negatives:  # rejection: a query has few relevant docs
+                    cand = rng.choice(doc_ids)
+                    if cand not in relevant[qid] and corpus[cand] != corpus[did]:
+                        negs.append(corpus[cand])
+                rows[-1]["negative"] = negs
             source.append((str(train_file), line))
 
     test_file = _find_qrels(qrels_dirs, test_split)
