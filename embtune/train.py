@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -70,28 +71,35 @@ def matryoshka_dims(cfg: DictConfig, dim: int) -> list[tuple[int, float]]:
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    """LR multiplier: linear warm-up from 0 over ``warmup`` steps, then linear decay to 0 at ``total``
+    (Goyal et al. 2017 warm-up; the schedule of HF's ``get_linear_schedule_with_warmup``)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def param_groups(model, loss_fn, t: DictConfig) -> list[dict]:
-    """AdamW parameter groups: layer-wise learning-rate decay for the encoder (Clark et al. 2020,
-    ELECTRA, App. A: layer l of L gets lr · decay^(L−l), embeddings decay^L; 1.0 turns it off), and the
-    loss's own parameters at lr · ``loss.weight_lr_multiplier`` (ArcFace's class weights)."""
+    """AdamW parameter groups.
+
+    - Layer-wise learning-rate decay for the encoder (Clark et al. 2020, ELECTRA, App. A): layer l of L
+      gets lr · decay^(L−l), embeddings decay^L; ``train.layerwise_lr_decay=1.0`` turns it off.
+    - No weight decay on biases and LayerNorm weights (Devlin et al. 2019's BERT recipe, as in HF Trainer).
+    - The loss's own parameters (a learnable temperature, ArcFace's class weights) at
+      lr · ``loss.weight_lr_multiplier`` (1 when the loss has none).
+    """
     n_layers = model.encoder.config.num_hidden_layers
-    groups: dict[float, list] = {}
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         layer = re.search(r"\.layers?\.(\d+)\.", name)
         depth = int(layer.group(1)) + 1 if layer else (0 if "embed" in name else n_layers)
-        groups.setdefault(t.lr * t.layerwise_lr_decay ** (n_layers - depth), []).append(p)
+        decay = 0.0 if p.dim() < 2 else t.weight_decay  # biases and norm weights are 1-D
+        groups.setdefault((t.lr * t.layerwise_lr_decay ** (n_layers - depth), decay), []).append(p)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
-        groups.setdefault(t.lr * getattr(loss_fn, "weight_lr_multiplier", 1.0), []).extend(loss_params)
-    return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
+        groups.setdefault((t.lr * getattr(loss_fn, "weight_lr_multiplier", 1.0), 0.0), []).extend(loss_params)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
 @torch.no_grad()
@@ -177,9 +185,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     rng = random.Random(t.seed)  # negative sampling
     loader = torch.utils.data.DataLoader(
         examples, batch_size=t.batch_size, shuffle=True, generator=torch.Generator().manual_seed(t.seed),
-        drop_last=len(examples) > t.batch_size, collate_fn=lambda b: collate(model, b, kind, group_size, rng))
+        drop_last=len(examples) % t.batch_size == 1,  # a batch of one has no in-batch negative
+        collate_fn=lambda b: collate(model, b, kind, group_size, rng))
     total = t.max_steps or t.epochs * len(loader)
-    warmup = max(1, int(t.warmup_ratio * total))
+    warmup = max(1, math.ceil(t.warmup_ratio * total))
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup))

@@ -136,3 +136,10 @@ def test_mismatched_loss_and_format_fail_before_the_model_loads(tmp_path, overri
 def test_sts_evaluation_reports_spearman(tmp_path, tiny_bert):
     summary = _run(tmp_path, tiny_bert, [*SCORED, "loss=cosent", "eval=sts", f"eval.path={DATA / 'stsb' / 'dev.tsv'}"])
     assert -1 <= summary["base"]["spearman"] <= 1 and -1 <= summary["final"]["spearman"] <= 1
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from embtune.train import lr_at
+
+    # total 10, warm-up 2: 0, 0.5, then (10-s)/8 from step 2
+    assert [lr_at(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
