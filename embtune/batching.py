@@ -17,7 +17,8 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
     """Tokenise one batch of examples of ``kind`` for ``model`` (an :class:`embtune.model.Embedder`).
 
     Returns a dict of tokenised columns (``{"input_ids", "attention_mask"}`` each) plus:
-    ``scores``: ``negative`` [B·K texts], ``negative_mask`` [B,K] bool (only when group_size > 1);
+    ``scores``: ``negative`` [B·K texts], ``negative_mask`` [B,K] bool (only when group_size > 1),
+    ``false_negative`` [B,C] bool, candidates (positives, then negatives) equal to the anchor's positive;
     ``pair_scores``: ``score`` [B] float; ``list_scores``: ``documents`` [B·L texts], ``teacher`` [B,L],
     ``mask`` [B,L]; ``embeddings``: ``label`` [B] int64.
     """
@@ -25,9 +26,12 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
     if kind == "scores":
         batch = {"query": model.tokenize([e.query for e in examples], q_len),
                  "positive": model.tokenize([e.positive for e in examples], d_len)}
+        candidates = [e.positive for e in examples]
         if group_size > 1:
             texts, mask = _sample_negatives(examples, group_size - 1, rng or random.Random(0))
             batch["negative"], batch["negative_mask"] = model.tokenize(texts, d_len), mask
+            candidates += texts
+        batch["false_negative"] = _false_negatives(examples, candidates)
         return batch
     if kind == "pair_scores":
         return {"text1": model.tokenize([e.text1 for e in examples], q_len),
@@ -44,6 +48,18 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
         return {"text": model.tokenize([e.text for e in examples], d_len),
                 "label": torch.tensor([e.label for e in examples], dtype=torch.long)}
     raise ValueError(f"unknown example kind {kind!r}")
+
+
+def _false_negatives(examples: list[Example], candidates: list[str]) -> torch.Tensor:
+    """[B,C] bool: candidate c is a copy of anchor i's positive in another column (a false negative)."""
+    columns: dict[str, list[int]] = {}
+    for c, text in enumerate(candidates):
+        columns.setdefault(text, []).append(c)
+    mask = torch.zeros(len(examples), len(candidates), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        for c in columns.get(e.positive, ()):
+            mask[i, c] = c != i
+    return mask
 
 
 def _sample_negatives(examples: list[Example], k: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embtune.batching import as_labeled_texts, collate
 from embtune.report import print_comparison, progress_bar
+from embtune.sampler import NoDuplicatesBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,13 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
     if kind == "scores":
         a, p = model(**batch["query"]), model(**batch["positive"])
         n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
-        mask = batch.get("negative_mask")
-        return sum(w * loss_fn(*negatives(cut(a, d), cut(p, d), cut(n, d), mask)) for d, w in dims)
+        mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
+
+        def scored(d):
+            scores, target = negatives(cut(a, d), cut(p, d), cut(n, d), mask)
+            return scores.masked_fill(false_negative, float("-inf")), target
+
+        return sum(w * loss_fn(*scored(d)) for d, w in dims)
     if kind == "pair_scores":
         e1, e2 = model(**batch["text1"]), model(**batch["text2"])
         return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
@@ -183,10 +189,17 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1
     rng = random.Random(t.seed)  # negative sampling
-    loader = torch.utils.data.DataLoader(
-        examples, batch_size=t.batch_size, shuffle=True, generator=torch.Generator().manual_seed(t.seed),
-        drop_last=len(examples) % t.batch_size == 1,  # a batch of one has no in-batch negative
-        collate_fn=lambda b: collate(model, b, kind, group_size, rng))
+    drop_last = len(examples) % t.batch_size == 1  # a batch of one has no in-batch negative
+    if kind == "scores" and t.no_duplicates:
+        sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
+                                           t.batch_size, drop_last, t.seed)
+        batching = {"batch_sampler": sampler}
+    else:
+        sampler = None
+        batching = {"batch_size": t.batch_size, "shuffle": True, "drop_last": drop_last,
+                    "generator": torch.Generator().manual_seed(t.seed)}
+    loader = torch.utils.data.DataLoader(examples, collate_fn=lambda b: collate(model, b, kind, group_size, rng),
+                                         **batching)
     total = t.max_steps or t.epochs * len(loader)
     warmup = max(1, math.ceil(t.warmup_ratio * total))
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
@@ -197,9 +210,12 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
 
     # -- the loop
     model.train()
-    step, seen, start = 0, 0, time.perf_counter()
+    step, seen, epoch, start = 0, 0, 0, time.perf_counter()
     with progress_bar(total) as bar:
         while step < total:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            epoch += 1
             for batch in loader:
                 with autocast:
                     loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)

@@ -40,3 +40,15 @@ def test_padded_negatives_score_minus_inf():
 def test_group_size_below_two_is_refused():
     with pytest.raises(ValueError, match="group_size"):
         Hard(group_size=1)
+
+
+def test_copies_of_the_positive_are_masked_as_false_negatives():
+    from embtune.batching import _false_negatives
+    from embtune.formats import Example
+
+    examples = [Example("q0", "same"), Example("q1", "same"), Example("q2", "other")]
+    # candidates: the 3 positives, then one negative per row; row 2's negative copies row 0's positive
+    mask = _false_negatives(examples, ["same", "same", "other", "n0", "n1", "same"])
+    assert mask.tolist() == [[False, True, False, False, False, True],
+                             [True, False, False, False, False, True],
+                             [False, False, False, False, False, False]]
