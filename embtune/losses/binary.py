@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune.losses.preference import preference_gaps
+
 
 class Binary(nn.Module):
     """Pairwise binary cross-entropy, RankNet's cost (Burges et al. 2005, "Learning to Rank using
@@ -49,10 +51,7 @@ class Binary(nn.Module):
         self.temperature, self.label_smoothing = float(temperature), float(label_smoothing)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        real = scores != float("-inf")  # padded candidates score -inf: no pair
-        is_negative = real.scatter(1, target[:, None], False)
-        gap = scores.gather(1, target[:, None]) - scores.masked_fill(~real, 0)  # [B,C]: s_p − s_n
+        gap, is_negative = preference_gaps(scores, target)  # [B,C]: s_p − s_n, real negatives
         logits = gap / self.temperature
         p_bar = torch.full_like(logits, 1 - self.label_smoothing / 2)
         per_pair = F.binary_cross_entropy_with_logits(logits, p_bar, reduction="none")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+
+from embtune.losses.preference import preference_gaps
 
 
 class Hinge(nn.Module):
@@ -42,9 +43,6 @@ class Hinge(nn.Module):
         self.margin = float(margin)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        real = scores != float("-inf")  # padded candidates score -inf: no pair
-        is_negative = real.scatter(1, target[:, None], False)
-        gap = scores.gather(1, target[:, None]) - scores.masked_fill(~real, 0)  # [B,C]: s_p − s_n
+        gap, is_negative = preference_gaps(scores, target)  # [B,C]: s_p − s_n, real negatives
         per_pair = (self.margin - gap).clamp(min=0)
         return (per_pair * is_negative).sum() / is_negative.sum().clamp(min=1)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune.losses.preference import preference_gaps
+
 
 class Logistic(nn.Module):
     """Logistic (soft-margin) pairwise loss: a smooth hinge on the gap between the positive's and each
@@ -44,9 +46,6 @@ class Logistic(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        real = scores != float("-inf")  # padded candidates score -inf: no pair
-        is_negative = real.scatter(1, target[:, None], False)
-        gap = scores.gather(1, target[:, None]) - scores.masked_fill(~real, 0)  # [B,C]: s_p − s_n
+        gap, is_negative = preference_gaps(scores, target)  # [B,C]: s_p − s_n, real negatives
         per_pair = F.softplus(-gap / self.temperature)
         return (per_pair * is_negative).sum() / is_negative.sum().clamp(min=1)
