@@ -20,8 +20,9 @@ class Retrieval:
     """
 
     def __init__(self, batch_size: int = 64, k: int = 100, before: bool = True, after: bool = True,
-                 metric: str = "ndcg@10"):
+                 cache_base: bool = True, metric: str = "ndcg@10"):
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
+        self.cache_base = cache_base  # read by the loop (embtune.train.base_metrics)
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
         test = data.test
@@ -44,13 +45,15 @@ class STS:
     """
 
     def __init__(self, path: str, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
-                 batch_size: int = 64, before: bool = True, after: bool = True, metric: str = "spearman"):
+                 batch_size: int = 64, before: bool = True, after: bool = True, cache_base: bool = True,
+                 metric: str = "spearman"):
         from embtune.data.files import load_jsonl
         from embtune.formats import ScoredPairs
 
         data = load_jsonl(path)
         self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source)
         self.batch_size, self.before, self.after, self.metric = batch_size, before, after, metric
+        self.cache_base = cache_base
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
         e1 = torch.from_numpy(model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size))

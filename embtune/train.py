@@ -7,9 +7,11 @@ linear warm-up/decay schedule, evaluates again and saves the model and ``summary
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -148,6 +150,34 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
     raise ValueError(f"unknown example kind {kind!r}")
 
 
+def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
+    """The base model's metrics, computed once per (model, pooling, data, eval config, Matryoshka dims)
+    and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once).
+    ``eval.cache_base=false`` always recomputes. The key includes the model folder's file times, so a
+    changed local model is evaluated again."""
+    if not cfg.eval.get("cache_base", True):
+        return evaluate()
+    from embtune.model import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.model.name_or_path))
+    stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
+    parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
+    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, data.fingerprint], sort_keys=True).encode()).hexdigest()
+    path = Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune") / "base_eval" / f"{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            log.warning("unreadable base-metrics cache %s; recomputing", path)
+    metrics = evaluate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(metrics))
+    os.replace(tmp, path)  # atomic: parallel jobs never read half a file
+    return metrics
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
@@ -182,7 +212,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     loss_fn.to(device)
 
     # -- base metrics
-    base = evaluator(model, data, eval_dims) if evaluator.before else {}
+    base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
     if base:
         logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 

@@ -143,3 +143,23 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
     # total 10, warm-up 2: 0, 0.5, then (10-s)/8 from step 2
     assert [lr_at(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_base_metrics_are_computed_once_and_reused(tmp_path, tiny_bert, monkeypatch):
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    import embtune.evaluators as evaluators
+
+    real = evaluators.Retrieval.__call__
+
+    def counting(self, model, data, dims):
+        calls.append(model.training)
+        return real(self, model, data, dims)
+
+    monkeypatch.setattr(evaluators.Retrieval, "__call__", counting)
+    first = _run(tmp_path / "a", tiny_bert, [])
+    second = _run(tmp_path / "b", tiny_bert, [])
+    assert len(calls) == 3  # base once, final twice
+    assert first["base"] == second["base"] and len(list((tmp_path / "cache" / "base_eval").glob("*.json"))) == 1
+    _run(tmp_path / "c", tiny_bert, ["eval.cache_base=false"])
+    assert len(calls) == 5
