@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,36 @@ CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").is_file() else "pk
 
 log = logging.getLogger("embtune")
 
+RUN_FILES = ("summary.json", "metrics.jsonl")  # present once a run has started: never overwrite
+
+
+class NeverOverwrite(Callback):
+    """Hydra callback: refuse to start when the run folder (or a job folder of the sweep folder) already
+    holds a run. It runs before Hydra writes ``.hydra/`` into the folder, so nothing there is touched.
+    It exits with SystemExit: Hydra turns a callback's exceptions into warnings."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check([Path(config.hydra.run.dir)])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        self._check(sorted(sweep.iterdir()) if sweep.is_dir() else [])
+
+    @staticmethod
+    def _check(folders: list[Path]) -> None:
+        try:
+            for folder in folders:
+                _refuse_if_used(folder)
+        except FileExistsError as e:
+            raise SystemExit(f"Error: {e}") from None
+
+
+def _refuse_if_used(folder: Path) -> None:
+    used = [f for f in RUN_FILES if (folder / f).exists()]
+    if used:
+        raise FileExistsError(f"{folder} already holds a run ({', '.join(used)}); embtune never overwrites one: "
+                              "choose another hydra.run.dir / hydra.sweep.dir")
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
@@ -26,8 +57,7 @@ def main(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
-    if (output_dir / "summary.json").exists():
-        raise FileExistsError(f"{output_dir} holds a finished run; embtune never overwrites one")
+    _refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     multirun = hc.mode == RunMode.MULTIRUN
     # partial: the resolved config holds _target_ keys that instantiate must not build
@@ -35,7 +65,8 @@ def main(cfg: DictConfig) -> float | None:
         output_dir=output_dir, run_config=OmegaConf.to_container(cfg, resolve=True),
         group=cfg.logger.get("group") or (Path(hc.sweep.dir).name if multirun else None),
         name=cfg.logger.get("name") or (" ".join(hc.overrides.task) or "defaults"),
-        **({"tags": list(hc.overrides.task)} if cfg.logger.get("wandb") else {}))
+        # wandb tags are at most 64 characters
+        **({"tags": [o[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
     try:
         summary = train(cfg, output_dir, logger)
     except BaseException:

@@ -4,10 +4,14 @@ number that sweeps report and optimise."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from embtune.data import TrainingData
 from embtune.evaluate import evaluate_retrieval, sts_spearman
+
+log = logging.getLogger(__name__)
 
 
 class Retrieval:
@@ -21,6 +25,8 @@ class Retrieval:
 
     def __init__(self, batch_size: int = 64, k: int = 100, before: bool = True, after: bool = True,
                  cache_base: bool = True, metric: str = "ndcg@10"):
+        if k < 100:
+            raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
         self.cache_base = cache_base  # read by the loop (embtune.train.base_metrics)
 
@@ -29,6 +35,7 @@ class Retrieval:
         if test is None:
             return {}
         qids, dids = list(test.qrels), list(test.corpus)
+        log.info("evaluating: encoding %d queries and %d documents", len(qids), len(dids))
         q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size)
         d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size)
         return evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,

@@ -45,7 +45,7 @@ class LabeledText(NamedTuple):
 def _where(source: list[tuple[str, int]], i: int) -> str:
     if i < len(source):
         file, line = source[i]
-        return f"{file}, row {line}"
+        return f"{file}:{line}"
     return f"row {i + 1}"
 
 

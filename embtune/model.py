@@ -39,6 +39,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
+    if name_or_path.startswith(("/", "./", "../", "~")):  # meant as local: don't turn a typo into a hub error
+        raise FileNotFoundError(f"model {name_or_path!r}: no such folder")
     from huggingface_hub import snapshot_download
 
     try:
@@ -189,6 +191,8 @@ class Embedder(nn.Module):
             "query_max_length": self.query_max_length, "document_max_length": self.document_max_length,
             "matryoshka_dims": list(matryoshka_dims or []), "config": config or {},
         })
+        for f in tmp.rglob("*"):  # some writers create files 0600 (mkstemp); a model is for sharing
+            f.chmod(0o755 if f.is_dir() else 0o644)
         os.replace(tmp, path)
 
 

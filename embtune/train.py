@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,9 +52,25 @@ def check_compatible(data_format, negatives, loss) -> None:
         return
     for group, part in (("negatives", negatives), ("loss", loss)):
         if getattr(part, "needs_negatives", False):
+            instead = "negatives=in_batch" if group == "negatives" else "a loss that needs no negatives"
             raise ValueError(
                 f"{group}={part.name} needs negatives in each example, but data_format={data_format.name} "
-                f"has none: use data_format=triplet or multi_negative, or {group} without negatives")
+                f"has none: use data_format=triplet or multi_negative, or {instead}")
+
+
+def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
+    """Settings that would train nothing or loop forever, refused before any model loads.
+
+    Raises:
+        ValueError: naming the key, e.g. ``train.batch_size=1`` with in-batch negatives only.
+    """
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1 or null (then train.epochs decides), got {t.max_steps}")
+    if t.max_steps is None and t.epochs < 1:
+        raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
+    if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
+        raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
+                         "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
 
 
 def matryoshka_dims(cfg: DictConfig, dim: int) -> list[tuple[int, float]]:
@@ -63,10 +80,10 @@ def matryoshka_dims(cfg: DictConfig, dim: int) -> list[tuple[int, float]]:
         ValueError: dims and weights differ in length, or a dim is not in 1..D.
     """
     dims, weights = list(cfg.matryoshka.dims or []), list(cfg.matryoshka.weights or [])
-    if not dims:
-        return [(dim, 1.0)]
     if len(weights) != len(dims):
         raise ValueError(f"matryoshka.dims {dims} and matryoshka.weights {weights} must have the same length")
+    if not dims:
+        return [(dim, 1.0)]
     bad = [d for d in dims if not 0 < d <= dim]
     if bad:
         raise ValueError(f"matryoshka.dims {bad} outside 1..{dim} (the model's embedding size)")
@@ -178,6 +195,17 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     return metrics
 
 
+def _build(node: DictConfig):
+    """``instantiate``, but a loader's own error (naming file, row, field) is raised as it is, not
+    wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError, TypeError)):
+            raise e.__cause__ from None
+        raise
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
@@ -190,10 +218,12 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
-    data = instantiate(cfg.data)
-    data_format, negatives, loss_fn = instantiate(cfg.data_format), instantiate(cfg.negatives), instantiate(cfg.loss)
-    evaluator = instantiate(cfg.eval)
+    data = _build(cfg.data)
+    data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
+    evaluator = _build(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)
+    check_train_settings(t, getattr(loss_fn, "input_kind", "scores"), negatives)
+    matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
     examples = data_format(data.rows, data.source)
     kind = getattr(loss_fn, "input_kind", "scores")
     if kind == "embeddings" and data_format.kind == "scores":
@@ -251,6 +281,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
                     loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -258,11 +289,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
                 seen += len(next(iter(batch.values()))["input_ids"])
                 pairs_per_s = seen / (time.perf_counter() - start)
                 if step % t.log_every == 0 or step == total:
-                    logger.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
+                    logger.log({"train/loss": loss.item(), "train/lr": lr,
                                 "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
                                 "train/epoch": step / len(loader)}, step=step)
-                bar.update(step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0], pairs_per_s=pairs_per_s)
+                bar.update(step=step, loss=loss.item(), lr=lr, pairs_per_s=pairs_per_s)
                 if step >= total:
                     break
     train_seconds = time.perf_counter() - start

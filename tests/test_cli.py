@@ -10,7 +10,9 @@ from conftest import REPO
 
 def test_multirun_two_temperatures(tmp_path, tiny_bert):
     sweep = tmp_path / "sweep"
+    long_override = f"data.cache_dir={tmp_path / ('a-folder-name-long-enough-for-a-tag-of-over-64-characters')}"
     cmd = [sys.executable, "-m", "embtune.cli", "-m", "loss.temperature=0.02,0.05", f"model.name_or_path={tiny_bert}",
+           long_override,  # wandb refuses tags over 64 characters
            "data.max_train_pairs=16", "data.max_test_queries=8", "train.batch_size=8", "train.max_steps=1",
            "eval.batch_size=16", f"hydra.sweep.dir={sweep}", "logger.mode=offline"]
     env = {**os.environ, "COLUMNS": "200"}  # rich wraps tables to 80 columns when not on a terminal
@@ -31,7 +33,8 @@ def test_a_finished_run_is_never_overwritten(tmp_path, tiny_bert):
            "eval.before=false", f"hydra.run.dir={run_dir}"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    before = (run_dir / "summary.json").read_text()
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    files = ["summary.json", "metrics.jsonl", ".hydra/config.yaml", ".hydra/overrides.yaml"]
+    before = {f: (run_dir / f).read_text() for f in files}
+    second = subprocess.run([*cmd, "train.max_steps=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode != 0 and "never overwrites" in second.stderr
-    assert (run_dir / "summary.json").read_text() == before
+    assert {f: (run_dir / f).read_text() for f in files} == before  # the record of the first run is intact

@@ -18,7 +18,7 @@ def test_triplet_pairs_positives_with_negatives():
 
 def test_missing_field_names_file_row_and_field():
     rows = [{"query": "a", "positive": "b"}, {"query": "c"}]
-    with pytest.raises(ValueError, match=r"train\.jsonl, row 7: missing field 'positive'"):
+    with pytest.raises(ValueError, match=r"train\.jsonl:7: missing field 'positive'"):
         Pairwise()(rows, [("train.jsonl", 6), ("train.jsonl", 7)])
 
 

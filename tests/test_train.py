@@ -124,12 +124,17 @@ def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
 
 
 @pytest.mark.parametrize("overrides,match", [
+    (["train.batch_size=1"], r"train.batch_size=1 with negatives=in_batch"),
+    (["train.max_steps=0"], r"train.max_steps must be >= 1"),
+    (["eval.k=10"], r"eval.k=10"),
+    (["matryoshka=on", "matryoshka.weights=[1]"], r"matryoshka.dims .* same length"),
+    (["data=beir", "data.path=./no/such/beir"], r"./no/such/beir: no such BEIR folder"),
     (["loss=cosent"], r"loss=cosent takes pair_scores examples, but data_format=pairwise"),
     (["loss=listwise", "data_format=triplet"], r"loss=listwise .* data_format=triplet"),
     ([*SCORED, "loss=info_nce"], r"loss=info_nce takes scores examples, but data_format=scored_pairs"),
 ])
-def test_mismatched_loss_and_format_fail_before_the_model_loads(tmp_path, overrides, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
         _run(tmp_path, "/nonexistent/model", overrides)
 
 
@@ -163,3 +168,10 @@ def test_base_metrics_are_computed_once_and_reused(tmp_path, tiny_bert, monkeypa
     assert first["base"] == second["base"] and len(list((tmp_path / "cache" / "base_eval").glob("*.json"))) == 1
     _run(tmp_path / "c", tiny_bert, ["eval.cache_base=false"])
     assert len(calls) == 5
+
+
+def test_a_mistyped_local_model_path_is_named():
+    from embtune.model import resolve_model_path
+
+    with pytest.raises(FileNotFoundError, match=r"model './no/such/model': no such folder"):
+        resolve_model_path("./no/such/model")

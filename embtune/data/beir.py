@@ -127,6 +127,8 @@ def resolve_beir(path: str) -> tuple[Path, list[Path]]:
         return local, [local / "qrels", local]
     if local.exists():
         raise FileNotFoundError(f"{path}: expected a BEIR folder (corpus.jsonl, queries.jsonl, qrels/), got a file")
+    if path.startswith(("/", "./", "../", "~")):  # meant as local: don't turn a typo into a hub error
+        raise FileNotFoundError(f"{path}: no such BEIR folder")
     data_dir = _download(path)
     if (data_dir / "qrels").is_dir():
         return data_dir, [data_dir / "qrels", data_dir]
