@@ -230,8 +230,9 @@ def load(name_or_path: str, device: str | None = None) -> Embedder:
         if st.is_file():
             n = json.loads(st.read_text()).get("max_seq_length", 256)
             kwargs = dict(query_max_length=n, document_max_length=n)
-        kwargs["normalize"] = (path / "modules.json").is_file() is False or any(
-            "Normalize" in m["type"] for m in json.loads((path / "modules.json").read_text()))
+        modules = path / "modules.json"  # sentence-transformers lists a Normalize module when it normalises
+        kwargs["normalize"] = not modules.is_file() or any(
+            "Normalize" in m["type"] for m in json.loads(modules.read_text()))
     model = Embedder.from_pretrained(str(path), **kwargs)
     return model.to(device) if device else model
 

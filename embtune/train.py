@@ -222,10 +222,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
     evaluator = _build(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)
-    check_train_settings(t, getattr(loss_fn, "input_kind", "scores"), negatives)
+    kind = getattr(loss_fn, "input_kind", "scores")
+    check_train_settings(t, kind, negatives)
     matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
     examples = data_format(data.rows, data.source)
-    kind = getattr(loss_fn, "input_kind", "scores")
     if kind == "embeddings" and data_format.kind == "scores":
         examples = as_labeled_texts(examples)
     if not examples:

@@ -65,12 +65,7 @@ def load_beir(
             non-integer score), a duplicate id, or a qrels line naming an unknown query or document; the
             message gives ``file:line``, the field and the id.
     """
-    data_dir, qrels_dirs = resolve_beir(path)
-    train_file = _find_qrels(qrels_dirs, train_split)
-    if train_file is None:
-        raise FileNotFoundError(f"{path}: no train qrels file {train_split}.tsv (looked in {_names(qrels_dirs)})")
-    corpus = read_corpus(_find(data_dir, "corpus.jsonl"))
-    queries = read_queries(_find(data_dir, "queries.jsonl"))
+    corpus, queries, qrels_dirs, train_file = _read_collection(path, train_split, "train qrels file")
     judged = [j for j in read_qrels(train_file, queries, corpus) if j[2] > 0]
     keep = subsample([(qid, did) for qid, did, _, _ in judged], max_train_pairs, seed)
     rows, source = [], []
@@ -107,13 +102,20 @@ def load_beir_test(path: str, split: str = "test", max_test_queries: int | None 
         FileNotFoundError: the folder, corpus, queries or ``{split}.tsv`` qrels file is missing.
         ValueError: as :func:`load_beir`.
     """
+    corpus, queries, _, qrels_file = _read_collection(path, split, "qrels file")
+    return _retrieval_set(qrels_file, queries, corpus, max_test_queries, seed)
+
+
+def _read_collection(path: str, split: str, what: str) -> tuple[dict, dict, list[Path], Path]:
+    """Corpus, queries, the folders holding qrels, and the ``{split}.tsv`` qrels file, which must exist
+    (checked before the corpus is read, so a missing split fails fast)."""
     data_dir, qrels_dirs = resolve_beir(path)
     qrels_file = _find_qrels(qrels_dirs, split)
     if qrels_file is None:
-        raise FileNotFoundError(f"{path}: no qrels file {split}.tsv (looked in {_names(qrels_dirs)})")
+        raise FileNotFoundError(f"{path}: no {what} {split}.tsv (looked in {_names(qrels_dirs)})")
     corpus = read_corpus(_find(data_dir, "corpus.jsonl"))
     queries = read_queries(_find(data_dir, "queries.jsonl"))
-    return _retrieval_set(qrels_file, queries, corpus, max_test_queries, seed)
+    return corpus, queries, qrels_dirs, qrels_file
 
 
 def resolve_beir(path: str) -> tuple[Path, list[Path]]:
@@ -209,9 +211,12 @@ def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | N
     return RetrievalSet(queries={qid: queries[qid] for qid in qrels}, corpus=corpus, qrels=qrels)
 
 
-def _read_objects(file: Path):
-    """Yield ``(line number, object, string id)`` for each non-blank line of a JSON Lines file."""
-    first_line: dict[str, int] = {}
+def read_json_objects(file: Path):
+    """Yield ``(line number, object)`` for each non-blank line of a JSON Lines file (gzipped if ``.gz``).
+
+    Raises:
+        ValueError: a line that is not valid JSON or not a JSON object, naming ``file:line``.
+    """
     with _open(file) as f:
         for line, raw in enumerate(f, 1):
             if not raw.strip():
@@ -222,17 +227,24 @@ def _read_objects(file: Path):
                 raise ValueError(f"{file}:{line}: bad JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{file}:{line}: expected a JSON object, got {type(obj).__name__}")
-            if "_id" not in obj:
-                raise ValueError(f"{file}:{line}: missing field '_id'")
-            raw_id = obj["_id"]
-            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-                raise ValueError(f"{file}:{line}: field '_id' must be a string or integer, got {type(raw_id).__name__}")
-            item_id = str(raw_id)
-            if item_id in first_line:
-                first = first_line[item_id]
-                raise ValueError(f"{file}:{line}: field '_id': duplicate id {item_id!r}, first on line {first}")
-            first_line[item_id] = line
-            yield line, obj, item_id
+            yield line, obj
+
+
+def _read_objects(file: Path):
+    """Yield ``(line number, object, string id)`` for each object of a BEIR JSON Lines file."""
+    first_line: dict[str, int] = {}
+    for line, obj in read_json_objects(file):
+        if "_id" not in obj:
+            raise ValueError(f"{file}:{line}: missing field '_id'")
+        raw_id = obj["_id"]
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+            raise ValueError(f"{file}:{line}: field '_id' must be a string or integer, got {type(raw_id).__name__}")
+        item_id = str(raw_id)
+        if item_id in first_line:
+            first = first_line[item_id]
+            raise ValueError(f"{file}:{line}: field '_id': duplicate id {item_id!r}, first on line {first}")
+        first_line[item_id] = line
+        yield line, obj, item_id
 
 
 def _string_field(obj: dict, field: str, file: Path, line: int, required: bool = True) -> str:
@@ -247,7 +259,7 @@ def _string_field(obj: dict, field: str, file: Path, line: int, required: bool =
 
 def _open(file: Path) -> TextIO:
     """Open a UTF-8 text file (gzipped when it ends in ``.gz``) with universal newlines; a BOM is dropped."""
-    if file.suffix == ".gz":
+    if file.name.lower().endswith(".gz"):
         return gzip.open(file, "rt", encoding="utf-8-sig")
     return open(file, encoding="utf-8-sig")
 

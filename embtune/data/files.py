@@ -8,12 +8,11 @@ when wanted, comes from a BEIR folder (``test_path``) read by :mod:`embtune.data
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 from pathlib import Path
 
 from embtune.data import RetrievalSet, TrainingData
-from embtune.data.beir import load_beir_test, subsample
+from embtune.data.beir import load_beir_test, read_json_objects, subsample
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv")
 _HF_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -123,21 +122,8 @@ def load_hf(
 
 
 def _read_jsonl(file: Path) -> tuple[list[dict], list[int]]:
-    rows, lines = [], []
-    opener = gzip.open if file.name.lower().endswith(".gz") else open
-    with opener(file, "rt", encoding="utf-8-sig") as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{line}: bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{file}:{line}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            lines.append(line)
-    return rows, lines
+    pairs = list(read_json_objects(file))
+    return [obj for _, obj in pairs], [line for line, _ in pairs]
 
 
 def _read_json(file: Path) -> tuple[list[dict], list[int]]:
