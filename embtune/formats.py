@@ -10,7 +10,8 @@ Each format has a ``kind``, the kind of example it yields, which must match the 
 - ``embeddings``: :class:`LabeledText` ``(text, label)`` (``pointwise``).
 
 Column names are configurable. A missing or wrong-typed column raises a ``ValueError`` naming the
-file, the row and the field.
+file, the row and the field; given a :class:`~embtune.data.checks.DataProblems` that allows it
+(``data.drop_bad_rows=true``), the row is dropped with a warning instead.
 """
 
 from __future__ import annotations
@@ -74,7 +75,34 @@ def _number(value, col: str, where: str) -> float:
     return x
 
 
-class Pairwise:
+class _RowFormat:
+    """The loop every format shares: rows -> examples one row at a time (``_row``), so that each bad row
+    is raised or dropped on its own and every example knows the row it came from."""
+
+    def convert(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> tuple[list, list[int]]:
+        """Returns ``(examples, origins)``: ``origins[j]`` is the index in ``rows`` of example j.
+
+        Raises:
+            ValueError: a bad row (``file:line: field ...``), unless ``problems`` allows dropping it.
+        """
+        out, origins, source = [], [], list(source)
+        for i, row in enumerate(rows):
+            try:
+                made = self._row(row, _where(source, i))
+            except ValueError as e:
+                if problems is None:
+                    raise
+                problems.bad_row(str(e))
+                continue
+            out.extend(made)
+            origins.extend([i] * len(made))
+        return out, origins
+
+    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> list:
+        return self.convert(rows, source, problems)[0]
+
+
+class Pairwise(_RowFormat):
     """``(query, positive)`` rows, or ``(query, document, label)`` rows when ``label`` is set.
 
     Without a label: one :class:`Example` per positive (a list of positives gives several), kind ``scores``.
@@ -92,22 +120,17 @@ class Pairwise:
         self.query, self.positive, self.label = query, positive, label
         self.kind = "scores" if label is None else "pair_scores"
 
-    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = ()) -> list:
-        out, source = [], list(source)
-        for i, row in enumerate(rows):
-            where = _where(source, i)
-            q = _texts(row, self.query, where, allow_list=False)[0]
-            if self.label is None:
-                out.extend(Example(q, p) for p in _texts(row, self.positive, where))
-            else:
-                d = _texts(row, self.positive, where, allow_list=False)[0]
-                if self.label not in row:
-                    raise ValueError(f"{where}: missing field {self.label!r} (row has {sorted(row)})")
-                out.append(ScoredPair(q, d, _number(row[self.label], self.label, where)))
-        return out
+    def _row(self, row: dict, where: str) -> list:
+        q = _texts(row, self.query, where, allow_list=False)[0]
+        if self.label is None:
+            return [Example(q, p) for p in _texts(row, self.positive, where)]
+        d = _texts(row, self.positive, where, allow_list=False)[0]
+        if self.label not in row:
+            raise ValueError(f"{where}: missing field {self.label!r} (row has {sorted(row)})")
+        return [ScoredPair(q, d, _number(row[self.label], self.label, where))]
 
 
-class Triplet:
+class Triplet(_RowFormat):
     """``(query, positive, negative)`` rows: one negative per example, kind ``scores``.
 
     Where a row holds lists (e.g. FlagEmbedding's ``{"query", "pos": [...], "neg": [...]}``), positive
@@ -121,17 +144,13 @@ class Triplet:
     def __init__(self, query: str = "query", positive: str = "positive", negative: str = "negative"):
         self.query, self.positive, self.negative = query, positive, negative
 
-    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = ()) -> list[Example]:
-        out, source = [], list(source)
-        for i, row in enumerate(rows):
-            where = _where(source, i)
-            q = _texts(row, self.query, where, allow_list=False)[0]
-            negs = _texts(row, self.negative, where)
-            out.extend(Example(q, p, (negs[j % len(negs)],)) for j, p in enumerate(_texts(row, self.positive, where)))
-        return out
+    def _row(self, row: dict, where: str) -> list[Example]:
+        q = _texts(row, self.query, where, allow_list=False)[0]
+        negs = _texts(row, self.negative, where)
+        return [Example(q, p, (negs[j % len(negs)],)) for j, p in enumerate(_texts(row, self.positive, where))]
 
 
-class MultiNegative:
+class MultiNegative(_RowFormat):
     """``(query, positive, [negative_1 … negative_n])`` rows, n varying by row, kind ``scores``.
 
     One :class:`Example` per positive, carrying all the row's negatives; ``negatives.group_size`` picks how
@@ -145,17 +164,13 @@ class MultiNegative:
     def __init__(self, query: str = "query", positive: str = "pos", negatives: str = "neg"):
         self.query, self.positive, self.negatives = query, positive, negatives
 
-    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = ()) -> list[Example]:
-        out, source = [], list(source)
-        for i, row in enumerate(rows):
-            where = _where(source, i)
-            q = _texts(row, self.query, where, allow_list=False)[0]
-            negs = tuple(_texts(row, self.negatives, where, allow_empty_list=True))
-            out.extend(Example(q, p, negs) for p in _texts(row, self.positive, where))
-        return out
+    def _row(self, row: dict, where: str) -> list[Example]:
+        q = _texts(row, self.query, where, allow_list=False)[0]
+        negs = tuple(_texts(row, self.negatives, where, allow_empty_list=True))
+        return [Example(q, p, negs) for p in _texts(row, self.positive, where)]
 
 
-class Listwise:
+class Listwise(_RowFormat):
     """A query with a list of documents and their graded relevance or teacher scores, kind ``list_scores``.
 
     Raises ``ValueError`` when the two lists differ in length.
@@ -168,21 +183,17 @@ class Listwise:
     def __init__(self, query: str = "query", documents: str = "documents", scores: str = "scores"):
         self.query, self.documents, self.scores = query, documents, scores
 
-    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = ()) -> list[RankedList]:
-        out, source = [], list(source)
-        for i, row in enumerate(rows):
-            where = _where(source, i)
-            q = _texts(row, self.query, where, allow_list=False)[0]
-            docs = _texts(row, self.documents, where)
-            scores = row.get(self.scores)
-            if not isinstance(scores, (list, tuple)) or len(scores) != len(docs):
-                raise ValueError(f"{where}: field {self.scores!r} must be a list of {len(docs)} numbers "
-                                 f"(one per document), got {str(scores)[:80]!r}")
-            out.append(RankedList(q, tuple(docs), tuple(_number(s, self.scores, where) for s in scores)))
-        return out
+    def _row(self, row: dict, where: str) -> list[RankedList]:
+        q = _texts(row, self.query, where, allow_list=False)[0]
+        docs = _texts(row, self.documents, where)
+        scores = row.get(self.scores)
+        if not isinstance(scores, (list, tuple)) or len(scores) != len(docs):
+            raise ValueError(f"{where}: field {self.scores!r} must be a list of {len(docs)} numbers "
+                             f"(one per document), got {str(scores)[:80]!r}")
+        return [RankedList(q, tuple(docs), tuple(_number(s, self.scores, where) for s in scores))]
 
 
-class ScoredPairs:
+class ScoredPairs(_RowFormat):
     """``(sentence1, sentence2, score)`` rows as in STS-B, kind ``pair_scores``.
 
     Args:
@@ -197,20 +208,16 @@ class ScoredPairs:
                  score_scale: float | None = None):
         self.text1, self.text2, self.score, self.score_scale = text1, text2, score, score_scale
 
-    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = ()) -> list[ScoredPair]:
-        out, source = [], list(source)
-        for i, row in enumerate(rows):
-            where = _where(source, i)
-            if self.score not in row:
-                raise ValueError(f"{where}: missing field {self.score!r} (row has {sorted(row)})")
-            s = _number(row[self.score], self.score, where)
-            out.append(ScoredPair(_texts(row, self.text1, where, allow_list=False)[0],
-                                  _texts(row, self.text2, where, allow_list=False)[0],
-                                  s / self.score_scale if self.score_scale else s))
-        return out
+    def _row(self, row: dict, where: str) -> list[ScoredPair]:
+        if self.score not in row:
+            raise ValueError(f"{where}: missing field {self.score!r} (row has {sorted(row)})")
+        s = _number(row[self.score], self.score, where)
+        return [ScoredPair(_texts(row, self.text1, where, allow_list=False)[0],
+                           _texts(row, self.text2, where, allow_list=False)[0],
+                           s / self.score_scale if self.score_scale else s)]
 
 
-class Pointwise:
+class Pointwise(_RowFormat):
     """Texts with a class label, kind ``embeddings``: texts that share a label are positives of each other.
 
     Every column in ``texts`` gives one :class:`LabeledText` per row with the row's label, so a
@@ -225,13 +232,14 @@ class Pointwise:
     def __init__(self, texts: list[str] = ("text",), label: str = "label"):
         self.texts, self.label = list(texts), label
 
-    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = ()) -> list[LabeledText]:
-        out, source, classes = [], list(source), {}
-        for i, row in enumerate(rows):
-            where = _where(source, i)
-            if self.label not in row or isinstance(row[self.label], (list, dict)) or row[self.label] is None:
-                raise ValueError(f"{where}: field {self.label!r} must be a class label (a string or an integer), "
-                                 f"got {str(row.get(self.label, 'nothing'))[:80]!r}")
-            label = classes.setdefault(str(row[self.label]), len(classes))
-            out.extend(LabeledText(t, label) for col in self.texts for t in _texts(row, col, where))
-        return out
+    def convert(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> tuple[list, list[int]]:
+        self._classes: dict[str, int] = {}  # labels numbered in order of first appearance, per call
+        return super().convert(rows, source, problems)
+
+    def _row(self, row: dict, where: str) -> list[LabeledText]:
+        if self.label not in row or isinstance(row[self.label], (list, dict)) or row[self.label] is None:
+            raise ValueError(f"{where}: field {self.label!r} must be a class label (a string or an integer), "
+                             f"got {str(row.get(self.label, 'nothing'))[:80]!r}")
+        texts = [t for col in self.texts for t in _texts(row, col, where)]  # all fields checked before a class is made
+        label = self._classes.setdefault(str(row[self.label]), len(self._classes))
+        return [LabeledText(t, label) for t in texts]

@@ -24,9 +24,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from embtune import checkpoint
 from embtune.batching import as_labeled_texts, collate
+from embtune.data.checks import check_label_range, text_report
+from embtune.redact import redact
 from embtune.report import print_comparison, progress_bar
-from embtune.sampler import NoDuplicatesBatchSampler
+from embtune.sampler import NoDuplicatesBatchSampler, ShuffledBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,11 @@ def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
         raise ValueError(f"train.max_steps must be >= 1 or null (then train.epochs decides), got {t.max_steps}")
     if t.max_steps is None and t.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
+    if t.on_nonfinite not in ("skip", "stop"):
+        raise ValueError(f"train.on_nonfinite must be skip or stop, got {t.on_nonfinite!r}")
+    if t.checkpoint_every is not None and t.checkpoint_every < 0:
+        raise ValueError(f"train.checkpoint_every must be >= 0 (0: only at the end) or null (never), got "
+                         f"{t.checkpoint_every}")
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
@@ -206,14 +214,42 @@ def _build(node: DictConfig):
         raise
 
 
+def _finite(metrics: dict) -> dict:
+    """A metric that could not be computed (NaN, e.g. Spearman of a constant) is missing (None), so it
+    never wins or loses a comparison by accident."""
+    return {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def skip_or_stop(policy: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, rows: list[str]) -> None:
+    """A step whose loss or gradient is not finite: log it (``skip``) or raise (``stop``).
+
+    Raises:
+        FloatingPointError: with ``train.on_nonfinite=stop``, naming the step and the batch's rows.
+    """
+    what = f"step {step}: non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} (loss {loss.item()}, " \
+           f"gradient norm {grad_norm.item()}); batch rows: {', '.join(rows[:16])}{' ...' if len(rows) > 16 else ''}"
+    if policy == "stop":
+        raise FloatingPointError(f"{what} (train.on_nonfinite=skip skips such steps)")
+    log.warning("%s; step skipped (no weight update)", what)
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
 
 
 def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
-    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``."""
+    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
+
+    With ``resume_from=RUN_DIR`` (or a checkpoint file) the run continues from that run's latest usable
+    checkpoint, under the checkpoint's config; the result equals an uninterrupted run's.
+    """
     output_dir = Path(output_dir)
+    state = resumed = None
+    if cfg.get("resume_from"):
+        state, resumed = checkpoint.load(cfg.resume_from)
+        cfg = OmegaConf.merge(OmegaConf.create(state["config"]), {"resume_from": str(cfg.resume_from)})
+        log.info("resuming %s at step %d", resumed, state["step"])
     t = cfg.train
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
@@ -225,12 +261,23 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     kind = getattr(loss_fn, "input_kind", "scores")
     check_train_settings(t, kind, negatives)
     matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
-    examples = data_format(data.rows, data.source)
+    examples, origins = data_format.convert(data.rows, data.source, data.problems)
+    if data_format.kind == "pair_scores":
+        field = getattr(data_format, "label", None) or getattr(data_format, "score", "score")
+        examples, origins = check_label_range(examples, origins, data.source, loss_fn, field, data.problems)
     if kind == "embeddings" and data_format.kind == "scores":
-        examples = as_labeled_texts(examples)
+        examples, origins = as_labeled_texts(examples), None  # texts of several rows merge into classes
     if not examples:
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
+    if data.problems.warnings:
+        log.warning("data %s: %d warnings, %d bad rows dropped (summary.json: data.problems)", data.name,
+                    data.problems.warnings, data.problems.dropped_rows)
+
+    def row_of(i: int) -> str:  # example index -> "file:line" of its row, for messages
+        if origins is None or origins[i] >= len(data.source):
+            return f"example {i}"
+        return "{}:{}".format(*data.source[origins[i]])
 
     # -- model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -240,9 +287,13 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     if hasattr(loss_fn, "build"):
         prepare_classes(loss_fn, examples, model, evaluator.batch_size)
     loss_fn.to(device)
+    texts = text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length)
 
     # -- base metrics
-    base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
+    if state is not None:
+        base = state["base"]
+    else:
+        base = _finite(base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims))) if evaluator.before else {}
     if base:
         logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
@@ -253,13 +304,14 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     if kind == "scores" and t.no_duplicates:
         sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
                                            t.batch_size, drop_last, t.seed)
-        batching = {"batch_sampler": sampler}
     else:
-        sampler = None
-        batching = {"batch_size": t.batch_size, "shuffle": True, "drop_last": drop_last,
-                    "generator": torch.Generator().manual_seed(t.seed)}
-    loader = torch.utils.data.DataLoader(examples, collate_fn=lambda b: collate(model, b, kind, group_size, rng),
-                                         **batching)
+        sampler = ShuffledBatchSampler(len(examples), t.batch_size, drop_last, t.seed)
+    # batches of example indices; collate keeps them (for messages). A generator of its own, so creating
+    # the iterator never draws from the global torch RNG that dropout uses (resume equals straight runs).
+    loader = torch.utils.data.DataLoader(range(len(examples)), batch_sampler=sampler,
+                                         generator=torch.Generator().manual_seed(t.seed),
+                                         collate_fn=lambda idx: (idx, collate(model, [examples[i] for i in idx],
+                                                                              kind, group_size, rng)))
     total = t.max_steps or t.epochs * len(loader)
     warmup = max(1, math.ceil(t.warmup_ratio * total))
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
@@ -268,25 +320,40 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda"
                               and torch.cuda.is_bf16_supported())
 
-    # -- the loop
+    # -- the loop; one step counter drives schedule, logging and checkpoints
     model.train()
-    step, seen, epoch, start = 0, 0, 0, time.perf_counter()
-    with progress_bar(total) as bar:
+    step = epoch = done = seen = skipped = 0  # done: batches of this epoch trained on
+    if state is not None:
+        c = checkpoint.restore_training(state, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint)
+        step, epoch, done, seen, skipped = c["step"], c["epoch"], c["done"], c["seen"], c["skipped"]
+    start = time.perf_counter() - (state["seconds"] if state else 0.0)
+    saved_config = redact(OmegaConf.to_container(cfg, resolve=True))
+
+    def save_checkpoint() -> Path:
+        return checkpoint.save(output_dir, checkpoint.training_state(
+            model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, negatives_rng=rng, step=step,
+            epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
+            fingerprint=data.fingerprint, config=saved_config))
+
+    with progress_bar(total) as bar, checkpoint.StopOnSignal() as stop:
         while step < total:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            epoch += 1
-            for batch in loader:
+            sampler.set_epoch(epoch, start=done)
+            for idx, batch in loader:
                 with autocast:
                     loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
-                optimizer.step()
+                if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                    optimizer.step()
+                else:  # the step still counts: schedule and data order stay those of the config
+                    skip_or_stop(t.on_nonfinite, step + 1, loss, grad_norm, [row_of(i) for i in idx])
+                    skipped += 1
+                    logger.log({"train/skipped_steps": skipped}, step=step + 1)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                seen += len(next(iter(batch.values()))["input_ids"])
+                step, done, seen = step + 1, done + 1, seen + len(idx)
                 pairs_per_s = seen / (time.perf_counter() - start)
                 if step % t.log_every == 0 or step == total:
                     logger.log({"train/loss": loss.item(), "train/lr": lr,
@@ -294,22 +361,33 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
                                 "train/epoch": step / len(loader)}, step=step)
                 bar.update(step=step, loss=loss.item(), lr=lr, pairs_per_s=pairs_per_s)
+                every = t.checkpoint_every
+                if stop.signum or (every is not None and (step == total or (every and step % every == 0))):
+                    path = save_checkpoint()
+                if stop.signum:
+                    raise checkpoint.stop_after_signal(stop.signum, step, path)
                 if step >= total:
                     break
+            else:
+                epoch, done = epoch + 1, 0
     train_seconds = time.perf_counter() - start
+    if skipped:
+        log.warning("%d of %d steps skipped: non-finite loss or gradient", skipped, step)
 
     # -- final metrics, model, summary
-    final = evaluator(model, data, eval_dims) if evaluator.after else {}
+    final = _finite(evaluator(model, data, eval_dims)) if evaluator.after else {}
     if final:
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
-    model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None,
-               config=OmegaConf.to_container(cfg, resolve=True))
-    summary = {
-        "base": base, "final": final, "steps": step, "train_seconds": round(train_seconds, 2),
-        "pairs_per_second": round(seen / train_seconds, 2), "examples": len(examples),
-        "temperature": loss_fn.temperature, "margin": loss_fn.margin, "data": data.summary(),
-    }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
+    summary = redact({
+        "base": base, "final": final, "steps": step, "skipped_steps": skipped,
+        "train_seconds": round(train_seconds, 2), "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2),
+        "examples": len(examples), "temperature": loss_fn.temperature, "margin": loss_fn.margin,
+        "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
+    })
+    tmp = output_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, output_dir / "summary.json")  # a summary is whole or absent: sweeps read it as "done"
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)

@@ -261,7 +261,7 @@ def test_load_hf_local_jsonl(hf_cache):
     (hf_cache / "train.jsonl").write_text(_jsonl(rows))
     data = load_hf(str(hf_cache / "train.jsonl"))
     assert data.rows == rows and data.test is None
-    assert data.source[0] == (f"{hf_cache / 'train.jsonl'}[train]", 1)
+    assert data.source[0] == (str(hf_cache / "train.jsonl"), 1)  # a local text file: errors name its lines
     assert data.fingerprint == load_jsonl(str(hf_cache / "train.jsonl")).fingerprint
     assert len(load_hf(str(hf_cache / "train.jsonl"), split="dev", max_train_pairs=2).rows) == 2
 

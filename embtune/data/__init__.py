@@ -11,6 +11,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from embtune.data.checks import DataProblems
+
 
 @dataclass
 class RetrievalSet:
@@ -40,6 +42,7 @@ class TrainingData:
         name: a short description of the source (path or hub name).
         fingerprint: sha256 hex digest of the rows and the test set (see :func:`fingerprint`).
         source: where each row came from, for error messages: ``(file, row number)`` per row.
+        problems: bad rows and warnings met so far; the data format adds its own (same drop policy).
     """
 
     rows: list[dict]
@@ -47,14 +50,16 @@ class TrainingData:
     name: str
     fingerprint: str = ""
     source: list[tuple[str, int]] = field(default_factory=list)
+    problems: DataProblems = field(default_factory=DataProblems)
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
             self.fingerprint = fingerprint(self.rows, self.test)
 
     def summary(self) -> dict:
-        """Size and fingerprint, as recorded in a run's summary.json."""
-        out = {"name": self.name, "train_rows": len(self.rows), "fingerprint": self.fingerprint}
+        """Size, fingerprint and problems (warnings, dropped rows), as recorded in a run's summary.json."""
+        out = {"name": self.name, "train_rows": len(self.rows), "fingerprint": self.fingerprint,
+               "problems": self.problems.summary()}
         if self.test is not None:
             out.update(test_queries=len(self.test.qrels), test_corpus=len(self.test.corpus))
         return out

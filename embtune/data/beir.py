@@ -13,16 +13,18 @@ and ``BeIR/<name>-qrels`` holds ``{split}.tsv`` at its root; both layouts are re
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import logging
 import random
 from pathlib import Path
-from typing import Hashable, TextIO
+from typing import Hashable, Iterator
 
 from huggingface_hub import snapshot_download
 
 from embtune.data import RetrievalSet, TrainingData
+from embtune.data.checks import DataProblems
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def load_beir(
     max_test_queries: int | None = None,
     random_negatives: int = 0,
     seed: int = 0,
+    drop_bad_rows: bool = False,
 ) -> TrainingData:
     """Load a BEIR data set: (query, positive) training pairs and a held-out retrieval set.
 
@@ -50,6 +53,8 @@ def load_beir(
         random_negatives: add a ``negative`` column of this many corpus documents drawn at random
             (seeded), never one judged relevant to the query, for ``data_format=triplet``/``multi_negative``.
         seed: seed of the samples above.
+        drop_bad_rows: drop a bad line (bad JSON, not UTF-8, a missing or wrong-typed field, a duplicate
+            id, a qrels line naming an unknown query or document) with a warning instead of failing.
 
     Returns:
         TrainingData whose rows are ``{"query", "positive", "query_id", "doc_id"}``, one per judged pair
@@ -61,12 +66,14 @@ def load_beir(
     Raises:
         FileNotFoundError: the folder, corpus, queries or train qrels file is missing, or a hub name
             could not be fetched.
-        ValueError: a malformed line (bad JSON, missing or non-string field, wrong column count,
-            non-integer score), a duplicate id, or a qrels line naming an unknown query or document; the
-            message gives ``file:line``, the field and the id.
+        ValueError: a malformed line (bad JSON, bytes that are not UTF-8, missing or non-string field,
+            wrong column count, non-integer score), a duplicate id, or a qrels line naming an unknown query
+            or document; the message gives ``file:line``, the field and the id. Not raised for such lines
+            when ``drop_bad_rows``. A query id that also names a document is a warning, not an error.
     """
-    corpus, queries, qrels_dirs, train_file = _read_collection(path, train_split, "train qrels file")
-    judged = [j for j in read_qrels(train_file, queries, corpus) if j[2] > 0]
+    problems = DataProblems(drop_bad_rows)
+    corpus, queries, qrels_dirs, train_file = _read_collection(path, train_split, "train qrels file", problems)
+    judged = [j for j in read_qrels(train_file, queries, corpus, problems) if j[2] > 0]
     keep = subsample([(qid, did) for qid, did, _, _ in judged], max_train_pairs, seed)
     rows, source = [], []
     relevant: dict[str, set[str]] = {}
@@ -91,30 +98,38 @@ def load_beir(
                     _names(qrels_dirs))
         test = None
     else:
-        test = _retrieval_set(test_file, queries, corpus, max_test_queries, seed)
-    return TrainingData(rows=rows, test=test, name=str(path), source=source)
+        test = _retrieval_set(test_file, queries, corpus, max_test_queries, seed, problems)
+    return TrainingData(rows=rows, test=test, name=str(path), source=source, problems=problems)
 
 
-def load_beir_test(path: str, split: str = "test", max_test_queries: int | None = None, seed: int = 0) -> RetrievalSet:
+def load_beir_test(path: str, split: str = "test", max_test_queries: int | None = None, seed: int = 0,
+                   problems: DataProblems | None = None) -> RetrievalSet:
     """Read only the evaluation set of a BEIR folder or hub name (see :func:`load_beir`).
 
     Raises:
         FileNotFoundError: the folder, corpus, queries or ``{split}.tsv`` qrels file is missing.
-        ValueError: as :func:`load_beir`.
+        ValueError: as :func:`load_beir` (bad lines are dropped instead when ``problems`` allows it).
     """
-    corpus, queries, _, qrels_file = _read_collection(path, split, "qrels file")
-    return _retrieval_set(qrels_file, queries, corpus, max_test_queries, seed)
+    problems = problems or DataProblems()
+    corpus, queries, _, qrels_file = _read_collection(path, split, "qrels file", problems)
+    return _retrieval_set(qrels_file, queries, corpus, max_test_queries, seed, problems)
 
 
-def _read_collection(path: str, split: str, what: str) -> tuple[dict, dict, list[Path], Path]:
+def _read_collection(path: str, split: str, what: str, problems: DataProblems) -> tuple[dict, dict, list[Path], Path]:
     """Corpus, queries, the folders holding qrels, and the ``{split}.tsv`` qrels file, which must exist
     (checked before the corpus is read, so a missing split fails fast)."""
     data_dir, qrels_dirs = resolve_beir(path)
     qrels_file = _find_qrels(qrels_dirs, split)
     if qrels_file is None:
         raise FileNotFoundError(f"{path}: no {what} {split}.tsv (looked in {_names(qrels_dirs)})")
-    corpus = read_corpus(_find(data_dir, "corpus.jsonl"))
-    queries = read_queries(_find(data_dir, "queries.jsonl"))
+    corpus_file, queries_file = _find(data_dir, "corpus.jsonl"), _find(data_dir, "queries.jsonl")
+    corpus = read_corpus(corpus_file, problems)
+    queries = read_queries(queries_file, problems)
+    shared = sorted(set(queries) & set(corpus))
+    if shared:  # BEIR's own evaluator drops a document whose id equals the query's; embtune keeps them apart
+        problems.warn(f"{queries_file}: field '_id': {len(shared)} query ids also name documents in "
+                      f"{corpus_file.name} (first: {shared[0]!r}); ids should be distinct. embtune keeps them "
+                      "apart: query and document with the same id are different items")
     return corpus, queries, qrels_dirs, qrels_file
 
 
@@ -138,52 +153,62 @@ def resolve_beir(path: str) -> tuple[Path, list[Path]]:
     return data_dir, [qrels_dir / "qrels", qrels_dir, data_dir]
 
 
-def read_corpus(file: Path) -> dict[str, str]:
+def read_corpus(file: Path, problems: DataProblems | None = None) -> dict[str, str]:
     """Read ``corpus.jsonl(.gz)``: id -> ``title + " " + text`` stripped (``text`` alone when no title)."""
-    corpus = {}
-    for line, obj, doc_id in _read_objects(file):
-        text = _string_field(obj, "text", file, line)
-        title = _string_field(obj, "title", file, line, required=False)
+    corpus, problems = {}, problems or DataProblems()
+    for line, obj, doc_id in _read_objects(file, problems):
+        try:
+            text = _string_field(obj, "text", file, line)
+            title = _string_field(obj, "title", file, line, required=False)
+        except ValueError as e:
+            problems.bad_row(str(e))
+            continue
         corpus[doc_id] = f"{title.strip()} {text.strip()}".strip()
     return corpus
 
 
-def read_queries(file: Path) -> dict[str, str]:
+def read_queries(file: Path, problems: DataProblems | None = None) -> dict[str, str]:
     """Read ``queries.jsonl(.gz)``: id -> text stripped."""
-    queries = {}
-    for line, obj, query_id in _read_objects(file):
-        queries[query_id] = _string_field(obj, "text", file, line).strip()
+    queries, problems = {}, problems or DataProblems()
+    for line, obj, query_id in _read_objects(file, problems):
+        try:
+            queries[query_id] = _string_field(obj, "text", file, line).strip()
+        except ValueError as e:
+            problems.bad_row(str(e))
     return queries
 
 
-def read_qrels(file: Path, queries: dict[str, str], corpus: dict[str, str]) -> list[tuple[str, str, int, int]]:
+def read_qrels(file: Path, queries: dict[str, str], corpus: dict[str, str],
+               problems: DataProblems | None = None) -> list[tuple[str, str, int, int]]:
     """Read a qrels TSV as ``(query id, doc id, score, line number)``, every score kept, ids as strings.
 
-    Line 1 is skipped when its first column is ``query-id`` (BEIR's header). Raises ValueError on a wrong
-    column count, a non-integer score, an id missing from ``queries``/``corpus`` or a repeated pair.
+    Line 1 is skipped when its first column is ``query-id`` (BEIR's header). A wrong column count, a
+    non-integer score, an id missing from ``queries``/``corpus`` or a repeated pair is a bad row
+    (ValueError naming ``file:line`` and the field, or dropped with a warning when ``problems`` allows it).
     """
+    problems = problems or DataProblems()
     out, seen = [], {}
-    with _open(file) as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip() or (line == 1 and raw.split("\t")[0].strip() == "query-id"):
-                continue
-            cols = [c.strip() for c in raw.rstrip("\r\n").split("\t")]
-            if len(cols) != 3:
-                raise ValueError(
-                    f"{file}:{line}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"
-                )
-            qid, did, score = cols
-            try:
-                grade = int(score)
-            except ValueError:
-                raise ValueError(f"{file}:{line}: field 'score' must be an integer, got {score!r}") from None
-            if qid not in queries:
-                raise ValueError(f"{file}:{line}: field 'query-id': unknown query id {qid!r} (not in queries.jsonl)")
-            if did not in corpus:
-                raise ValueError(f"{file}:{line}: field 'corpus-id': unknown document id {did!r} (not in corpus.jsonl)")
-            if (qid, did) in seen:
-                first = seen[qid, did]
-                raise ValueError(f"{file}:{line}: duplicate judgment ({qid!r}, {did!r}), first on line {first}")
+    for line, raw in read_lines(file, problems):
+        if not raw.strip() or (line == 1 and raw.split("\t")[0].strip() == "query-id"):
+            continue
+        cols = [c.strip() for c in raw.rstrip("\r\n").split("\t")]
+        if len(cols) != 3:
+            problems.bad_row(f"{file}:{line}: expected 3 tab-separated columns (query-id, corpus-id, score), "
+                             f"got {len(cols)}")
+            continue
+        qid, did, score = cols
+        try:
+            grade = int(score)
+        except ValueError:
+            problems.bad_row(f"{file}:{line}: field 'score' must be an integer, got {score!r}")
+            continue
+        if qid not in queries:
+            problems.bad_row(f"{file}:{line}: field 'query-id': unknown query id {qid!r} (not in queries.jsonl)")
+        elif did not in corpus:
+            problems.bad_row(f"{file}:{line}: field 'corpus-id': unknown document id {did!r} (not in corpus.jsonl)")
+        elif (qid, did) in seen:
+            problems.bad_row(f"{file}:{line}: duplicate judgment ({qid!r}, {did!r}), first on line {seen[qid, did]}")
+        else:
             seen[qid, did] = line
             out.append((qid, did, grade, line))
     return out
@@ -201,9 +226,10 @@ def subsample(keys: list[Hashable], k: int | None, seed: int) -> set:
     return set(random.Random(seed).sample(sorted(keys), k))
 
 
-def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | None, seed: int) -> RetrievalSet:
+def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | None, seed: int,
+                   problems: DataProblems) -> RetrievalSet:
     qrels: dict[str, dict[str, int]] = {}
-    for qid, did, grade, _ in read_qrels(file, queries, corpus):
+    for qid, did, grade, _ in read_qrels(file, queries, corpus, problems):
         if grade > 0:
             qrels.setdefault(qid, {})[did] = grade
     keep = subsample(list(qrels), max_queries, seed)
@@ -211,57 +237,73 @@ def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | N
     return RetrievalSet(queries={qid: queries[qid] for qid in qrels}, corpus=corpus, qrels=qrels)
 
 
-def read_json_objects(file: Path):
+def read_lines(file: Path, problems: DataProblems | None = None) -> Iterator[tuple[int, str]]:
+    """Yield ``(line number, text)`` of a UTF-8 text file (gzipped if ``.gz``), a leading BOM dropped.
+
+    Decoded line by line, so a byte that is not UTF-8 is reported with its line (a bad row: ValueError,
+    or dropped with a warning when ``problems`` allows it), not as a bare UnicodeDecodeError.
+    """
+    problems = problems or DataProblems()
+    with (gzip.open(file, "rb") if file.name.lower().endswith(".gz") else open(file, "rb")) as f:
+        for line, raw in enumerate(f, 1):
+            if line == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield line, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.bad_row(f"{file}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                 "of the line); save the file as UTF-8")
+
+
+def read_json_objects(file: Path, problems: DataProblems | None = None):
     """Yield ``(line number, object)`` for each non-blank line of a JSON Lines file (gzipped if ``.gz``).
 
     Raises:
-        ValueError: a line that is not valid JSON or not a JSON object, naming ``file:line``.
+        ValueError: a line that is not UTF-8, not valid JSON or not a JSON object, naming ``file:line``
+            (unless ``problems`` allows dropping it).
     """
-    with _open(file) as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{line}: bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{file}:{line}: expected a JSON object, got {type(obj).__name__}")
-            yield line, obj
+    problems = problems or DataProblems()
+    for line, raw in read_lines(file, problems):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            problems.bad_row(f"{file}:{line}: bad JSON ({e.msg} at column {e.colno}); expected one JSON object a line")
+            continue
+        if not isinstance(obj, dict):
+            problems.bad_row(f"{file}:{line}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield line, obj
 
 
-def _read_objects(file: Path):
+def _read_objects(file: Path, problems: DataProblems):
     """Yield ``(line number, object, string id)`` for each object of a BEIR JSON Lines file."""
     first_line: dict[str, int] = {}
-    for line, obj in read_json_objects(file):
+    for line, obj in read_json_objects(file, problems):
+        raw_id = obj.get("_id")
         if "_id" not in obj:
-            raise ValueError(f"{file}:{line}: missing field '_id'")
-        raw_id = obj["_id"]
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-            raise ValueError(f"{file}:{line}: field '_id' must be a string or integer, got {type(raw_id).__name__}")
-        item_id = str(raw_id)
-        if item_id in first_line:
-            first = first_line[item_id]
-            raise ValueError(f"{file}:{line}: field '_id': duplicate id {item_id!r}, first on line {first}")
-        first_line[item_id] = line
-        yield line, obj, item_id
+            problems.bad_row(f"{file}:{line}: missing field '_id' (expected a string id)")
+        elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+            problems.bad_row(f"{file}:{line}: field '_id' must be a string or integer, got "
+                             f"{type(raw_id).__name__}: {str(raw_id)[:40]!r}")
+        elif str(raw_id) in first_line:
+            problems.bad_row(f"{file}:{line}: field '_id': duplicate id {str(raw_id)!r}, first on line "
+                             f"{first_line[str(raw_id)]}")
+        else:
+            first_line[str(raw_id)] = line
+            yield line, obj, str(raw_id)
 
 
 def _string_field(obj: dict, field: str, file: Path, line: int, required: bool = True) -> str:
     if field not in obj or (obj[field] is None and not required):
         if required:
-            raise ValueError(f"{file}:{line}: missing field {field!r}")
+            raise ValueError(f"{file}:{line}: missing field {field!r} (expected a string)")
         return ""
     if not isinstance(obj[field], str):
-        raise ValueError(f"{file}:{line}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+        raise ValueError(f"{file}:{line}: field {field!r} must be a string, got {type(obj[field]).__name__}: "
+                         f"{str(obj[field])[:40]!r}")
     return obj[field]
-
-
-def _open(file: Path) -> TextIO:
-    """Open a UTF-8 text file (gzipped when it ends in ``.gz``) with universal newlines; a BOM is dropped."""
-    if file.name.lower().endswith(".gz"):
-        return gzip.open(file, "rt", encoding="utf-8-sig")
-    return open(file, encoding="utf-8-sig")
 
 
 def _find(folder: Path, name: str) -> Path:

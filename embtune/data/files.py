@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from embtune.data import RetrievalSet, TrainingData
-from embtune.data.beir import load_beir_test, read_json_objects, subsample
+from embtune.data.beir import load_beir_test, read_json_objects, read_lines, subsample
+from embtune.data.checks import DataProblems
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv")
 _HF_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -24,6 +25,7 @@ def load_jsonl(
     test_split: str = "test",
     max_train_pairs: int | None = None,
     seed: int = 0,
+    drop_bad_rows: bool = False,
 ) -> TrainingData:
     """Load training rows from a local file, chosen by suffix.
 
@@ -32,8 +34,11 @@ def load_jsonl(
     - ``.csv`` / ``.tsv``: a header row naming the columns, then one row a line. Values stay strings
       (no type inference: ``"5.000"`` is not turned into a float). TSV is split on TAB with
       ``csv.QUOTE_NONE``: a quote is an ordinary character, because real TSV text (STS-B, BEIR qrels)
-      contains unbalanced quotes; a TSV field therefore cannot hold a TAB or a newline. CSV uses the
-      standard double-quote quoting, so quoted fields may hold commas and newlines.
+      contains unbalanced quotes. A TSV whose rows only split right with double-quote quoting (as
+      pandas and ``csv`` write fields holding a TAB or a newline) is read with that quoting instead.
+      CSV uses the standard double-quote quoting, so quoted fields may hold commas and newlines.
+    - Every file is decoded line by line as UTF-8 (a BOM is dropped): a byte that is not UTF-8 is
+      reported with its line.
 
     Args:
         path: the training file.
@@ -41,6 +46,8 @@ def load_jsonl(
         test_split: the qrels split of ``test_path`` to read (``qrels/{test_split}.tsv``).
         max_train_pairs: keep at most this many rows (deterministic sample, file order kept), None for all.
         seed: seed of that sample.
+        drop_bad_rows: drop a bad row (not UTF-8, bad JSON, wrong field count) with a warning instead of
+            failing; the data format drops rows with missing or wrong-typed fields under the same switch.
 
     Returns:
         TrainingData with the rows as dicts, ``source`` = ``(path, line number)`` per row (the element
@@ -48,26 +55,34 @@ def load_jsonl(
 
     Raises:
         FileNotFoundError: ``path`` (or the ``test_path`` test split) does not exist.
-        ValueError: unsupported suffix, bad JSON (``file:line``), a row that is not an object, a CSV/TSV row
-            with the wrong number of fields, or a file with no rows.
+        ValueError: unsupported suffix, a file with no rows, a bad CSV/TSV header, and (unless
+            ``drop_bad_rows``) a line that is not UTF-8, bad JSON or not an object, or a CSV/TSV row with
+            the wrong number of fields, each naming ``file:line``.
     """
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such training file")
-    name = file.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        rows, lines = _read_jsonl(file)
-    elif name.endswith(".json"):
-        rows, lines = _read_json(file)
-    elif name.endswith((".csv", ".tsv")):
-        rows, lines = _read_table(file, delimiter="\t" if name.endswith(".tsv") else ",")
-    else:
-        raise ValueError(f"{path}: unsupported training file type; expected one of {', '.join(_SUFFIXES)}")
+    problems = DataProblems(drop_bad_rows)
+    rows, lines = read_rows(file, problems)
     if not rows:
         raise ValueError(f"{path}: empty training file (no rows)")
     source = [(str(file), line) for line in lines]
     rows, source = _sample(rows, source, max_train_pairs, seed)
-    return TrainingData(rows=rows, test=_test_set(test_path, test_split), name=str(path), source=source)
+    return TrainingData(rows=rows, test=_test_set(test_path, test_split, problems), name=str(path), source=source,
+                        problems=problems)
+
+
+def read_rows(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
+    """Rows of a ``.jsonl``/``.jsonl.gz``/``.json``/``.csv``/``.tsv`` file and the line of each (see
+    :func:`load_jsonl`). Raises ValueError for another suffix."""
+    name = file.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_jsonl(file, problems)
+    if name.endswith(".json"):
+        return _read_json(file, problems)
+    if name.endswith((".csv", ".tsv")):
+        return _read_table(file, "\t" if name.endswith(".tsv") else ",", problems)
+    raise ValueError(f"{file}: unsupported training file type; expected one of {', '.join(_SUFFIXES)}")
 
 
 def load_hf(
@@ -77,21 +92,24 @@ def load_hf(
     test_path: str | None = None,
     max_train_pairs: int | None = None,
     seed: int = 0,
+    drop_bad_rows: bool = False,
 ) -> TrainingData:
     """Load training rows with ``datasets.load_dataset``.
 
     Args:
         name: a hub data set (``sentence-transformers/all-nli``), a local folder that ``datasets`` can read,
-            or a local ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` file (read with the matching
-            builder, TSV with TAB and no quoting, and exposed as ``split``).
+            or a local ``.jsonl``/``.json``/``.csv``/``.tsv`` file (read and checked line by line as in
+            :func:`load_jsonl`, so errors name the line) or ``.parquet`` file, exposed as ``split``.
         split: the split to read.
         subset: the configuration name (``triplet`` for all-nli), or None.
         test_path: a BEIR folder or hub name to evaluate on (its ``test`` qrels), or None.
         max_train_pairs: keep at most this many rows (deterministic sample, order kept), None for all.
         seed: seed of that sample.
+        drop_bad_rows: drop bad rows with a warning instead of failing (see :func:`load_jsonl`).
 
     Returns:
-        TrainingData with the rows as dicts and ``source`` = ``(name[split], row number from 1)``.
+        TrainingData with the rows as dicts and ``source`` = ``(name[split], row number from 1)``, or
+        ``(file, line)`` for a local text file.
 
     Raises:
         FileNotFoundError: a local path that does not exist, or the ``test_path`` test split is missing.
@@ -101,14 +119,23 @@ def load_hf(
     import datasets  # heavy import; only this loader needs it
 
     local = Path(name).expanduser()
+    problems = DataProblems(drop_bad_rows)
+    if local.is_file() and local.name.lower().endswith(_SUFFIXES):
+        if subset is not None:
+            raise ValueError(f"{name}: 'subset' ({subset!r}) applies to hub data sets, not to a local file")
+        rows, lines = read_rows(local, problems)
+        if not rows:
+            raise ValueError(f"{name}: empty training file (no rows)")
+        rows, source = _sample(rows, [(str(local), line) for line in lines], max_train_pairs, seed)
+        return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
+                            problems=problems)
     if local.is_file():
         builder = next((b for s, b in _HF_BUILDERS.items() if local.name.lower().endswith(s)), None)
         if builder is None:
             raise ValueError(f"{name}: unsupported file type; expected one of {', '.join(_HF_BUILDERS)}")
         if subset is not None:
             raise ValueError(f"{name}: 'subset' ({subset!r}) applies to hub data sets, not to a local file")
-        extra = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if local.name.lower().endswith(".tsv") else {}
-        ds = datasets.load_dataset(builder, data_files={split: str(local)}, split=split, **extra)
+        ds = datasets.load_dataset(builder, data_files={split: str(local)}, split=split)
     elif _looks_local(name) and not local.exists():
         raise FileNotFoundError(f"{name}: no such file or folder")
     else:
@@ -118,54 +145,85 @@ def load_hf(
         raise ValueError(f"{name}: split {split!r} has no rows")
     source = [(f"{name}[{split}]", i) for i in range(1, len(rows) + 1)]
     rows, source = _sample(rows, source, max_train_pairs, seed)
-    return TrainingData(rows=rows, test=_test_set(test_path, "test"), name=str(name), source=source)
+    return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
+                        problems=problems)
 
 
-def _read_jsonl(file: Path) -> tuple[list[dict], list[int]]:
-    pairs = list(read_json_objects(file))
+def _read_jsonl(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
+    pairs = list(read_json_objects(file, problems))
     return [obj for _, obj in pairs], [line for line, _ in pairs]
 
 
-def _read_json(file: Path) -> tuple[list[dict], list[int]]:
-    text = file.read_text(encoding="utf-8-sig")
+def _read_json(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
+    text = "".join(t for _, t in read_lines(file))  # a JSON list is parsed whole: a byte error cannot be dropped
     if not text.strip():
         return [], []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines under a .json name
-            return _read_jsonl(file)
+            return _read_jsonl(file, problems)
         raise ValueError(f"{file}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{file}: expected a JSON list of objects (or JSON Lines), got one {type(data).__name__}")
-    for i, row in enumerate(data, 1):
-        if not isinstance(row, dict):
-            raise ValueError(f"{file}: element {i}: expected a JSON object, got {type(row).__name__}")
-    return data, list(range(1, len(data) + 1))
-
-
-def _read_table(file: Path, delimiter: str) -> tuple[list[dict], list[int]]:
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     rows, lines = [], []
-    with open(file, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+    for i, row in enumerate(data, 1):
+        if isinstance(row, dict):
+            rows.append(row), lines.append(i)
+        else:
+            problems.bad_row(f"{file}: element {i}: expected a JSON object, got {type(row).__name__}")
+    return rows, lines
+
+
+def _read_table(file: Path, delimiter: str, problems: DataProblems) -> tuple[list[dict], list[int]]:
+    lines = list(read_lines(file, problems))
+    header, records = _parse_table(file, lines, delimiter, csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    if header is None:
+        return [], []
+    if delimiter == "\t" and any(len(v) != len(header) for _, v in records):
+        try:  # quoted TSV (pandas, csv.writer): fields that hold a TAB or a newline are in double quotes
+            quoted = _parse_table(file, lines, delimiter, csv.QUOTE_MINIMAL)
+        except (ValueError, csv.Error):
+            quoted = None, []
+        if quoted[0] == header and all(len(v) == len(header) for _, v in quoted[1]):
+            records = quoted[1]
+    rows, starts = [], []
+    for start, values in records:
+        if len(values) != len(header):
+            tip = " (a TAB or newline inside a TSV field must be quoted)" if delimiter == "\t" else ""
+            problems.bad_row(f"{file}:{start}: expected {len(header)} fields ({', '.join(header)}), got "
+                             f"{len(values)}{tip}")
+            continue
+        rows.append(dict(zip(header, values)))
+        starts.append(start)
+    return rows, starts
+
+
+def _parse_table(file: Path, lines: list[tuple[int, str]], delimiter: str, quoting: int):
+    """``(header, [(first line of the record, values)])`` of CSV/TSV text, or ``(None, [])`` when empty."""
+    physical: list[int] = []  # line numbers of the lines fed so far (dropped lines leave gaps)
+
+    def feed():
+        for n, text in lines:
+            physical.append(n)
+            yield text
+
+    reader = csv.reader(feed(), delimiter=delimiter, quoting=quoting)
+    try:
         header = next(reader, None)
         if header is None:
-            return [], []
+            return None, []
         header = [h.strip() for h in header]
         if len(set(header)) != len(header) or "" in header:
-            raise ValueError(f"{file}:1: header {header} has an empty or repeated column name")
-        start = reader.line_num + 1
+            raise ValueError(f"{file}:{physical[0]}: header {header} has an empty or repeated column name")
+        records, consumed = [], reader.line_num
         for values in reader:
-            if values:  # blank line
-                if len(values) != len(header):
-                    raise ValueError(
-                        f"{file}:{start}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}"
-                    )
-                rows.append(dict(zip(header, values)))
-                lines.append(start)
-            start = reader.line_num + 1
-    return rows, lines
+            if values:  # not a blank line
+                records.append((physical[consumed], values))
+            consumed = reader.line_num
+    except csv.Error as e:
+        raise ValueError(f"{file}:{physical[-1]}: {e}") from None
+    return header, records
 
 
 def _sample(rows: list[dict], source: list, k: int | None, seed: int) -> tuple[list[dict], list]:
@@ -173,8 +231,8 @@ def _sample(rows: list[dict], source: list, k: int | None, seed: int) -> tuple[l
     return [r for i, r in enumerate(rows) if i in keep], [s for i, s in enumerate(source) if i in keep]
 
 
-def _test_set(test_path: str | None, split: str) -> RetrievalSet | None:
-    return None if test_path is None else load_beir_test(test_path, split)
+def _test_set(test_path: str | None, split: str, problems: DataProblems) -> RetrievalSet | None:
+    return None if test_path is None else load_beir_test(test_path, split, problems=problems)
 
 
 def _looks_local(name: str) -> bool:

@@ -34,6 +34,7 @@ class PointwiseBCE(nn.Module):
 
     name = "pointwise_bce"
     input_kind = "pair_scores"
+    label_range = (0.0, 1.0)  # checked against the data before any model loads
     needs_negatives = False
     margin = None
 

@@ -1,0 +1,236 @@
+"""Resumable checkpoints: one dict per checkpoint, written atomically, read without running pickled code.
+
+A run keeps two checkpoints in ``RUN_DIR/checkpoints/``: ``ckpt-last.pt`` and the one before it,
+``ckpt-prev.pt``. A checkpoint is written to a temporary file, flushed to disk (fsync), then renamed
+over ``ckpt-last.pt`` after the old one has become ``ckpt-prev.pt``; a crash or a full disk while
+saving leaves the earlier checkpoints as they were. Each file ends with a sha256 of its contents, so a
+truncated or damaged file is recognised and the previous checkpoint is used instead (with a warning).
+
+The payload is ``torch.save`` of plain containers and tensors, read back with
+``torch.load(weights_only=True)``: loading a checkpoint never runs code stored in it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FOLDER = "checkpoints"
+LAST, PREV = "ckpt-last.pt", "ckpt-prev.pt"
+_MAGIC = b"EMBTUNE-SHA256:"  # then the 32-byte digest of everything before it
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (truncated, damaged, or not an embtune checkpoint)."""
+
+
+def save(run_dir: str | Path, state: dict) -> Path:
+    """Write ``state`` as ``run_dir/checkpoints/ckpt-last.pt``; the former last becomes ``ckpt-prev.pt``.
+
+    Returns:
+        The path written.
+    Raises:
+        OSError: the write failed (e.g. ENOSPC, disk full); the message says the earlier checkpoints
+            are intact, and the temporary file is removed.
+    """
+    folder = Path(run_dir) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    last, prev, tmp = folder / LAST, folder / PREV, folder / f".{LAST}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.write(_MAGIC + hashlib.sha256(payload).digest())
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = ", ".join(p.name for p in (last, prev) if p.exists()) or "none"
+        raise OSError(e.errno, f"could not write checkpoint {last} ({os.strerror(e.errno or errno.EIO)}); "
+                               f"earlier checkpoints are intact ({kept})") from e
+    if last.exists():
+        os.replace(last, prev)
+    os.replace(tmp, last)
+    _fsync_dir(folder)
+    return last
+
+
+def read(path: str | Path) -> dict:
+    """Read one checkpoint file, checking its digest first.
+
+    Raises:
+        CheckpointError: the file is truncated, damaged or not an embtune checkpoint.
+        FileNotFoundError: no such file.
+    """
+    data = Path(path).read_bytes()
+    cut = len(data) - len(_MAGIC) - 32
+    if cut < 0 or data[cut:cut + len(_MAGIC)] != _MAGIC:
+        raise CheckpointError(f"{path}: not a complete embtune checkpoint (truncated or another format)")
+    if hashlib.sha256(data[:cut]).digest() != data[cut + len(_MAGIC):]:
+        raise CheckpointError(f"{path}: checksum mismatch (the file is damaged)")
+    return torch.load(io.BytesIO(data[:cut]), map_location="cpu", weights_only=True)
+
+
+def load(where: str | Path) -> tuple[dict, Path]:
+    """The newest usable checkpoint of a run folder (or the file itself when ``where`` is a file).
+
+    In a run folder, ``ckpt-last.pt`` is tried, then ``ckpt-prev.pt`` with a warning naming what was
+    wrong with the last one.
+
+    Returns:
+        ``(state, path of the file read)``.
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: every candidate is damaged.
+    """
+    where = Path(where).expanduser()
+    if where.is_file():
+        return read(where), where
+    folder = where / FOLDER if (where / FOLDER).is_dir() else where
+    candidates = [folder / LAST, folder / PREV]
+    if not any(p.exists() for p in candidates):
+        raise FileNotFoundError(f"{where}: no checkpoint ({FOLDER}/{LAST} or {FOLDER}/{PREV}) to resume from")
+    problems = []
+    for path in candidates:
+        if not path.exists():
+            problems.append(f"{path.name} is missing")
+            continue
+        try:
+            state = read(path)
+        except Exception as e:  # a damaged zip raises RuntimeError, EOFError, ... depending on where
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("%s; resuming from the previous checkpoint %s (step %d)", "; ".join(problems), path,
+                        state["step"])
+        return state, path
+    raise CheckpointError(f"{where}: no usable checkpoint: {'; '.join(problems)}")
+
+
+def rng_state(negatives: random.Random) -> dict:
+    """Every random state a step reads: Python's, NumPy's, torch's (CPU and CUDA: dropout) and the
+    negative sampler's ``random.Random``. Plain lists and tensors only (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {"python": _py_state(random.getstate()), "negatives": _py_state(negatives.getstate()),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, negatives: random.Random) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(_py_tuple(state["python"]))
+    negatives.setstate(_py_tuple(state["negatives"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state(s: tuple) -> dict:
+    return {"version": s[0], "internal": list(s[1]), "gauss": s[2]}
+
+
+def _py_tuple(d: dict) -> tuple:
+    return d["version"], tuple(d["internal"]), d["gauss"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class StopOnSignal:
+    """Context manager: SIGINT (Ctrl-C) and SIGTERM set :attr:`signum` instead of killing the process, so
+    the loop can finish its step, save a checkpoint and exit. A second signal stops at once
+    (KeyboardInterrupt). Outside the main thread (where handlers cannot be set) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.signum = signum
+        log.warning("%s received: finishing this step, then saving a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+
+def training_state(*, model, optimizer, scheduler, loss_fn, negatives_rng: random.Random, step: int, epoch: int,
+                   done: int, seen: int, skipped: int, seconds: float, base: dict, fingerprint: str,
+                   config: dict) -> dict:
+    """Everything a resumed run needs, as one dict: weights (model and loss, e.g. a learnable temperature),
+    optimiser and scheduler state, the position in the data (``epoch``, ``done`` = batches of that epoch
+    already trained on), counters, every random state, the base metrics, the data's fingerprint and the
+    config. Read it back with :func:`restore_training`."""
+    return {"format": 1, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+            "epoch": epoch, "done": done, "seen": seen, "skipped": skipped, "seconds": seconds,
+            "rng": rng_state(negatives_rng), "base": base, "fingerprint": fingerprint, "config": config}
+
+
+def restore_training(state: dict, *, model, optimizer, scheduler, loss_fn, negatives_rng: random.Random,
+                     fingerprint: str) -> dict:
+    """Load a :func:`training_state` dict into the run's objects; returns the counters
+    (``step, epoch, done, seen, skipped, seconds``).
+
+    Raises:
+        ValueError: the data differs from the data the checkpoint was trained on.
+    """
+    if state["fingerprint"] != fingerprint:
+        raise ValueError("the training data changed since the checkpoint was written (sha256 fingerprint "
+                         f"{state['fingerprint'][:12]} then, {fingerprint[:12]} now); resume with the same data")
+    model.load_state_dict(state["model"])
+    loss_fn.load_state_dict(state["loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"], negatives_rng)
+    return {k: state[k] for k in ("step", "epoch", "done", "seen", "skipped", "seconds")}
+
+
+def stop_after_signal(signum: int, step: int, path: Path | None) -> SystemExit:
+    """Log how to go on after a SIGINT/SIGTERM stop; returns the SystemExit (128 + signal number) to raise."""
+    run_dir = path.parent.parent if path is not None else None
+    log.warning("stopped by %s after step %d; checkpoint %s; continue with: embtune resume_from=%s",
+                signal.Signals(signum).name, step, path, run_dir)
+    return SystemExit(128 + signum)

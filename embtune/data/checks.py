@@ -1,0 +1,125 @@
+"""What is wrong or unusual in the data, found before any model loads, and told to the user.
+
+- :class:`DataProblems`: a bad row (bad JSON, a missing or wrong-typed field, an unknown id, ...) is an
+  error naming file, line and field, or, with ``data.drop_bad_rows=true``, a warning and the row is
+  dropped. Warnings are counted and summarised in ``summary.json`` (``data.problems``).
+- :func:`check_label_range`: labels a loss cannot take (``pointwise_bce`` needs [0, 1]).
+- :func:`text_report`: awkward but valid text (empty, whitespace only, non-ASCII, longer than the
+  model's max length and therefore truncated), counted for ``summary.json`` (``data.texts``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+_LOGGED = 20  # warnings printed one by one; beyond this they are only counted
+DROP_HINT = "set data.drop_bad_rows=true to drop such rows with a warning"
+
+
+class DataProblems:
+    """Collects a data set's bad rows and warnings.
+
+    Args:
+        drop_bad_rows: False: a bad row raises ``ValueError``. True: it is dropped with a warning.
+        hint: appended to the error in the first case (what the user can do).
+    """
+
+    def __init__(self, drop_bad_rows: bool = False, hint: str = DROP_HINT):
+        self.drop_bad_rows, self.hint = drop_bad_rows, hint
+        self.dropped_rows, self.warnings = 0, 0
+        self.first: list[str] = []
+
+    def bad_row(self, message: str) -> None:
+        """A row that cannot be used; ``message`` starts with ``file:line:`` and names the field.
+
+        Raises:
+            ValueError: the message (plus the hint), unless bad rows may be dropped.
+        """
+        if not self.drop_bad_rows:
+            raise ValueError(f"{message} ({self.hint})" if self.hint else message)
+        self.dropped_rows += 1
+        self.warn(f"{message}; row dropped")
+
+    def warn(self, message: str) -> None:
+        """Something the user should know that does not stop the run."""
+        self.warnings += 1
+        if len(self.first) < 5:
+            self.first.append(message)
+        if self.warnings <= _LOGGED:
+            log.warning("%s", message)
+        elif self.warnings == _LOGGED + 1:
+            log.warning("more data warnings: counted, not printed (see summary.json data.problems)")
+
+    def summary(self) -> dict:
+        """``{"warnings", "dropped_rows", "first"}``: counts and the first five messages."""
+        return {"warnings": self.warnings, "dropped_rows": self.dropped_rows, "first": list(self.first)}
+
+
+def check_label_range(examples: list, origins: list[int], source: list, loss, field: str,
+                      problems: DataProblems) -> tuple[list, list[int]]:
+    """Drop or refuse scored pairs whose score lies outside the loss's ``label_range`` (when it has one).
+
+    Returns:
+        The examples and their row indices, without the dropped ones.
+    Raises:
+        ValueError: a score out of range, naming file, line and field, unless bad rows may be dropped.
+    """
+    bounds = getattr(loss, "label_range", None)
+    if bounds is None:
+        return examples, origins
+    lo, hi = bounds
+    keep_e, keep_o = [], []
+    for e, i in zip(examples, origins):
+        if lo <= e.score <= hi:
+            keep_e.append(e), keep_o.append(i)
+            continue
+        where = f"{source[i][0]}:{source[i][1]}" if i < len(source) else f"row {i + 1}"
+        problems.bad_row(f"{where}: field {field!r} must be in [{lo:g}, {hi:g}] for loss={loss.name}, got "
+                         f"{e.score:g} (data_format.score_scale divides scores, e.g. 5 for a 0-5 scale)")
+    return keep_e, keep_o
+
+
+def text_report(examples: list, test, tokenizer, query_max_length: int, document_max_length: int) -> dict:
+    """Count awkward but valid texts of the training examples and the test set.
+
+    Query-side fields (``query``, ``text1``) are measured against ``query_max_length``, the others against
+    ``document_max_length`` (as the batches are tokenised). Counts are over distinct texts.
+
+    Returns:
+        ``{"train": {"queries": {...}, "documents": {...}}, "test": {...}}``, each with ``distinct``,
+        ``empty``, ``whitespace_only``, ``non_ascii``, ``truncated`` (longer than the max length in
+        tokens, special tokens included) and ``max_tokens``.
+    """
+    queries, documents = set(), set()
+    for e in examples:
+        for name, value in zip(e._fields, e):
+            if isinstance(value, str):
+                (queries if name in ("query", "text1") else documents).add(value)
+            elif isinstance(value, tuple):
+                documents.update(v for v in value if isinstance(v, str))
+    report = {"train": {"queries": _counts(queries, tokenizer, query_max_length),
+                        "documents": _counts(documents, tokenizer, document_max_length)}}
+    if test is not None:
+        report["test"] = {"queries": _counts(set(test.queries.values()), tokenizer, query_max_length),
+                          "documents": _counts(set(test.corpus.values()), tokenizer, document_max_length)}
+    for split, parts in report.items():
+        for role, c in parts.items():
+            if c["truncated"]:
+                log.info("%s %s: %d of %d distinct texts are longer than %d tokens and are truncated", split,
+                         role, c["truncated"], c["distinct"], query_max_length if role == "queries"
+                         else document_max_length)
+            if c["empty"] or c["whitespace_only"]:
+                log.warning("%s %s: %d empty and %d whitespace-only texts (kept: they embed as the special "
+                            "tokens alone)", split, role, c["empty"], c["whitespace_only"])
+    return report
+
+
+def _counts(texts: set[str], tokenizer, max_length: int) -> dict:
+    texts = sorted(texts)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]] if texts else []
+    return {"distinct": len(texts), "empty": sum(t == "" for t in texts),
+            "whitespace_only": sum(t != "" and not t.strip() for t in texts),
+            "non_ascii": sum(not t.isascii() for t in texts),
+            "truncated": sum(n > max_length for n in lengths), "max_tokens": max(lengths, default=0)}
