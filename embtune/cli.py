@@ -53,20 +53,28 @@ def _refuse_if_used(folder: Path) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises)."""
+    from embtune.redact import install_log_filter, redact, redact_text, redact_yaml_file
     from embtune.train import train
 
+    install_log_filter()  # before anything is logged: no API key or token in the console or cli.log
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     _refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml") if hc.output_subdir else ():
+        redact_yaml_file(output_dir / hc.output_subdir / name)  # what Hydra saved before this job started
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("resume_from"):
+        run_config = _resume_config(cfg, hc.overrides.task)
+    run_config = redact(run_config)
+    log.info("config:\n%s", OmegaConf.to_yaml(run_config))
     multirun = hc.mode == RunMode.MULTIRUN
     # partial: the resolved config holds _target_ keys that instantiate must not build
     logger = instantiate(cfg.logger, _partial_=True)(
-        output_dir=output_dir, run_config=OmegaConf.to_container(cfg, resolve=True),
+        output_dir=output_dir, run_config=run_config,
         group=cfg.logger.get("group") or (Path(hc.sweep.dir).name if multirun else None),
-        name=cfg.logger.get("name") or (" ".join(hc.overrides.task) or "defaults"),
+        name=redact_text(cfg.logger.get("name") or (" ".join(hc.overrides.task) or "defaults")),
         # wandb tags are at most 64 characters
-        **({"tags": [o[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
+        **({"tags": [redact_text(o)[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
     try:
         summary = train(cfg, output_dir, logger)
     except BaseException:
@@ -74,6 +82,18 @@ def main(cfg: DictConfig) -> float | None:
         raise
     logger.finish()
     return summary["final"].get(cfg.eval.metric)
+
+
+def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
+    """The config of the checkpoint being resumed (what the run will use); command-line settings other
+    than ``resume_from`` and ``logger`` are ignored, with a warning."""
+    from embtune import checkpoint
+
+    state, _ = checkpoint.load(cfg.resume_from)
+    ignored = [o for o in overrides if not o.lstrip("+~").startswith(("resume_from=", "logger"))]
+    if ignored:
+        log.warning("resume_from: the checkpoint's config is used; ignoring %s", " ".join(ignored))
+    return {**state["config"], "resume_from": str(cfg.resume_from)}
 
 
 if __name__ == "__main__":

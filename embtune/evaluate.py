@@ -66,7 +66,7 @@ def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, block_size: i
 
 
 def retrieval_metrics(run: dict[str, dict[str, float]],
-                      qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+                      qrels: dict[str, dict[str, int]]) -> dict[str, float | None]:
     """nDCG@10, MRR@10, Recall@10 and Recall@100 with trec_eval's conventions, via ``ir_measures``.
 
     - nDCG (Järvelin & Kekäläinen 2002, "Cumulated gain-based evaluation of IR techniques", TOIS 20(4)):
@@ -89,8 +89,8 @@ def retrieval_metrics(run: dict[str, dict[str, float]],
         qrels: query id -> {doc id -> relevance grade}.
 
     Returns:
-        ``{"ndcg@10", "mrr@10", "recall@10", "recall@100"}`` -> mean in [0, 1]; all 0.0 if no query
-        has a relevant doc.
+        ``{"ndcg@10", "mrr@10", "recall@10", "recall@100"}`` -> mean in [0, 1]; all None (missing: they
+        cannot be computed) if no query has a relevant doc.
     """
     qids = [qid for qid, judged in qrels.items() if any(g > 0 for g in judged.values())]
     per_query = {key: dict.fromkeys(qids, 0.0) for key in MEASURES}
@@ -104,7 +104,7 @@ def retrieval_metrics(run: dict[str, dict[str, float]],
                 scored[qid] = {doc: float(len(order) - r) for r, doc in enumerate(order)}
         for m in ir_measures.iter_calc(list(MEASURES.values()), judged, scored):
             per_query[by_measure[m.measure]][m.query_id] = m.value
-    return {key: float(np.mean(list(vals.values()))) if vals else 0.0 for key, vals in per_query.items()}
+    return {key: float(np.mean(list(vals.values()))) if vals else None for key, vals in per_query.items()}
 
 
 def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: RetrievalSet,
@@ -169,7 +169,7 @@ def sts_spearman(emb1: torch.Tensor, emb2: torch.Tensor, gold: Sequence[float]) 
         gold: N gold similarity scores (any scale; only ranks matter).
 
     Returns:
-        rho in [-1, 1] (not x100); NaN if either side is constant (scipy's result).
+        rho in [-1, 1] (not x100); None (missing) if either side is constant: the correlation is undefined.
 
     Raises:
         ValueError: if the shapes differ, are not 2-D, ``len(gold) != N`` or N < 2.
@@ -178,4 +178,5 @@ def sts_spearman(emb1: torch.Tensor, emb2: torch.Tensor, gold: Sequence[float]) 
         raise ValueError(f"need two [N, D] tensors and N >= 2 gold scores, got {tuple(emb1.shape)}, "
                          f"{tuple(emb2.shape)} and {len(gold)} scores")
     cos = F.cosine_similarity(emb1.float(), emb2.float(), dim=-1)
-    return float(spearmanr(cos.cpu().numpy(), np.asarray(gold, dtype=np.float64)).statistic)
+    rho = float(spearmanr(cos.cpu().numpy(), np.asarray(gold, dtype=np.float64)).statistic)
+    return rho if np.isfinite(rho) else None

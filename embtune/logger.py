@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+
+from embtune.redact import redact, redact_text
 
 
 class RunLogger:
@@ -27,8 +30,14 @@ class RunLogger:
         if wandb:
             import wandb as wb
 
-            self._wandb = wb.init(project=project, mode=mode, group=group, name=name, tags=tags,
-                                  config=run_config, dir=str(self.output_dir), reinit="finish_previous")
+            # wandb records the command line in the run's metadata: a token pasted into an override must
+            # not travel with it
+            argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
+            try:
+                self._wandb = wb.init(project=project, mode=mode, group=group, name=name, tags=tags,
+                                      config=redact(run_config), dir=str(self.output_dir), reinit="finish_previous")
+            finally:
+                sys.argv = argv
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record metrics at a training step. Non-finite values are written as null, never as NaN."""

@@ -166,6 +166,14 @@ class Embedder(nn.Module):
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._write(tmp, matryoshka_dims, config)
+        except BaseException:  # e.g. the disk is full: no half-written folder stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.replace(tmp, path)
+
+    def _write(self, tmp: Path, matryoshka_dims: list[int] | None, config: dict | None) -> None:
         self.encoder.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         mode = getattr(self.pooling, "st_mode", None)
@@ -193,7 +201,6 @@ class Embedder(nn.Module):
         })
         for f in tmp.rglob("*"):  # some writers create files 0600 (mkstemp); a model is for sharing
             f.chmod(0o755 if f.is_dir() else 0o644)
-        os.replace(tmp, path)
 
 
 def stored_pooling(path: str | Path) -> nn.Module:

@@ -25,8 +25,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune import checkpoint
-from embtune.batching import as_labeled_texts, collate
-from embtune.data.checks import check_label_range, text_report
+from embtune.batching import collate
+from embtune.data.checks import make_examples, text_report
+from embtune.numerics import finite_or_missing, skip_or_stop
 from embtune.redact import redact
 from embtune.report import print_comparison, progress_bar
 from embtune.sampler import NoDuplicatesBatchSampler, ShuffledBatchSampler
@@ -214,25 +215,6 @@ def _build(node: DictConfig):
         raise
 
 
-def _finite(metrics: dict) -> dict:
-    """A metric that could not be computed (NaN, e.g. Spearman of a constant) is missing (None), so it
-    never wins or loses a comparison by accident."""
-    return {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}
-
-
-def skip_or_stop(policy: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, rows: list[str]) -> None:
-    """A step whose loss or gradient is not finite: log it (``skip``) or raise (``stop``).
-
-    Raises:
-        FloatingPointError: with ``train.on_nonfinite=stop``, naming the step and the batch's rows.
-    """
-    what = f"step {step}: non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} (loss {loss.item()}, " \
-           f"gradient norm {grad_norm.item()}); batch rows: {', '.join(rows[:16])}{' ...' if len(rows) > 16 else ''}"
-    if policy == "stop":
-        raise FloatingPointError(f"{what} (train.on_nonfinite=skip skips such steps)")
-    log.warning("%s; step skipped (no weight update)", what)
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
@@ -261,23 +243,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     kind = getattr(loss_fn, "input_kind", "scores")
     check_train_settings(t, kind, negatives)
     matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
-    examples, origins = data_format.convert(data.rows, data.source, data.problems)
-    if data_format.kind == "pair_scores":
-        field = getattr(data_format, "label", None) or getattr(data_format, "score", "score")
-        examples, origins = check_label_range(examples, origins, data.source, loss_fn, field, data.problems)
-    if kind == "embeddings" and data_format.kind == "scores":
-        examples, origins = as_labeled_texts(examples), None  # texts of several rows merge into classes
-    if not examples:
-        raise ValueError(f"data {data.name}: no training examples")
-    log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
-    if data.problems.warnings:
-        log.warning("data %s: %d warnings, %d bad rows dropped (summary.json: data.problems)", data.name,
-                    data.problems.warnings, data.problems.dropped_rows)
-
-    def row_of(i: int) -> str:  # example index -> "file:line" of its row, for messages
-        if origins is None or origins[i] >= len(data.source):
-            return f"example {i}"
-        return "{}:{}".format(*data.source[origins[i]])
+    examples, row_of = make_examples(data, data_format, loss_fn, kind)
 
     # -- model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -293,7 +259,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     if state is not None:
         base = state["base"]
     else:
-        base = _finite(base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims))) if evaluator.before else {}
+        base = finite_or_missing(base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims))) if evaluator.before else {}
     if base:
         logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
@@ -375,7 +341,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         log.warning("%d of %d steps skipped: non-finite loss or gradient", skipped, step)
 
     # -- final metrics, model, summary
-    final = _finite(evaluator(model, data, eval_dims)) if evaluator.after else {}
+    final = finite_or_missing(evaluator(model, data, eval_dims)) if evaluator.after else {}
     if final:
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)

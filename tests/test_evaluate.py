@@ -83,7 +83,8 @@ def test_retrieval_metrics_query_missing_from_run_counts_zero():
     run = {"q1": {"a": 1.0, "c": 0.5}}  # q2 never ranked: 0, not dropped -> mean (1 + 0) / 2
     assert retrieval_metrics(run, qrels) == approx(dict.fromkeys(KEYS, 0.5))
     assert retrieval_metrics({}, qrels) == approx(dict.fromkeys(KEYS, 0.0))
-    assert retrieval_metrics({"q1": {"a": 1.0}}, {"q1": {"a": 0}}) == dict.fromkeys(KEYS, 0.0)
+    # no query has a relevant doc: the metrics are undefined, reported missing (not 0, not NaN)
+    assert retrieval_metrics({"q1": {"a": 1.0}}, {"q1": {"a": 0}}) == dict.fromkeys(KEYS, None)
 
 
 def test_retrieval_metrics_ties_ranked_by_doc_id_for_every_metric():

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +124,35 @@ def _counts(texts: set[str], tokenizer, max_length: int) -> dict:
             "whitespace_only": sum(t != "" and not t.strip() for t in texts),
             "non_ascii": sum(not t.isascii() for t in texts),
             "truncated": sum(n > max_length for n in lengths), "max_tokens": max(lengths, default=0)}
+
+
+def make_examples(data, data_format, loss_fn, kind: str) -> tuple[list, Callable[[int], str]]:
+    """The training examples of ``data`` (a :class:`~embtune.data.TrainingData`) for the loss, with bad rows
+    raised or dropped under ``data.problems``' policy and scores checked against the loss's range.
+
+    Returns:
+        ``(examples, row_of)``: ``row_of(i)`` names example i's source row (``file:line``) for messages.
+    Raises:
+        ValueError: a bad row (file, line, field), or no example left.
+    """
+    from embtune.batching import as_labeled_texts
+
+    examples, origins = data_format.convert(data.rows, data.source, data.problems)
+    if data_format.kind == "pair_scores":
+        field = getattr(data_format, "label", None) or getattr(data_format, "score", "score")
+        examples, origins = check_label_range(examples, origins, data.source, loss_fn, field, data.problems)
+    if kind == "embeddings" and data_format.kind == "scores":
+        examples, origins = as_labeled_texts(examples), None  # texts of several rows merge into classes
+    if not examples:
+        raise ValueError(f"data {data.name}: no training examples")
+    log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
+    if data.problems.warnings:
+        log.warning("data %s: %d warnings, %d bad rows dropped (summary.json: data.problems)", data.name,
+                    data.problems.warnings, data.problems.dropped_rows)
+
+    def row_of(i: int) -> str:
+        if origins is None or origins[i] >= len(data.source):
+            return f"example {i}"
+        return "{}:{}".format(*data.source[origins[i]])
+
+    return examples, row_of
