@@ -54,7 +54,7 @@ def _refuse_if_used(folder: Path) -> None:
 def main(cfg: DictConfig) -> float | None:
     """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises)."""
     from embtune.redact import install_log_filter, redact, redact_text, redact_yaml_file
-    from embtune.train import train
+    from embtune.stages import run
 
     install_log_filter()  # before anything is logged: no API key or token in the console or cli.log
     hc = HydraConfig.get()
@@ -76,7 +76,7 @@ def main(cfg: DictConfig) -> float | None:
         # wandb tags are at most 64 characters
         **({"tags": [redact_text(o)[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
     try:
-        summary = train(cfg, output_dir, logger)
+        summary = run(cfg, output_dir, logger)
     except BaseException:
         logger.finish(exit_code=1)
         raise

@@ -243,3 +243,29 @@ class Pointwise(_RowFormat):
         texts = [t for col in self.texts for t in _texts(row, col, where)]  # all fields checked before a class is made
         label = self._classes.setdefault(str(row[self.label]), len(self._classes))
         return [LabeledText(t, label) for t in texts]
+
+
+class RawTexts(_RowFormat):
+    """Unlabelled texts for unsupervised contrastive training (SimCSE), kind ``scores``.
+
+    Every distinct, non-blank text of the ``columns`` (a string or a list of strings per cell) becomes
+    one :class:`Example` ``(text, text)``: the loss (``loss=simcse``) encodes it twice, and the two
+    dropout masks make the positive pair. Order: first appearance, row by row, column by column.
+    """
+
+    name = "raw_texts"
+    kind = "scores"
+    has_negatives = False
+
+    def __init__(self, columns: list[str] = ("query", "positive")):
+        self.columns = list(columns)
+
+    def convert(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> tuple[list, list[int]]:
+        self._seen: set[str] = set()  # a text seen in an earlier row is not repeated
+        return super().convert(rows, source, problems)
+
+    def _row(self, row: dict, where: str) -> list[Example]:
+        texts = [t for col in self.columns for t in _texts(row, col, where, allow_empty_list=True) if t.strip()]
+        new = [t for t in dict.fromkeys(texts) if t not in self._seen]
+        self._seen.update(new)
+        return [Example(t, t) for t in new]
