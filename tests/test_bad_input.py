@@ -96,7 +96,7 @@ CASES = [  # name, what the message must say (file:line: field ...), what is kep
     ("list where a string is expected", r"t\.jsonl:2: field 'query' must be a string, got list", 2),
     ("string score", r"t\.csv:3: field 'score' must be a finite number, got str: 'high'", 2),
     ("label outside its range", r"t\.jsonl:2: field 'label' must be in \[0, 1\] for loss=pointwise_bce, got 3", 2),
-    ("invalid JSON row", r"t\.jsonl:2: bad JSON \(Expecting value at column 28\)", 2),
+    ("invalid JSON row", r"t\.jsonl:2: bad JSON \(Expecting value at column 27\)", 2),
     ("undecodable byte", r"t\.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 15 of the line\)", 2),
     ("wrong field count (TSV)", r"t\.tsv:3: expected 2 fields \(query, positive\), got 3", 2),
     ("qrels names a missing query", r"qrels/train\.tsv:3: field 'query-id': unknown query id 'q9'", 2),

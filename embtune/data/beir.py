@@ -267,7 +267,7 @@ def read_json_objects(file: Path, problems: DataProblems | None = None):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw.strip())  # stripped: the error's column is on this line, not the next
         except json.JSONDecodeError as e:
             problems.bad_row(f"{file}:{line}: bad JSON ({e.msg} at column {e.colno}); expected one JSON object a line")
             continue
