@@ -13,7 +13,7 @@ import os
 import re
 
 MASK = "***"
-_SECRET_NAME = re.compile(r"(^|_)(token|api_?key|secret|password|passwd|credentials?)s?($|_)", re.I)
+_SECRET_NAME = re.compile(r"(^|_)(token|api_?key|secret|password|passwd|credentials?)($|_)", re.I)  # "max_tokens" is not a secret
 _TOKEN_SHAPES = re.compile(
     r"\b(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"
     r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")  # user:password@ in a URL
