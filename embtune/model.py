@@ -77,7 +77,13 @@ class Embedder(nn.Module):
         pooling: a module ``(hidden [B,T,H], attention_mask [B,T]) -> [B,H]`` (see ``embtune.pooling``).
         normalize: L2-normalise the output, so dot product = cosine similarity.
         query_max_length, document_max_length: truncation lengths in tokens.
+
+    ``truncate_dim`` (set by ``load(path, truncate_dim=d)``): keep the first d coordinates of each
+    embedding, then normalise (Matryoshka; see ``embtune.matryoshka``).
     """
+
+    multi_vector = False
+    truncate_dim: int | None = None
 
     def __init__(self, encoder, tokenizer, pooling: nn.Module, normalize: bool = True,
                  query_max_length: int = 64, document_max_length: int = 256):
@@ -92,11 +98,14 @@ class Embedder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, pooling: nn.Module | None = None, normalize: bool = True,
                         query_max_length: int = 64, document_max_length: int = 256,
-                        attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> "Embedder":
+                        attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                        multi_vector: bool = False, multi_vector_dim: int = 128) -> "Embedder":
         """Load an encoder by local path or hub name (see :func:`resolve_model_path`).
 
         ``pooling=None`` takes the pooling stored with the model (embtune.json or sentence-transformers'
-        1_Pooling/config.json), else mean pooling.
+        1_Pooling/config.json), else mean pooling. ``multi_vector=True`` returns a
+        :class:`embtune.multi_vector.MultiVectorEmbedder` (token vectors of ``multi_vector_dim``), with
+        the projection stored in the folder if there is one.
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -106,11 +115,16 @@ class Embedder(nn.Module):
         encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
                                             trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if multi_vector:
+            from embtune.multi_vector import MultiVectorEmbedder, stored_projection
+
+            return MultiVectorEmbedder(encoder, tokenizer, pooling, normalize, query_max_length, document_max_length,
+                                       multi_vector_dim, stored_projection(path))
         return cls(encoder, tokenizer, pooling, normalize, query_max_length, document_max_length)
 
     @property
     def dim(self) -> int:
-        return self.encoder.config.hidden_size
+        return self.truncate_dim or self.encoder.config.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -125,6 +139,8 @@ class Embedder(nn.Module):
         """Token ids [B,T] and mask [B,T] -> embeddings [B,D] (unit length when ``normalize``)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         emb = self.pooling(hidden, attention_mask)
+        if self.truncate_dim:  # truncate *then* normalise (Matryoshka)
+            emb = emb[:, :self.truncate_dim]
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
@@ -212,19 +228,29 @@ def stored_pooling(path: str | Path) -> nn.Module:
     return poolings.Mean()
 
 
-def load(name_or_path: str, device: str | None = None) -> Embedder:
+def load(name_or_path: str, device: str | None = None, truncate_dim: int | None = None) -> Embedder:
     """Load a model for inference: ``embtune.load(path).encode(texts) -> float32 [N, D]``.
 
     Reads pooling, normalisation and max lengths from ``embtune.json`` when embtune saved the model;
-    for other encoders uses sentence-transformers' stored pooling (else mean) and normalises.
+    for other encoders uses sentence-transformers' stored pooling (else mean) and normalises. A
+    multi-vector model (``multi_vector_dim`` in embtune.json) comes back with its projection, and
+    ``encode`` returns token vectors (:class:`embtune.maxsim.TokenVectors`).
+
+    Args:
+        truncate_dim: Matryoshka: embeddings of this many dims (the first ones, re-normalised). A dim
+            the model was not trained at (``matryoshka_dims`` in embtune.json) is allowed, with a warning.
+    Raises:
+        ValueError: ``truncate_dim`` outside 1..D, or given for a multi-vector model.
     """
     path = Path(resolve_model_path(name_or_path))
-    kwargs = {}
+    kwargs, m = {}, {}
     meta = path / "embtune.json"
     if meta.is_file():
         m = json.loads(meta.read_text())
         kwargs = dict(normalize=m["normalize"], query_max_length=m["query_max_length"],
                       document_max_length=m["document_max_length"])
+        if m.get("multi_vector_dim"):
+            kwargs.update(multi_vector=True, multi_vector_dim=m["multi_vector_dim"])
     else:
         st = path / "sentence_bert_config.json"
         if st.is_file():
@@ -234,7 +260,20 @@ def load(name_or_path: str, device: str | None = None) -> Embedder:
         kwargs["normalize"] = not modules.is_file() or any(
             "Normalize" in m["type"] for m in json.loads(modules.read_text()))
     model = Embedder.from_pretrained(str(path), **kwargs)
+    if truncate_dim is not None:
+        _set_truncate_dim(model, truncate_dim, m.get("matryoshka_dims") or [], path)
     return model.to(device) if device else model
+
+
+def _set_truncate_dim(model: Embedder, d: int, trained: list[int], path: Path) -> None:
+    if model.multi_vector:
+        raise ValueError(f"{path}: truncate_dim applies to single-vector models; this one is multi-vector")
+    if not 1 <= d <= model.dim:
+        raise ValueError(f"{path}: truncate_dim={d} outside 1..{model.dim} (the embedding size)")
+    if d not in trained and d != model.dim:
+        log.warning("%s was trained at Matryoshka dims %s, not %d: truncated embeddings may be poor", path,
+                    trained or "none", d)
+    model.truncate_dim = d
 
 
 def _write_json(path: Path, obj) -> None:

@@ -25,6 +25,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune.batching import as_labeled_texts, collate
+from embtune.matryoshka import matryoshka_dims, scores_per_dim, truncate
+from embtune.maxsim import maxsim_scores
+from embtune.multi_vector import check_multi_vector
 from embtune.report import print_comparison, progress_bar
 from embtune.sampler import NoDuplicatesBatchSampler
 
@@ -71,23 +74,6 @@ def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
-
-
-def matryoshka_dims(cfg: DictConfig, dim: int) -> list[tuple[int, float]]:
-    """(dimension, weight) pairs to train at, largest first; [(D, 1.0)] when Matryoshka is off.
-
-    Raises:
-        ValueError: dims and weights differ in length, or a dim is not in 1..D.
-    """
-    dims, weights = list(cfg.matryoshka.dims or []), list(cfg.matryoshka.weights or [])
-    if len(weights) != len(dims):
-        raise ValueError(f"matryoshka.dims {dims} and matryoshka.weights {weights} must have the same length")
-    if not dims:
-        return [(dim, 1.0)]
-    bad = [d for d in dims if not 0 < d <= dim]
-    if bad:
-        raise ValueError(f"matryoshka.dims {bad} outside 1..{dim} (the model's embedding size)")
-    return sorted(zip(dims, weights), reverse=True)
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -137,13 +123,17 @@ def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
 
 def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]]) -> torch.Tensor:
     """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
-    (Kusupati et al. 2022: truncate to d, re-normalise, score)."""
+    (Kusupati et al. 2022: truncate to d, re-normalise, score). A multi-vector model's candidates are
+    scored by MaxSim over token vectors instead (``embtune.maxsim``; no Matryoshka there)."""
 
     def cut(x, d):
-        if x is None or d >= x.size(-1):
-            return x
-        return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
+        return truncate(x, d, model.normalize)
 
+    if kind == "scores" and getattr(model, "multi_vector", False):  # token vectors: MaxSim scores [B,C]
+        a, p = model(**batch["query"]), model(**batch["positive"])
+        n = model(**batch["negative"]) if "negative" in batch else None
+        scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
+        return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target)
     if kind == "scores":
         a, p = model(**batch["query"]), model(**batch["positive"])
         n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
@@ -160,8 +150,8 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
     if kind == "list_scores":
         q = model(**batch["query"])
         docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
-        return sum(w * loss_fn(torch.einsum("bd,bld->bl", cut(q, d), cut(docs, d)), batch["teacher"], batch["mask"])
-                   for d, w in dims)
+        scores = scores_per_dim(q, docs, [d for d, _ in dims], model.normalize)
+        return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims)
     if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
         return loss_fn(model(**batch["text"]), batch["label"])
     raise ValueError(f"unknown example kind {kind!r}")
@@ -180,6 +170,8 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
+    if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
+        parts["seed"] = cfg.train.seed
     key = hashlib.sha256(json.dumps([parts, str(folder), stamp, data.fingerprint], sort_keys=True).encode()).hexdigest()
     path = Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune") / "base_eval" / f"{key}.json"
     if path.is_file():
@@ -224,7 +216,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     check_compatible(data_format, negatives, loss_fn)
     kind = getattr(loss_fn, "input_kind", "scores")
     check_train_settings(t, kind, negatives)
-    matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
+    matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
+    check_multi_vector(cfg.model, kind, negatives, cfg.matryoshka.dims, evaluator)
     examples = data_format(data.rows, data.source)
     if kind == "embeddings" and data_format.kind == "scores":
         examples = as_labeled_texts(examples)
@@ -235,7 +228,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     # -- model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
-    dims = matryoshka_dims(cfg, model.dim)
+    dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
     if hasattr(loss_fn, "build"):
         prepare_classes(loss_fn, examples, model, evaluator.batch_size)
