@@ -41,11 +41,13 @@ def maxsim(q: Tensor, q_mask: Tensor, d: Tensor, d_mask: Tensor) -> Tensor:
             or d_mask.shape != d.shape[:2]:
         raise ValueError(f"maxsim needs q [A,Tq,D], q_mask [A,Tq], d [B,Td,D], d_mask [B,Td]; got "
                          f"{tuple(q.shape)}, {tuple(q_mask.shape)}, {tuple(d.shape)}, {tuple(d_mask.shape)}")
+    (A, Tq, D), (B, Td, _) = q.shape, d.shape
     q_mask, d_mask = q_mask.bool(), d_mask.bool()
-    sim = torch.einsum("aid,bjd->abij", q.float(), d.float())             # [A,B,Tq,Td]
-    best = sim.masked_fill(~d_mask[None, :, None, :], float("-inf")).amax(-1)  # [A,B,Tq]
-    best = best.masked_fill(~q_mask[:, None, :], 0.0)   # not 0 * -inf (NaN) for an empty document
-    return best.sum(-1) / q_mask.sum(-1, keepdim=True).clamp(min=1)
+    # one matmul, viewed without a copy; filled in place (autograd keeps the mm's inputs, not its output)
+    sim = (q.float().reshape(A * Tq, D) @ d.float().reshape(B * Td, D).T).view(A, Tq, B, Td)
+    best = sim.masked_fill_(~d_mask[None, None], float("-inf")).amax(-1)  # [A,Tq,B]
+    best = best.masked_fill(~q_mask[:, :, None], 0.0)  # not 0 * -inf (NaN) for an empty document
+    return best.sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)
 
 
 def maxsim_scores(negatives, anchor: tuple[Tensor, Tensor], positive: tuple[Tensor, Tensor],
