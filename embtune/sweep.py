@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from embtune.report import console
@@ -35,6 +35,14 @@ def _read_yaml(path: Path):
         return yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError):  # a job that is writing its .hydra/ right now
         return None
+
+
+def _configured_loss(path: Path) -> dict:
+    """The job's ``loss`` node with interpolations resolved (``loss.temperature=${...}`` sweeps)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path).loss, resolve=True) or {}
+    except Exception:  # missing, being written, or an interpolation that needs Hydra's resolvers
+        return {}
 
 
 def job_rows(sweep_dir: str | Path, metric: str = "eval/ndcg@10") -> list[dict]:
@@ -58,7 +66,7 @@ def job_rows(sweep_dir: str | Path, metric: str = "eval/ndcg@10") -> list[dict]:
         for item in _read_yaml(job / ".hydra" / "overrides.yaml") or []:
             k, _, v = str(item).partition("=")
             overrides[k] = v
-        loss = (_read_yaml(job / ".hydra" / "config.yaml") or {}).get("loss") or {}
+        loss = _configured_loss(job / ".hydra" / "config.yaml")
         row = {"job": job.name, "overrides": overrides, "temperature": loss.get("temperature"),
                "margin": loss.get("margin"), "status": "running", "base": None, "final": None,
                "train_s": None, "startup_s": None, "error": None}
