@@ -169,3 +169,22 @@ def test_two_by_two_sweep_with_one_failing_job(tmp_path, tiny_bert, capsys, monk
     assert sorted(r["temperature"] for r in job_rows(sweep)) == [0.03, 0.03, 0.1, 0.1]  # ${...} resolved
     assert (sweep / "ndcg@10_vs_temperature.png").read_bytes().startswith(PNG)
     assert not math.isnan(summaries[jobs[0]]["final"]["ndcg@10"])
+
+
+@pytest.mark.slow
+def test_optuna_search_with_parallel_joblib_jobs(tmp_path, tiny_bert):
+    """hparams_search=optuna with hydra/launcher=joblib: two trials run at once, each in its own job
+    folder, and Optuna's best value is the best final NDCG@10 that the jobs returned."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "embtune.cli", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+           "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+           f"model.name_or_path={tiny_bert}", *TINY, "logger=none", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    finals = [json.loads((sweep / j / "summary.json").read_text())["final"]["ndcg@10"] for j in ("0", "1")]
+    temps = [r["temperature"] for r in job_rows(sweep)]
+    assert all(0.01 <= t <= 0.2 for t in temps) and temps[0] != temps[1]  # sampled from the search space
+    assert results["best_value"] == pytest.approx(max(finals))
+    assert 0.01 <= results["best_params"]["loss.temperature"] <= 0.2
