@@ -94,7 +94,7 @@ def main(cfg: DictConfig) -> float | None:
     sweep goes on (Hydra's sweepers would stop the sweep on an exception; Optuna marks a NaN trial as
     failed). A single run re-raises the error after recording it.
     """
-    from embtune.train import train
+    from embtune.stages import run
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
@@ -112,7 +112,7 @@ def main(cfg: DictConfig) -> float | None:
             name=cfg.logger.get("name") or (" ".join(hc.overrides.task) or "defaults"),
             # wandb tags are at most 64 characters
             **({"tags": [o[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
-        summary = train(cfg, output_dir, logger)
+        summary = run(cfg, output_dir, logger)
     except Exception as e:
         if logger is not None:
             logger.finish(exit_code=1)
