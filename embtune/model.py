@@ -94,6 +94,7 @@ class Embedder(nn.Module):
         self.normalize = normalize
         self.query_max_length = query_max_length
         self.document_max_length = document_max_length
+        self.token_cache = None  # an embtune.token_cache.TokenCache: token ids shared by a sweep's jobs
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, pooling: nn.Module | None = None, normalize: bool = True,
@@ -131,7 +132,10 @@ class Embedder(nn.Module):
         return next(self.encoder.parameters()).device
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
-        """Tokenise with padding to the longest text of this list (dynamic padding)."""
+        """Tokenise with padding to the longest text of this list (dynamic padding); through
+        ``token_cache`` when one is set (same tensors, each text tokenised once)."""
+        if self.token_cache is not None:
+            return self.token_cache.tokenize(self.tokenizer, texts, max_length)
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                               return_tensors="pt")
 

@@ -30,6 +30,7 @@ from embtune.maxsim import maxsim_scores
 from embtune.multi_vector import check_multi_vector
 from embtune.report import print_comparison, progress_bar
 from embtune.sampler import NoDuplicatesBatchSampler
+from embtune.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,11 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
     raise ValueError(f"unknown example kind {kind!r}")
 
 
+def cache_dir() -> Path:
+    """Where work shared between runs is kept: ``$EMBTUNE_CACHE``, default ``~/.cache/embtune``."""
+    return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune").expanduser()
+
+
 def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     """The base model's metrics, computed once per (model, pooling, data, eval config, Matryoshka dims)
     and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once).
@@ -175,7 +181,7 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
         parts["seed"] = cfg.train.seed
     key = hashlib.sha256(json.dumps([parts, str(folder), stamp, data.fingerprint], sort_keys=True).encode()).hexdigest()
-    path = Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune") / "base_eval" / f"{key}.json"
+    path = cache_dir() / "base_eval" / f"{key}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -212,6 +218,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     of a two-stage run reports the original model's); None evaluates the model before training."""
     output_dir = Path(output_dir)
     t = cfg.train
+    started = time.perf_counter()  # startup = data, model, base metrics: what a sweep's caches shorten
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
@@ -233,6 +240,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     # -- model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
+    if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
+        from embtune.model import resolve_model_path
+
+        model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
+                                               data.fingerprint, cache_dir())
     dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
     if hasattr(loss_fn, "build"):
@@ -270,6 +282,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     # -- the loop
     model.train()
     step, seen, epoch, start = 0, 0, 0, time.perf_counter()
+    logger.log({"time/startup_s": start - started}, step=0)
     with progress_bar(total) as bar:
         while step < total:
             if sampler is not None:
@@ -299,12 +312,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
     # -- final metrics, model, summary
     final = evaluator(model, data, eval_dims) if evaluator.after else {}
+    if model.token_cache is not None:
+        model.token_cache.save()
     if final:
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None,
                config=OmegaConf.to_container(cfg, resolve=True))
     summary = {
-        "base": base, "final": final, "steps": step, "train_seconds": round(train_seconds, 2),
+        "status": "completed", "base": base, "final": final, "steps": step,
+        "startup_seconds": round(start - started, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / train_seconds, 2), "examples": len(examples),
         "temperature": loss_fn.temperature, "margin": loss_fn.margin, "data": data.summary(),
     }
