@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune.batching import as_labeled_texts, collate
+from embtune.grad_cache import grad_cache_backward
 from embtune.report import print_comparison, progress_bar
 from embtune.sampler import NoDuplicatesBatchSampler
 
@@ -68,6 +69,8 @@ def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
         raise ValueError(f"train.max_steps must be >= 1 or null (then train.epochs decides), got {t.max_steps}")
     if t.max_steps is None and t.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
+    if t.grad_cache and t.mini_batch_size < 1:
+        raise ValueError(f"train.mini_batch_size must be >= 1 with train.grad_cache=true, got {t.mini_batch_size}")
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
@@ -135,9 +138,14 @@ def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
     loss_fn.init_weights(F.normalize(means, dim=-1))
 
 
-def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]]) -> torch.Tensor:
+def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]],
+                 embeddings: dict | None = None) -> torch.Tensor:
     """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
-    (Kusupati et al. 2022: truncate to d, re-normalise, score)."""
+    (Kusupati et al. 2022: truncate to d, re-normalise, score). ``embeddings`` ({column: [N,D]}), when
+    given, are used instead of encoding (GradCache, ``embtune.grad_cache``)."""
+
+    def enc(column):
+        return embeddings[column] if embeddings is not None else model(**batch[column])
 
     def cut(x, d):
         if x is None or d >= x.size(-1):
@@ -145,8 +153,8 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
         return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
 
     if kind == "scores":
-        a, p = model(**batch["query"]), model(**batch["positive"])
-        n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
+        a, p = enc("query"), enc("positive")
+        n = enc("negative").view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
         mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
 
         def scored(d):
@@ -155,15 +163,15 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
 
         return sum(w * loss_fn(*scored(d)) for d, w in dims)
     if kind == "pair_scores":
-        e1, e2 = model(**batch["text1"]), model(**batch["text2"])
+        e1, e2 = enc("text1"), enc("text2")
         return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
     if kind == "list_scores":
-        q = model(**batch["query"])
-        docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
+        q = enc("query")
+        docs = enc("documents").view(q.size(0), -1, q.size(-1))
         return sum(w * loss_fn(torch.einsum("bd,bld->bl", cut(q, d), cut(docs, d)), batch["teacher"], batch["mask"])
                    for d, w in dims)
     if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
-        return loss_fn(model(**batch["text"]), batch["label"])
+        return loss_fn(enc("text"), batch["label"])
     raise ValueError(f"unknown example kind {kind!r}")
 
 
@@ -277,9 +285,14 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
                 sampler.set_epoch(epoch)
             epoch += 1
             for batch in loader:
-                with autocast:
-                    loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
-                loss.backward()
+                batch = _to(batch, device)
+                if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations
+                    loss = grad_cache_backward(model, batch, lambda e: compute_loss(
+                        model, batch, kind, negatives, loss_fn, dims, embeddings=e), t.mini_batch_size, autocast)
+                else:
+                    with autocast:
+                        loss = compute_loss(model, batch, kind, negatives, loss_fn, dims)
+                    loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 optimizer.step()
