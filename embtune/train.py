@@ -59,7 +59,7 @@ def check_compatible(data_format, negatives, loss) -> None:
                 f"has none: use data_format=triplet or multi_negative, or {instead}")
 
 
-def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
+def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> None:
     """Settings that would train nothing or loop forever, refused before any model loads.
 
     Raises:
@@ -69,6 +69,9 @@ def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
         raise ValueError(f"train.max_steps must be >= 1 or null (then train.epochs decides), got {t.max_steps}")
     if t.max_steps is None and t.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
+    if t.grad_cache and getattr(loss_fn, "same_text_positive", False):
+        raise ValueError(f"train.grad_cache=true with loss={loss_fn.name}: the anchor's two passes need two dropout "
+                         "masks, but GradCache encodes each column once; train this loss without grad_cache")
     if t.grad_cache and t.mini_batch_size < 1:
         raise ValueError(f"train.mini_batch_size must be >= 1 with train.grad_cache=true, got {t.mini_batch_size}")
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
@@ -153,7 +156,9 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
         return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
 
     if kind == "scores":
-        a, p = enc("query"), enc("positive")
+        a = enc("query")
+        # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
+        p = enc("query" if getattr(loss_fn, "same_text_positive", False) else "positive")
         n = enc("negative").view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
         mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
 
@@ -219,8 +224,11 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
-    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``."""
+def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None) -> dict:
+    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
+
+    ``base``: the metrics to report as the base model's when they are already known (the second stage
+    of a two-stage run reports the original model's); None evaluates the model before training."""
     output_dir = Path(output_dir)
     t = cfg.train
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
@@ -231,7 +239,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     evaluator = _build(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)
     kind = getattr(loss_fn, "input_kind", "scores")
-    check_train_settings(t, kind, negatives)
+    check_train_settings(t, kind, negatives, loss_fn)
     matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
     examples = data_format(data.rows, data.source)
     if kind == "embeddings" and data_format.kind == "scores":
@@ -250,9 +258,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     loss_fn.to(device)
 
     # -- base metrics
-    base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
-    if base:
-        logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
+    if base is None:
+        base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
+        if base:
+            logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1

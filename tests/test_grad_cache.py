@@ -146,3 +146,10 @@ def test_the_loop_trains_with_grad_cache(tmp_path, tiny_bert):
     assert summary["steps"] == 2 and summary["pairs_per_second"] > 0
     with pytest.raises(ValueError, match="train.mini_batch_size must be >= 1"):
         _run(tmp_path, "/nonexistent/model", ["train.grad_cache=true", "train.mini_batch_size=0"])
+
+
+def test_simcse_with_grad_cache_is_refused_before_the_model_loads(tmp_path):
+    from test_train import _run
+
+    with pytest.raises(ValueError, match="train.grad_cache=true with loss=simcse"):
+        _run(tmp_path, "/nonexistent/model", ["train.grad_cache=true", "loss=simcse"])
