@@ -59,9 +59,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """Best FLOP/s of a square matmul (n = 2048 on CPU, 8192 on GPU) over ``seconds``: the peak the
+    """Best FLOP/s of a square matmul (n = 1024 on CPU, 8192 on GPU) over ``seconds``: the peak the
     training step is compared with (measured, since a shared CPU's nominal peak means little)."""
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -118,7 +118,8 @@ class Side:
         return msg
 
     def close(self) -> None:
-        self.conn.send(None)
+        if self.proc.is_alive():
+            self.conn.send(None)
         self.proc.join(timeout=60)
 
 

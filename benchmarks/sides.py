@@ -51,8 +51,8 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
 
         def step(indices):
             batch = collate(model, [examples[i] for i in indices], "scores")
-            batch = {k: ({n: x.to(dev) for n, x in v.items()} if isinstance(v, dict) or hasattr(v, "keys")
-                         else v.to(dev)) for k, v in batch.items()}
+            batch = {k: ({n: x.to(dev) for n, x in v.items()} if hasattr(v, "keys") else v.to(dev))
+                     for k, v in batch.items()}
             if grad_cache:
                 loss = grad_cache_backward(model, batch, lambda e: compute_loss(
                     model, batch, "scores", negatives, loss_fn, dims, embeddings=e), mini_batch_size, autocast)
@@ -88,8 +88,9 @@ def st_side(conn, data: str, pairs: str, device: str, seed: int, threads: int) -
 
         def step(indices):
             chosen = [examples[i] for i in indices]
-            features = [model.tokenize([e.query for e in chosen]), model.tokenize([e.positive for e in chosen])]
-            features = [{k: v.to(dev) for k, v in f.items()} for f in features]
+            tokenize = getattr(model, "preprocess", None) or model.tokenize  # preprocess: its name since v6
+            features = [tokenize([e.query for e in chosen]), tokenize([e.positive for e in chosen])]
+            features = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
             with autocast:
                 loss = loss_fn(features, None)
             loss.backward()
