@@ -28,6 +28,7 @@ from embtune.batching import as_labeled_texts, collate
 from embtune.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.maxsim import maxsim_scores
 from embtune.multi_vector import check_multi_vector
+from embtune.grad_cache import grad_cache_backward
 from embtune.report import print_comparison, progress_bar
 from embtune.sampler import NoDuplicatesBatchSampler
 from embtune.token_cache import TokenCache
@@ -62,7 +63,7 @@ def check_compatible(data_format, negatives, loss) -> None:
                 f"has none: use data_format=triplet or multi_negative, or {instead}")
 
 
-def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
+def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> None:
     """Settings that would train nothing or loop forever, refused before any model loads.
 
     Raises:
@@ -72,6 +73,11 @@ def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
         raise ValueError(f"train.max_steps must be >= 1 or null (then train.epochs decides), got {t.max_steps}")
     if t.max_steps is None and t.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
+    if t.grad_cache and getattr(loss_fn, "same_text_positive", False):
+        raise ValueError(f"train.grad_cache=true with loss={loss_fn.name}: the anchor's two passes need two dropout "
+                         "masks, but GradCache encodes each column once; train this loss without grad_cache")
+    if t.grad_cache and t.mini_batch_size < 1:
+        raise ValueError(f"train.mini_batch_size must be >= 1 with train.grad_cache=true, got {t.mini_batch_size}")
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
@@ -122,10 +128,15 @@ def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
     loss_fn.init_weights(F.normalize(means, dim=-1))
 
 
-def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]]) -> torch.Tensor:
+def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]],
+                 embeddings: dict | None = None) -> torch.Tensor:
     """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
     (Kusupati et al. 2022: truncate to d, re-normalise, score). A multi-vector model's candidates are
-    scored by MaxSim over token vectors instead (``embtune.maxsim``; no Matryoshka there)."""
+    scored by MaxSim over token vectors instead (``embtune.maxsim``; no Matryoshka there). ``embeddings``
+    ({column: [N,D]}), when given, are used instead of encoding (GradCache, ``embtune.grad_cache``)."""
+
+    def enc(column):
+        return embeddings[column] if embeddings is not None else model(**batch[column])
 
     def cut(x, d):
         return truncate(x, d, model.normalize)
@@ -136,10 +147,10 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
         scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
         return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target)
     if kind == "scores":
-        a = model(**batch["query"])
+        a = enc("query")
         # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
-        p = model(**batch["query" if getattr(loss_fn, "same_text_positive", False) else "positive"])
-        n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
+        p = enc("query" if getattr(loss_fn, "same_text_positive", False) else "positive")
+        n = enc("negative").view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
         mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
 
         def scored(d):
@@ -148,15 +159,15 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
 
         return sum(w * loss_fn(*scored(d)) for d, w in dims)
     if kind == "pair_scores":
-        e1, e2 = model(**batch["text1"]), model(**batch["text2"])
+        e1, e2 = enc("text1"), enc("text2")
         return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
     if kind == "list_scores":
-        q = model(**batch["query"])
-        docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
+        q = enc("query")
+        docs = enc("documents").view(q.size(0), -1, q.size(-1))
         scores = scores_per_dim(q, docs, [d for d, _ in dims], model.normalize)
         return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims)
     if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
-        return loss_fn(model(**batch["text"]), batch["label"])
+        return loss_fn(enc("text"), batch["label"])
     raise ValueError(f"unknown example kind {kind!r}")
 
 
@@ -227,9 +238,12 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     evaluator = _build(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)
     kind = getattr(loss_fn, "input_kind", "scores")
-    check_train_settings(t, kind, negatives)
+    check_train_settings(t, kind, negatives, loss_fn)
     matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
     check_multi_vector(cfg.model, kind, negatives, cfg.matryoshka.dims, evaluator)
+    if t.grad_cache and cfg.model.get("multi_vector"):
+        raise ValueError("train.grad_cache=true with model.multi_vector=true: GradCache caches one vector per text, "
+                         "not token vectors; train a multi-vector model without grad_cache")
     examples = data_format(data.rows, data.source)
     if kind == "embeddings" and data_format.kind == "scores":
         examples = as_labeled_texts(examples)
@@ -289,9 +303,14 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                 sampler.set_epoch(epoch)
             epoch += 1
             for batch in loader:
-                with autocast:
-                    loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
-                loss.backward()
+                batch = _to(batch, device)
+                if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations
+                    loss = grad_cache_backward(model, batch, lambda e: compute_loss(
+                        model, batch, kind, negatives, loss_fn, dims, embeddings=e), t.mini_batch_size, autocast)
+                else:
+                    with autocast:
+                        loss = compute_loss(model, batch, kind, negatives, loss_fn, dims)
+                    loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 optimizer.step()
