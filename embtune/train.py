@@ -211,14 +211,17 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
-    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``."""
+def train(cfg: DictConfig, output_dir: str | Path, logger, data=None) -> dict:
+    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
+
+    ``data``: already loaded :class:`~embtune.data.TrainingData` (mining rounds pass their mined rows);
+    None loads ``cfg.data``."""
     output_dir = Path(output_dir)
     t = cfg.train
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
-    data = _build(cfg.data)
+    data = data if data is not None else _build(cfg.data)
     data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
     evaluator = _build(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)
