@@ -168,19 +168,22 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
 
 
 def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
-    """The base model's metrics, computed once per (model, pooling, data, eval config, Matryoshka dims)
-    and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once).
+    """The base model's metrics, computed once per (model, pooling, held-out set, eval config, Matryoshka
+    dims) and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once;
+    the training rows are not in the key, so mined rows reuse the base metrics of the data they came from).
     ``eval.cache_base=false`` always recomputes. The key includes the model folder's file times, so a
     changed local model is evaluated again."""
     if not cfg.eval.get("cache_base", True):
         return evaluate()
+    from embtune.data import fingerprint
     from embtune.model import resolve_model_path
 
     folder = Path(resolve_model_path(cfg.model.name_or_path))
     stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
-    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, data.fingerprint], sort_keys=True).encode()).hexdigest()
+    held_out = fingerprint([], data.test)
+    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()
     path = Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune") / "base_eval" / f"{key}.json"
     if path.is_file():
         try:

@@ -205,20 +205,25 @@ def _compose(name, overrides):
         return compose(config_name=name, overrides=overrides)
 
 
-def test_mine_command_writes_a_multi_negative_file_and_refuses_a_second_time(tmp_path, tiny_bert):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "embtune.mine_cli", f"model.name_or_path={tiny_bert}", "data.max_train_pairs=24",
-           "data.max_test_queries=8", "miner.range_min=1", "miner.range_max=8", "miner.num_negatives=3",
-           "miner.relative_margin=null", f"hydra.run.dir={run_dir}"]
+def test_mine_command_writes_a_multi_negative_file_and_refuses_to_write_it_again(tmp_path, tiny_bert):
+    run_dir, train_file = tmp_path / "run", tmp_path / "pairs.jsonl"
+    train_file.write_text("".join(json.dumps({"query": f"question {i}", "pos": f"answer number {i}"}) + "\n"
+                                  for i in range(12)))
+    cmd = [sys.executable, "-m", "embtune.mine_cli", f"model.name_or_path={tiny_bert}", "data=jsonl",
+           f"data.path={train_file}", "data_format.positive=pos", "miner.range_min=1", "miner.range_max=8",
+           "miner.num_negatives=3", "miner.relative_margin=null", f"hydra.run.dir={run_dir}"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     out = run_dir / "negatives.jsonl"
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     record = json.loads(settings_path(out).read_text())
-    assert len(rows) == record["queries"] > 0 and all(len(r["neg"]) == 3 for r in rows)
+    assert len(rows) == record["queries"] == 12 and all(len(r["neg"]) == 3 for r in rows)
+    assert all(f"answer number {i}" not in r["neg"] for i, r in enumerate(rows))
     assert all(1 <= rank < 8 for r in rows for rank in r["neg_ranks"]) and record["model"] == tiny_bert
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert second.returncode != 0 and "never overwrites" in second.stderr
+    from embtune.mine_cli import run_mining  # the same settings again, in-process (one subprocess is slow enough)
+
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        run_mining(_compose("mine", cmd[3:-1]), run_dir)
 
 
 def test_mine_config_refuses_an_existing_output_before_the_model_loads(tmp_path):
@@ -265,3 +270,19 @@ def test_rounds_with_in_batch_negatives_are_refused_before_the_model_loads(tmp_p
     cfg = _compose("config", ["model.name_or_path=/nonexistent/model", "train.rounds=1"])
     with pytest.raises(ValueError, match="negatives=hard"):
         train_rounds(cfg, tmp_path, None)
+
+
+def test_mined_rows_reuse_the_base_metrics_of_the_data_they_came_from(tmp_path, monkeypatch, tiny_bert):
+    from embtune.train import base_metrics
+
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path))
+    cfg = _compose("config", [f"model.name_or_path={tiny_bert}"])
+    data, _ = ranked_data()
+    mined = TrainingData(rows=[{"query": "q", "pos": ["pos"], "neg": ["d3"]}], test=data.test, name="mined.jsonl")
+    other = TrainingData(rows=data.rows, test=RetrievalSet({"q": "q"}, {"pos": "pos"}, {"q": {"pos": 1}}), name="x")
+    calls = []
+    evaluate = lambda: calls.append(1) or {"ndcg@10": 0.5}  # noqa: E731
+    assert base_metrics(cfg, data, evaluate) == base_metrics(cfg, mined, evaluate) == {"ndcg@10": 0.5}
+    assert len(calls) == 1  # same held-out set: computed once
+    base_metrics(cfg, other, evaluate)
+    assert len(calls) == 2  # another held-out set: computed again
