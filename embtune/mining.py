@@ -13,13 +13,12 @@ import json
 import logging
 import os
 import random
-import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from embtune.candidates import CandidatePool, Query, group_queries, normalise
 from embtune.data import TrainingData
 from embtune.evaluate import search
 
@@ -27,98 +26,6 @@ log = logging.getLogger(__name__)
 
 DROP_REASONS = ("positive_id", "positive_text", "query_text", "before_range_min", "relative_margin",
                 "max_score", "not_sampled")
-
-
-def normalise(text: str) -> str:
-    """The form texts are compared in: Unicode NFKC, case-folded, runs of whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-@dataclass
-class Query:
-    """One training query with every positive it has anywhere in the data (rows are merged by normalised
-    query text and by ``query_id``). ``positive_ids`` / ``positive_keys`` are what is never mined."""
-
-    text: str
-    query_id: str | None = None
-    positives: list[str] = field(default_factory=list)
-    positive_ids: set[str] = field(default_factory=set)
-    positive_keys: set[str] = field(default_factory=set)
-    id_of: dict[str, str] = field(default_factory=dict)  # normalised positive text -> its doc id
-    negatives: list[str] = field(default_factory=list)  # the data's own negatives (pool candidates)
-
-
-def group_queries(data: TrainingData, data_format) -> list[Query]:
-    """Training rows -> one :class:`Query` per distinct query, in first-seen order.
-
-    ``data_format`` maps each row to ``(query, positive)`` examples; a row's ``query_id`` / ``doc_id``
-    columns (as ``data=beir`` writes them) give the ids (``doc_id`` only where the row has one positive). Two rows are the same query when their
-    normalised texts are equal or they share a ``query_id``, so a query judged in several rows keeps
-    all its positives.
-    """
-    by_key: dict[str, Query] = {}
-    by_id: dict[str, Query] = {}
-    order: list[Query] = []
-    source = list(data.source) or [(data.name, i + 1) for i in range(len(data.rows))]
-    for row, src in zip(data.rows, source):
-        qid = row.get("query_id")
-        qid = None if qid is None else str(qid)
-        examples = data_format([row], [src])
-        did = row.get("doc_id") if len(examples) == 1 else None
-        for ex in examples:
-            key = normalise(ex.query)
-            q = by_key.get(key) or (by_id.get(qid) if qid is not None else None)
-            if q is None:
-                q = Query(ex.query, qid)
-                order.append(q)
-            by_key.setdefault(key, q)
-            if qid is not None:
-                by_id.setdefault(qid, q)
-            if normalise(ex.positive) not in q.positive_keys:
-                q.positives.append(ex.positive)
-                q.positive_keys.add(normalise(ex.positive))
-            if did is not None:
-                q.positive_ids.add(str(did))
-                q.id_of[normalise(ex.positive)] = str(did)
-            q.negatives.extend(ex.negatives)
-    return order
-
-
-class CandidatePool:
-    """Documents to mine from, one entry per document: texts equal once normalised, or sharing an id,
-    are one entry (its first text kept, all its ids recorded), so no document is mined twice.
-
-    Attributes:
-        texts: entry -> the first original text seen. ``ids``: entry -> set of document ids (may be empty).
-    """
-
-    def __init__(self):
-        self.texts: list[str] = []
-        self.ids: list[set[str]] = []
-        self._by_text: dict[str, int] = {}
-        self._by_id: dict[str, int] = {}
-
-    def add(self, text: str, doc_id: str | None = None) -> int:
-        key = normalise(text)
-        i = self._by_text.get(key, self._by_id.get(doc_id) if doc_id is not None else None)
-        if i is None:
-            i = len(self.texts)
-            self.texts.append(text)
-            self.ids.append(set())
-        self._by_text.setdefault(key, i)
-        if doc_id is not None:
-            self.ids[i].add(doc_id)
-            self._by_id.setdefault(doc_id, i)
-        return i
-
-    def find(self, text: str) -> int | None:
-        return self._by_text.get(normalise(text))
-
-    def find_id(self, doc_id: str) -> int | None:
-        return self._by_id.get(doc_id)
-
-    def __len__(self) -> int:
-        return len(self.texts)
 
 
 class HardNegativeMiner:
@@ -230,7 +137,7 @@ class HardNegativeMiner:
             pos_scores = (q_emb[qi] @ d_emb[pos_idx].T).tolist()
             windows.append((window, pos_scores))
         if self.teacher:
-            windows = self._rescore(queries, pool, windows)
+            windows = self._rescore(queries, pool, windows, getattr(model, "device", "cpu"))
 
         rng, rows, short = random.Random(self.seed), [], 0
         for q, (window, pos_scores) in zip(queries, windows):
@@ -274,23 +181,24 @@ class HardNegativeMiner:
         return out
 
     @torch.no_grad()
-    def _rescore(self, queries: list[Query], pool: CandidatePool, windows: list) -> list:
-        """Replace the model's scores of each window's candidates and positives by the teacher's."""
+    def _rescore(self, queries: list[Query], pool: CandidatePool, windows: list, device) -> list:
+        """Replace the model's scores of each window's candidates and positives by the teacher's (run on
+        the embedding model's device)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from embtune.model import resolve_model_path
 
         path = resolve_model_path(self.teacher)
         tok = AutoTokenizer.from_pretrained(path)
-        teacher = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        teacher = AutoModelForSequenceClassification.from_pretrained(path).eval().to(device)
         pairs = [(q.text, pool.texts[j]) for q, (window, _) in zip(queries, windows) for _, j, _ in window]
         pairs += [(q.text, p) for q in queries for p in q.positives]
         probs = []
         for i in range(0, len(pairs), self.teacher_batch_size):
             chunk = pairs[i:i + self.teacher_batch_size]
             enc = tok([a for a, _ in chunk], [b for _, b in chunk], padding=True, truncation=True,
-                      max_length=self.teacher_max_length, return_tensors="pt")
-            logits = teacher(**enc).logits.float()
+                      max_length=self.teacher_max_length, return_tensors="pt").to(device)
+            logits = teacher(**enc).logits.float().cpu()
             probs += (logits[:, 0].sigmoid() if logits.size(1) == 1 else logits.softmax(-1)[:, -1]).tolist()
         it, out = iter(probs), []
         new_windows = [[(r, j, next(it)) for r, j, _ in window] for window, _ in windows]
