@@ -53,9 +53,11 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         ``final`` (the last round's), ``rounds`` (each round's summary and mining record).
     Raises:
         ValueError: before any model loads, when the negatives or loss cannot use mined negatives
-            (``negatives=in_batch`` would ignore them).
+            (``negatives=in_batch`` would ignore them), or ``train.rounds`` < 1.
     """
     output_dir = Path(output_dir)
+    if cfg.train.rounds < 1:
+        raise ValueError(f"train.rounds={cfg.train.rounds}: must be >= 1 here (0 trains once, without mining)")
     negatives, loss = _build(cfg.negatives), _build(cfg.loss)
     check_compatible(MultiNegative(), negatives, loss)
     if not negatives.needs_negatives:
@@ -85,6 +87,7 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         model_path = str(round_dir / "model")
     summary = {"base": rounds[0]["base"], "final": rounds[-1]["final"], "steps": offset, "rounds": rounds}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if logger is not None:
-        logger.summary(summary)
+    if logger is not None:  # each round's final metrics, flat (the full records stay in summary.json)
+        logger.summary({"base": summary["base"], "final": summary["final"], "steps": offset,
+                        **{f"round{r}": {"final": s["final"]} for r, s in enumerate(rounds, 1)}})
     return summary
