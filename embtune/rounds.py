@@ -4,7 +4,8 @@ from the model being trained; here offline, between whole fine-tuning runs).
 
 Each round is one call of :func:`embtune.train.train` in ``<run dir>/round<r>/``, which keeps that
 round's ``negatives.jsonl`` (+ ``.settings.json``), ``model/``, ``summary.json``; metrics are logged as
-``round<r>/train/loss``, ``round<r>/eval/ndcg@10``, ... in the run's one ``metrics.jsonl``.
+``round<r>/train/loss``, ``round<r>/eval/ndcg@10``, ... in the run's one ``metrics.jsonl`` (through
+:class:`embtune.stages.StageLogger`, steps counted on from the earlier rounds').
 """
 
 from __future__ import annotations
@@ -21,27 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from embtune.data import TrainingData
 from embtune.formats import MultiNegative
 from embtune.mining import mine_to_file
+from embtune.stages import StageLogger
 from embtune.train import _build, check_compatible, train
 
 log = logging.getLogger(__name__)
 
 # how a round reads its mined file: the columns write_mined writes
 MINED_FORMAT = {"_target_": "embtune.formats.MultiNegative", "query": "query", "positive": "pos", "negatives": "neg"}
-
-
-class RoundLogger:
-    """Passes a round's metrics on as ``round<r>/<name>``, its steps shifted past the earlier rounds' (so
-    the run's step axis only grows, as wandb requires)."""
-
-    def __init__(self, logger, prefix: str, step_offset: int):
-        self.logger, self.prefix, self.step_offset = logger, prefix, step_offset
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.logger is not None:
-            self.logger.log({self.prefix + k: v for k, v in metrics.items()}, step=step + self.step_offset)
-
-    def summary(self, values: dict) -> None:
-        """A round's summary stays in its own folder; the run's summary is set once, at the end."""
 
 
 def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
@@ -72,7 +59,6 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         round_cfg = copy.deepcopy(cfg)
         round_cfg.data_format = OmegaConf.create(MINED_FORMAT)  # replaced whole, not merged into
         round_cfg.model.name_or_path = model_path
-        round_cfg.eval.before = cfg.eval.before and r == 1  # later rounds start where the last one ended
         model = instantiate(round_cfg.model, pooling=instantiate(cfg.pooling)).to(device)
         mined_file = round_dir / "negatives.jsonl"
         record = mine_to_file(miner, model, model_path, data, data_format, mined_file)
@@ -81,13 +67,12 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         mined = TrainingData(rows=rows, test=data.test, name=str(mined_file),
                              source=[(str(mined_file), i) for i in range(1, len(rows) + 1)])
         log.info("round %d/%d: fine-tuning %s on %s", r, t.rounds, model_path, mined_file)
-        summary = train(round_cfg, round_dir, RoundLogger(logger, f"round{r}/", offset), data=mined)
+        summary = train(round_cfg, round_dir, StageLogger(logger, f"round{r}/", offset), data=mined,
+                        base=rounds[-1]["final"] if rounds else None)  # round r starts where r-1 ended
         rounds.append({**summary, "mining": record})
         offset += summary["steps"]
         model_path = str(round_dir / "model")
     summary = {"base": rounds[0]["base"], "final": rounds[-1]["final"], "steps": offset, "rounds": rounds}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if logger is not None:  # each round's final metrics, flat (the full records stay in summary.json)
-        logger.summary({"base": summary["base"], "final": summary["final"], "steps": offset,
-                        **{f"round{r}": {"final": s["final"]} for r, s in enumerate(rounds, 1)}})
+    logger.summary({"base": summary["base"], "final": summary["final"], "steps": offset})
     return summary
