@@ -177,12 +177,14 @@ def cache_dir() -> Path:
 
 
 def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
-    """The base model's metrics, computed once per (model, pooling, data, eval config, Matryoshka dims)
-    and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once).
+    """The base model's metrics, computed once per (model, pooling, held-out set, eval config, Matryoshka
+    dims) and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once;
+    the training rows are not in the key, so mined rows reuse the base metrics of the data they came from).
     ``eval.cache_base=false`` always recomputes. The key includes the model folder's file times, so a
     changed local model is evaluated again."""
     if not cfg.eval.get("cache_base", True):
         return evaluate()
+    from embtune.data import fingerprint
     from embtune.model import resolve_model_path
 
     folder = Path(resolve_model_path(cfg.model.name_or_path))
@@ -191,7 +193,8 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
     if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
         parts["seed"] = cfg.train.seed
-    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, data.fingerprint], sort_keys=True).encode()).hexdigest()
+    held_out = fingerprint([], data.test)
+    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()
     path = cache_dir() / "base_eval" / f"{key}.json"
     if path.is_file():
         try:
@@ -222,18 +225,20 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None) -> dict:
+def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None, data=None) -> dict:
     """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
 
     ``base``: the metrics to report as the base model's when they are already known (the second stage
-    of a two-stage run reports the original model's); None evaluates the model before training."""
+    of a two-stage run reports the original model's); None evaluates the model before training.
+    ``data``: already loaded :class:`~embtune.data.TrainingData` (mining rounds pass their mined rows);
+    None loads ``cfg.data``."""
     output_dir = Path(output_dir)
     t = cfg.train
     started = time.perf_counter()  # startup = data, model, base metrics: what a sweep's caches shorten
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
-    data = _build(cfg.data)
+    data = data if data is not None else _build(cfg.data)
     data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
     evaluator = _build(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)

@@ -30,7 +30,7 @@ def _compose(overrides):
 
 def test_groups_are_the_documented_ones():
     assert set(GROUPS) >= {"model", "pooling", "data", "data_format", "loss", "negatives", "matryoshka",
-                           "train", "eval", "logger", "hparams_search"}
+                           "train", "eval", "logger", "hparams_search", "miner"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
