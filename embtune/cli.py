@@ -22,6 +22,11 @@ log = logging.getLogger("embtune")
 RUN_FILES = ("summary.json", "metrics.jsonl")  # present once a run has started: never overwrite
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 checks, logs and writes the run."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class NeverOverwrite(Callback):
     """Hydra callback: refuse to start when the run folder (or a job folder of the sweep folder) already
     holds a run. It runs before Hydra writes ``.hydra/`` into the folder, so nothing there is touched.
@@ -36,6 +41,8 @@ class NeverOverwrite(Callback):
 
     @staticmethod
     def _check(folders: list[Path]) -> None:
+        if _rank() > 0:  # rank 0 may already have started the run in the same folder
+            return
         try:
             for folder in folders:
                 _refuse_if_used(folder)
@@ -57,6 +64,8 @@ def main(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
+    if _rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
+        return train(cfg, output_dir, logger=None).get("final", {}).get(cfg.eval.metric)
     _refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     multirun = hc.mode == RunMode.MULTIRUN

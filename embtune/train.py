@@ -24,7 +24,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from embtune import distributed
 from embtune.batching import as_labeled_texts, collate
+from embtune.candidates import candidate_loss
+from embtune.distill import check_distillation, score_examples
 from embtune.report import print_comparison, progress_bar
 from embtune.sampler import NoDuplicatesBatchSampler
 
@@ -42,11 +45,11 @@ def check_compatible(data_format, negatives, loss) -> None:
             ``loss=cosent`` (scored pairs) with ``data_format=triplet``.
     """
     kind = getattr(loss, "input_kind", "scores")
-    gives = {data_format.kind} | ({"embeddings"} if data_format.kind == "scores" else set())
+    gives = {data_format.kind} | ({"embeddings", "teacher_scores"} if data_format.kind == "scores" else set())
     if kind not in gives:
         raise ValueError(f"loss={loss.name} takes {kind} examples, but data_format={data_format.name} gives "
                          f"{data_format.kind} examples: pick a data_format that matches the loss (see README)")
-    if getattr(negatives, "needs_negatives", False) and kind != "scores":
+    if getattr(negatives, "needs_negatives", False) and kind not in ("scores", "teacher_scores"):
         raise ValueError(f"negatives={negatives.name} only applies to losses over candidates, not loss={loss.name}")
     if getattr(data_format, "has_negatives", False):
         return
@@ -135,35 +138,37 @@ def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
     loss_fn.init_weights(F.normalize(means, dim=-1))
 
 
-def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]]) -> torch.Tensor:
+def compute_loss(model, batch: dict, kind: str, negatives, loss_fn,
+                 dims: list[tuple[int, float]]) -> tuple[torch.Tensor, dict[str, float]]:
     """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
-    (Kusupati et al. 2022: truncate to d, re-normalise, score)."""
+    (Kusupati et al. 2022: truncate to d, re-normalise, score). Returns the loss and extra per-step
+    metrics (``train/candidates`` for candidate-scoring losses). ``model`` may be wrapped in DDP."""
+    normalize = distributed.unwrap(model).normalize
 
     def cut(x, d):
         if x is None or d >= x.size(-1):
             return x
-        return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
+        return F.normalize(x[..., :d], dim=-1) if normalize else x[..., :d]
 
     if kind == "scores":
-        a, p = model(**batch["query"]), model(**batch["positive"])
-        n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
-        mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
-
-        def scored(d):
-            scores, target = negatives(cut(a, d), cut(p, d), cut(n, d), mask)
-            return scores.masked_fill(false_negative, float("-inf")), target
-
-        return sum(w * loss_fn(*scored(d)) for d, w in dims)
+        return candidate_loss(model, batch, negatives, loss_fn, dims, cut)
+    if kind == "teacher_scores":  # distillation over each query's positive (column 0) and its negatives
+        q, p = model(**batch["query"]), model(**batch["positive"])
+        docs = torch.cat([p[:, None], model(**batch["negative"]).view(q.size(0), -1, q.size(-1))], dim=1)
+        mask = torch.cat([torch.ones_like(batch["negative_mask"][:, :1]), batch["negative_mask"]], dim=1)
+        return sum(w * loss_fn(torch.einsum("bd,bcd->bc", cut(q, d), cut(docs, d)), batch["teacher"], mask)
+                   for d, w in dims), {}
     if kind == "pair_scores":
         e1, e2 = model(**batch["text1"]), model(**batch["text2"])
-        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
+        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"])
+                   for d, w in dims), {}
     if kind == "list_scores":
         q = model(**batch["query"])
         docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
         return sum(w * loss_fn(torch.einsum("bd,bld->bl", cut(q, d), cut(docs, d)), batch["teacher"], batch["mask"])
-                   for d, w in dims)
+                   for d, w in dims), {}
     if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
-        return loss_fn(model(**batch["text"]), batch["label"])
+        return loss_fn(model(**batch["text"]), batch["label"]), {}
     raise ValueError(f"unknown example kind {kind!r}")
 
 
@@ -211,8 +216,31 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
+def make_loader(examples: list, kind: str, t: DictConfig, d: distributed.Dist, model, group_size: int):
+    """(DataLoader, sampler with ``set_epoch`` or None). Candidate-scoring kinds get batches without a
+    repeated text (``train.no_duplicates``); under torchrun each process takes its equal share of each
+    global batch of W·B (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text."""
+    rng = random.Random(t.seed + d.rank)  # negative sampling
+    global_batch = t.batch_size * d.world
+    drop_last = len(examples) % global_batch == 1  # a batch of one has no in-batch negative
+    if kind in ("scores", "teacher_scores") and t.no_duplicates:
+        sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
+                                           global_batch, drop_last, t.seed)
+    else:
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(
+            examples, generator=torch.Generator().manual_seed(t.seed)), global_batch, drop_last)
+    if d.world > 1:
+        sampler = distributed.ShardedBatchSampler(sampler, d.rank, d.world)
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler,
+                                         collate_fn=lambda b: collate(model, b, kind, group_size, rng))
+    return loader, (sampler if hasattr(sampler, "set_epoch") else None)
+
+
 def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
-    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``."""
+    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
+
+    Under ``torchrun`` (``embtune.distributed``) every process trains its share of each batch; only
+    rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks)."""
     output_dir = Path(output_dir)
     t = cfg.train
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
@@ -221,7 +249,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     data = _build(cfg.data)
     data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
     evaluator = _build(cfg.eval)
+    teacher = _build(cfg.teacher) if cfg.get("teacher") else None
     check_compatible(data_format, negatives, loss_fn)
+    check_distillation(data_format, negatives, loss_fn, teacher)
     kind = getattr(loss_fn, "input_kind", "scores")
     check_train_settings(t, kind, negatives)
     matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
@@ -231,9 +261,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     if not examples:
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
+    if teacher is not None:
+        examples = score_examples(teacher, examples)
 
-    # -- model
+    # -- processes (torchrun) and model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = distributed.setup(device.type)
+    if d.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    main = d.main
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     dims = matryoshka_dims(cfg, model.dim)
     eval_dims = [d for d, _ in dims]
@@ -242,24 +279,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     loss_fn.to(device)
 
     # -- base metrics
-    base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
+    base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before and main else {}
     if base:
         logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1
-    rng = random.Random(t.seed)  # negative sampling
-    drop_last = len(examples) % t.batch_size == 1  # a batch of one has no in-batch negative
-    if kind == "scores" and t.no_duplicates:
-        sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
-                                           t.batch_size, drop_last, t.seed)
-        batching = {"batch_sampler": sampler}
-    else:
-        sampler = None
-        batching = {"batch_size": t.batch_size, "shuffle": True, "drop_last": drop_last,
-                    "generator": torch.Generator().manual_seed(t.seed)}
-    loader = torch.utils.data.DataLoader(examples, collate_fn=lambda b: collate(model, b, kind, group_size, rng),
-                                         **batching)
+    loader, sampler = make_loader(examples, kind, t, d, model, group_size)
+    trained = distributed.wrap(model, d, device)  # DDP: gradients averaged over processes at backward
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
     total = t.max_steps or t.epochs * len(loader)
     warmup = max(1, math.ceil(t.warmup_ratio * total))
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
@@ -278,25 +306,29 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
             epoch += 1
             for batch in loader:
                 with autocast:
-                    loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
+                    loss, extra = compute_loss(trained, _to(batch, device), kind, negatives, loss_fn, dims)
                 loss.backward()
+                distributed.average_gradients(loss_params, d)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                seen += len(next(iter(batch.values()))["input_ids"])
+                seen += len(next(iter(batch.values()))["input_ids"]) * d.world
                 pairs_per_s = seen / (time.perf_counter() - start)
-                if step % t.log_every == 0 or step == total:
+                if main and (step % t.log_every == 0 or step == total):
                     logger.log({"train/loss": loss.item(), "train/lr": lr,
                                 "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
-                                "train/epoch": step / len(loader)}, step=step)
+                                "train/epoch": step / len(loader), **extra}, step=step)
                 bar.update(step=step, loss=loss.item(), lr=lr, pairs_per_s=pairs_per_s)
                 if step >= total:
                     break
     train_seconds = time.perf_counter() - start
+    if not main:  # rank 0 evaluates and saves
+        distributed.teardown(d)
+        return {}
 
     # -- final metrics, model, summary
     final = evaluator(model, data, eval_dims) if evaluator.after else {}
@@ -313,4 +345,5 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)
+    distributed.teardown(d)
     return summary

@@ -32,8 +32,11 @@ def test_groups_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_path):
-    cfg = _compose([f"{group}={option}", f"model.name_or_path={tiny_bert}", *NEEDS.get((group, option), [])])
+def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_path, request):
+    needs = NEEDS.get((group, option), [])
+    if group == "teacher":
+        needs = [f"teacher.name_or_path={request.getfixturevalue('tiny_cross_encoder')}"]
+    cfg = _compose([f"{group}={option}", f"model.name_or_path={tiny_bert}", *needs])
     node = cfg[group]
     if "_target_" not in node:  # plain settings read by the loop (train, eval, matryoshka)
         assert len(node) > 0
@@ -46,6 +49,15 @@ def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_pa
     else:
         obj = instantiate(node)
     assert obj is not None
+
+
+def test_no_teacher_by_default():
+    assert _compose([]).get("teacher") is None
+
+
+def test_semi_hard_margin_defaults_to_the_losss_margin():
+    assert _compose(["negatives=online_hard", "loss=hinge", "loss.margin=0.3"]).negatives.margin == 0.3
+    assert _compose(["negatives=online_hard"]).negatives.margin == 0.2  # info_nce has no margin
 
 
 def test_unknown_option_fails_with_hydras_message():
