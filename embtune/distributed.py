@@ -19,6 +19,7 @@ This holds for losses that average over anchors (InfoNCE, triplet); losses that 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -98,7 +99,9 @@ def gather(x: Tensor) -> Tensor:
     every process: :class:`ShardedBatchSampler` makes it so."""
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # torch 2.13 marks it deprecated for a private replacement; it still works
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def gather_no_grad(x: Tensor) -> Tensor:

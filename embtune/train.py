@@ -216,12 +216,12 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def make_loader(examples: list, kind: str, t: DictConfig, d: distributed.Dist, model, group_size: int):
+def make_loader(examples: list, kind: str, t: DictConfig, proc: distributed.Dist, model, group_size: int):
     """(DataLoader, sampler with ``set_epoch`` or None). Candidate-scoring kinds get batches without a
     repeated text (``train.no_duplicates``); under torchrun each process takes its equal share of each
     global batch of W·B (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text."""
-    rng = random.Random(t.seed + d.rank)  # negative sampling
-    global_batch = t.batch_size * d.world
+    rng = random.Random(t.seed + proc.rank)  # negative sampling
+    global_batch = t.batch_size * proc.world
     drop_last = len(examples) % global_batch == 1  # a batch of one has no in-batch negative
     if kind in ("scores", "teacher_scores") and t.no_duplicates:
         sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
@@ -229,8 +229,8 @@ def make_loader(examples: list, kind: str, t: DictConfig, d: distributed.Dist, m
     else:
         sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(
             examples, generator=torch.Generator().manual_seed(t.seed)), global_batch, drop_last)
-    if d.world > 1:
-        sampler = distributed.ShardedBatchSampler(sampler, d.rank, d.world)
+    if proc.world > 1:
+        sampler = distributed.ShardedBatchSampler(sampler, proc.rank, proc.world)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler,
                                          collate_fn=lambda b: collate(model, b, kind, group_size, rng))
     return loader, (sampler if hasattr(sampler, "set_epoch") else None)
@@ -262,15 +262,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
     if teacher is not None:
-        examples = score_examples(teacher, examples)
+        examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
 
     # -- processes (torchrun) and model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    d = distributed.setup(device.type)
-    if d.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
+    proc = distributed.setup(device.type)
+    if proc.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", proc.local_rank)
         torch.cuda.set_device(device)
-    main = d.main
+    main = proc.main
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     dims = matryoshka_dims(cfg, model.dim)
     eval_dims = [d for d, _ in dims]
@@ -285,8 +285,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
 
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1
-    loader, sampler = make_loader(examples, kind, t, d, model, group_size)
-    trained = distributed.wrap(model, d, device)  # DDP: gradients averaged over processes at backward
+    loader, sampler = make_loader(examples, kind, t, proc, model, group_size)
+    trained = distributed.wrap(model, proc, device)  # DDP: gradients averaged over processes at backward
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
     total = t.max_steps or t.epochs * len(loader)
     warmup = max(1, math.ceil(t.warmup_ratio * total))
@@ -308,14 +308,14 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
                 with autocast:
                     loss, extra = compute_loss(trained, _to(batch, device), kind, negatives, loss_fn, dims)
                 loss.backward()
-                distributed.average_gradients(loss_params, d)
+                distributed.average_gradients(loss_params, proc)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                seen += len(next(iter(batch.values()))["input_ids"]) * d.world
+                seen += len(next(iter(batch.values()))["input_ids"]) * proc.world
                 pairs_per_s = seen / (time.perf_counter() - start)
                 if main and (step % t.log_every == 0 or step == total):
                     logger.log({"train/loss": loss.item(), "train/lr": lr,
@@ -327,7 +327,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
                     break
     train_seconds = time.perf_counter() - start
     if not main:  # rank 0 evaluates and saves
-        distributed.teardown(d)
+        distributed.teardown(proc)
         return {}
 
     # -- final metrics, model, summary
@@ -345,5 +345,5 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)
-    distributed.teardown(d)
+    distributed.teardown(proc)
     return summary

@@ -63,3 +63,22 @@ def test_one_process_is_a_world_of_one():
     d = distributed.setup("cpu")
     model = torch.nn.Linear(2, 2)
     assert (d.rank, d.world, d.main) == (0, 1, True) and distributed.wrap(model, d, torch.device("cpu")) is model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_training_only_rank_zero_logs_evaluates_and_saves(tiny_bert, tmp_path):
+    """About 2 minutes on the 2-core development machine (two processes load torch and the model)."""
+    import json
+
+    run = tmp_path / "run"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "embtune.cli",
+          f"model.name_or_path={tiny_bert}", "data.max_train_pairs=24", "data.max_test_queries=12",
+          "train.batch_size=4", "train.max_steps=3", "train.log_every=1", "negatives.cross_device=true",
+          "logger=none", f"hydra.run.dir={run}"], tmp_path)
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if "train/loss" in e]
+    assert [e["step"] for e in train] == [1, 2, 3]  # one line per step: rank 1 wrote nothing
+    assert all(e["train/candidates"] == 8.0 for e in train)  # 2 processes x 4 positives
+    assert sum("eval/ndcg@10" in e for e in events) == 2 and train[-1]["train/epoch"] == 1.0  # 24 / (2 x 4) steps
+    assert (run / "summary.json").is_file() and (run / "model" / "embtune.json").is_file()
