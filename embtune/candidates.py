@@ -26,7 +26,9 @@ def candidate_loss(model, batch: dict, negatives, loss_fn, dims: list[tuple[int,
       6. loss = Σ_d w_d · loss_fn(scores_d, target) (Matryoshka; ``cut`` truncates to d);
       7. the memory stores this step's documents, detached.
     """
-    a, p = model(**batch["query"]), model(**batch["positive"])
+    a = model(**batch["query"])
+    # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
+    p = model(**batch["query" if getattr(loss_fn, "same_text_positive", False) else "positive"])
     n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
     mask, false_negative, offset = batch.get("negative_mask"), batch["false_negative"], 0
     pos_key = batch["positive_key"]

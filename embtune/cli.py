@@ -60,12 +60,15 @@ def _refuse_if_used(folder: Path) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises)."""
-    from embtune.train import train
+    from embtune.distributed import teardown
+    from embtune.stages import run
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     if _rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
-        return train(cfg, output_dir, logger=None).get("final", {}).get(cfg.eval.metric)
+        run(cfg, output_dir, logger=None)
+        teardown()
+        return None
     _refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     multirun = hc.mode == RunMode.MULTIRUN
@@ -77,11 +80,12 @@ def main(cfg: DictConfig) -> float | None:
         # wandb tags are at most 64 characters
         **({"tags": [o[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
     try:
-        summary = train(cfg, output_dir, logger)
+        summary = run(cfg, output_dir, logger)
     except BaseException:
         logger.finish(exit_code=1)
         raise
     logger.finish()
+    teardown()
     return summary["final"].get(cfg.eval.metric)
 
 

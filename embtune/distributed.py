@@ -54,9 +54,15 @@ def setup(device_kind: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def teardown(d: Dist) -> None:
-    """Wait for every process (rank 0 evaluates and saves while the others wait), then leave the group."""
+def barrier(d: Dist) -> None:
+    """Wait for every process (rank 0 evaluates and saves while the others wait)."""
     if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group, if any, once the command is done (a two-stage run trains twice in it)."""
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

@@ -236,8 +236,11 @@ def make_loader(examples: list, kind: str, t: DictConfig, proc: distributed.Dist
     return loader, (sampler if hasattr(sampler, "set_epoch") else None)
 
 
-def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
+def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None) -> dict:
     """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
+
+    ``base``: the metrics to report as the base model's when they are already known (the second stage
+    of a two-stage run reports the original model's); None evaluates the model before training.
 
     Under ``torchrun`` (``embtune.distributed``) every process trains its share of each batch; only
     rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks)."""
@@ -279,9 +282,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     loss_fn.to(device)
 
     # -- base metrics
-    base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before and main else {}
-    if base:
-        logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
+    if base is None:
+        base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before and main else {}
+        if base:
+            logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1
@@ -327,8 +331,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
                     break
     train_seconds = time.perf_counter() - start
     if not main:  # rank 0 evaluates and saves
-        distributed.teardown(proc)
-        return {}
+        distributed.barrier(proc)
+        return {"base": {}, "final": {}, "steps": step}
 
     # -- final metrics, model, summary
     final = evaluator(model, data, eval_dims) if evaluator.after else {}
@@ -345,5 +349,5 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)
-    distributed.teardown(proc)
+    distributed.barrier(proc)
     return summary

@@ -44,7 +44,7 @@ def main(model_dir: str, out: str) -> None:
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         grads["loss.log_inv_temperature"] = loss_fn.log_inv_temperature.grad
         torch.save(grads, out)
-    distributed.teardown(d)
+    distributed.teardown()
 
 
 if __name__ == "__main__":

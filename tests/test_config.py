@@ -37,6 +37,13 @@ def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_pa
     if group == "teacher":
         needs = [f"teacher.name_or_path={request.getfixturevalue('tiny_cross_encoder')}"]
     cfg = _compose([f"{group}={option}", f"model.name_or_path={tiny_bert}", *needs])
+    if group == "experiment":  # an overlay at the top level: every stage's components must build
+        from embtune.stages import stage_configs
+
+        for stage in stage_configs(cfg, tiny_bert):
+            for part in ("data_format", "loss", "negatives"):
+                assert instantiate(stage[part]) is not None
+        return
     node = cfg[group]
     if "_target_" not in node:  # plain settings read by the loop (train, eval, matryoshka)
         assert len(node) > 0
