@@ -2,6 +2,7 @@
 
 Each text column is padded only to its own longest text. Hard negatives are sampled per step: K =
 ``group_size`` − 1 per anchor, without replacement, padded and masked where a row has fewer.
+:func:`make_loader` plans the batches (no repeated text; each process's share under torchrun).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import hashlib
 import random
 
 import torch
+from omegaconf import DictConfig
 
+from embtune import distributed
 from embtune.formats import Example, LabeledText
+from embtune.sampler import NoDuplicatesBatchSampler
 
 
 def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.Random | None = None) -> dict:
@@ -102,3 +106,21 @@ def as_labeled_texts(examples: list[Example]) -> list[LabeledText]:
     return list(dict.fromkeys(out))  # a query with several positives appears once
 
 
+def make_loader(examples: list, kind: str, t: DictConfig, proc: distributed.Dist, model, group_size: int):
+    """(DataLoader, sampler with ``set_epoch`` or None). Candidate-scoring kinds get batches without a
+    repeated text (``train.no_duplicates``); under torchrun each process takes its equal share of each
+    global batch of W·B (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text."""
+    rng = random.Random(t.seed + proc.rank)  # negative sampling
+    global_batch = t.batch_size * proc.world
+    drop_last = len(examples) % global_batch == 1  # a batch of one has no in-batch negative
+    if kind in ("scores", "teacher_scores") and t.no_duplicates:
+        sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
+                                           global_batch, drop_last, t.seed)
+    else:
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(
+            examples, generator=torch.Generator().manual_seed(t.seed)), global_batch, drop_last)
+    if proc.world > 1:
+        sampler = distributed.ShardedBatchSampler(sampler, proc.rank, proc.world)
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler,
+                                         collate_fn=lambda b: collate(model, b, kind, group_size, rng))
+    return loader, (sampler if hasattr(sampler, "set_epoch") else None)

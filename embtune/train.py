@@ -25,11 +25,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune import distributed
-from embtune.batching import as_labeled_texts, collate
+from embtune.batching import as_labeled_texts, make_loader
 from embtune.candidates import candidate_loss
 from embtune.distill import check_distillation, score_examples
 from embtune.report import print_comparison, progress_bar
-from embtune.sampler import NoDuplicatesBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -214,26 +213,6 @@ def _build(node: DictConfig):
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
-
-
-def make_loader(examples: list, kind: str, t: DictConfig, proc: distributed.Dist, model, group_size: int):
-    """(DataLoader, sampler with ``set_epoch`` or None). Candidate-scoring kinds get batches without a
-    repeated text (``train.no_duplicates``); under torchrun each process takes its equal share of each
-    global batch of W·B (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text."""
-    rng = random.Random(t.seed + proc.rank)  # negative sampling
-    global_batch = t.batch_size * proc.world
-    drop_last = len(examples) % global_batch == 1  # a batch of one has no in-batch negative
-    if kind in ("scores", "teacher_scores") and t.no_duplicates:
-        sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
-                                           global_batch, drop_last, t.seed)
-    else:
-        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(
-            examples, generator=torch.Generator().manual_seed(t.seed)), global_batch, drop_last)
-    if proc.world > 1:
-        sampler = distributed.ShardedBatchSampler(sampler, proc.rank, proc.world)
-    loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler,
-                                         collate_fn=lambda b: collate(model, b, kind, group_size, rng))
-    return loader, (sampler if hasattr(sampler, "set_epoch") else None)
 
 
 def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None) -> dict:

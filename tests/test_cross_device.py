@@ -18,7 +18,7 @@ WORKER = REPO / "tests" / "cross_device_worker.py"
 
 def _run(cmd, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -71,9 +71,12 @@ def test_torchrun_training_only_rank_zero_logs_evaluates_and_saves(tiny_bert, tm
     """About 2 minutes on the 2-core development machine (two processes load torch and the model)."""
     import json
 
-    run = tmp_path / "run"
+    from test_data_loaders import write_beir
+
+    run, data, beir = tmp_path / "run", tmp_path / "pairs.jsonl", write_beir(tmp_path / "beir")
+    data.write_text("".join(json.dumps({"query": f"question {i}", "positive": f"answer {i}"}) + "\n" for i in range(24)))
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "embtune.cli",
-          f"model.name_or_path={tiny_bert}", "data.max_train_pairs=24", "data.max_test_queries=12",
+          f"model.name_or_path={tiny_bert}", "data=jsonl", f"data.path={data}", f"data.test_path={beir}",
           "train.batch_size=4", "train.max_steps=3", "train.log_every=1", "negatives.cross_device=true",
           "logger=none", f"hydra.run.dir={run}"], tmp_path)
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
