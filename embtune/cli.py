@@ -28,6 +28,11 @@ RUN_FILES = ("summary.json", "metrics.jsonl")  # present once a run has started:
 RUN_OUTPUTS = (*RUN_FILES, "model", "model.tmp")
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 checks, logs and writes the run."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class NeverOverwrite(Callback):
     """Hydra callback: refuse to start when the run folder (or a job folder of the sweep folder) already
     holds a run. It runs before Hydra writes ``.hydra/`` into the folder, so nothing there is touched.
@@ -46,6 +51,8 @@ class NeverOverwrite(Callback):
 
     @staticmethod
     def _check(folders: list[Path]) -> None:
+        if _rank() > 0:  # rank 0 may already have started the run in the same folder
+            return
         try:
             for folder in folders:
                 _refuse_if_used(folder)
@@ -94,10 +101,15 @@ def main(cfg: DictConfig) -> float | None:
     sweep goes on (Hydra's sweepers would stop the sweep on an exception; Optuna marks a NaN trial as
     failed). A single run re-raises the error after recording it.
     """
+    from embtune.distributed import teardown
     from embtune.stages import run
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
+    if _rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
+        run(cfg, output_dir, logger=None)
+        teardown()
+        return None
     if cfg.overwrite:
         clear_run(output_dir)
     _refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
@@ -126,6 +138,7 @@ def main(cfg: DictConfig) -> float | None:
             logger.finish(exit_code=1)
         raise
     logger.finish()
+    teardown()
     return summary["final"].get(cfg.eval.metric)
 
 

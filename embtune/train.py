@@ -24,13 +24,15 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune.batching import as_labeled_texts, collate
+from embtune import distributed
+from embtune.batching import as_labeled_texts, make_loader
+from embtune.candidate_loss import candidate_loss
+from embtune.distill import check_distillation, score_examples
+from embtune.grad_cache import grad_cache_backward
 from embtune.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.maxsim import maxsim_scores
 from embtune.multi_vector import check_multi_vector
-from embtune.grad_cache import grad_cache_backward
 from embtune.report import print_comparison, progress_bar
-from embtune.sampler import NoDuplicatesBatchSampler
 from embtune.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,11 @@ def check_compatible(data_format, negatives, loss) -> None:
             ``loss=cosent`` (scored pairs) with ``data_format=triplet``.
     """
     kind = getattr(loss, "input_kind", "scores")
-    gives = {data_format.kind} | ({"embeddings"} if data_format.kind == "scores" else set())
+    gives = {data_format.kind} | ({"embeddings", "teacher_scores"} if data_format.kind == "scores" else set())
     if kind not in gives:
         raise ValueError(f"loss={loss.name} takes {kind} examples, but data_format={data_format.name} gives "
                          f"{data_format.kind} examples: pick a data_format that matches the loss (see README)")
-    if getattr(negatives, "needs_negatives", False) and kind != "scores":
+    if getattr(negatives, "needs_negatives", False) and kind not in ("scores", "teacher_scores"):
         raise ValueError(f"negatives={negatives.name} only applies to losses over candidates, not loss={loss.name}")
     if getattr(data_format, "has_negatives", False):
         return
@@ -129,45 +131,45 @@ def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
 
 
 def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]],
-                 embeddings: dict | None = None) -> torch.Tensor:
+                 embeddings: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
-    (Kusupati et al. 2022: truncate to d, re-normalise, score). A multi-vector model's candidates are
-    scored by MaxSim over token vectors instead (``embtune.maxsim``; no Matryoshka there). ``embeddings``
-    ({column: [N,D]}), when given, are used instead of encoding (GradCache, ``embtune.grad_cache``)."""
+    (Kusupati et al. 2022: truncate to d, re-normalise, score). Returns the loss and extra per-step
+    metrics (``train/candidates`` for candidate-scoring losses). ``model`` may be wrapped in DDP.
+    A multi-vector model's candidates are scored by MaxSim over token vectors instead
+    (``embtune.maxsim``; no Matryoshka there). ``embeddings`` ({column: [N,D]}), when given, are used
+    instead of encoding (GradCache, ``embtune.grad_cache``)."""
+    normalize = distributed.unwrap(model).normalize
 
     def enc(column):
         return embeddings[column] if embeddings is not None else model(**batch[column])
 
     def cut(x, d):
-        return truncate(x, d, model.normalize)
+        return truncate(x, d, normalize)
 
-    if kind == "scores" and getattr(model, "multi_vector", False):  # token vectors: MaxSim scores [B,C]
+    if kind == "scores" and getattr(distributed.unwrap(model), "multi_vector", False):  # MaxSim scores [B,C]
         a, p = model(**batch["query"]), model(**batch["positive"])
         n = model(**batch["negative"]) if "negative" in batch else None
         scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
-        return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target)
+        return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target), {}
     if kind == "scores":
-        a = enc("query")
-        # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
-        p = enc("query" if getattr(loss_fn, "same_text_positive", False) else "positive")
-        n = enc("negative").view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
-        mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
-
-        def scored(d):
-            scores, target = negatives(cut(a, d), cut(p, d), cut(n, d), mask)
-            return scores.masked_fill(false_negative, float("-inf")), target
-
-        return sum(w * loss_fn(*scored(d)) for d, w in dims)
+        return candidate_loss(enc, batch, negatives, loss_fn, dims, cut)
+    if kind == "teacher_scores":  # distillation over each query's positive (column 0) and its negatives
+        q, p = enc("query"), enc("positive")
+        docs = torch.cat([p[:, None], enc("negative").view(q.size(0), -1, q.size(-1))], dim=1)
+        mask = torch.cat([torch.ones_like(batch["negative_mask"][:, :1]), batch["negative_mask"]], dim=1)
+        return sum(w * loss_fn(torch.einsum("bd,bcd->bc", cut(q, d), cut(docs, d)), batch["teacher"], mask)
+                   for d, w in dims), {}
     if kind == "pair_scores":
         e1, e2 = enc("text1"), enc("text2")
-        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
+        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"])
+                   for d, w in dims), {}
     if kind == "list_scores":
         q = enc("query")
         docs = enc("documents").view(q.size(0), -1, q.size(-1))
-        scores = scores_per_dim(q, docs, [d for d, _ in dims], model.normalize)
-        return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims)
+        scores = scores_per_dim(q, docs, [d for d, _ in dims], normalize)
+        return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims), {}
     if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
-        return loss_fn(enc("text"), batch["label"])
+        return loss_fn(enc("text"), batch["label"]), {}
     raise ValueError(f"unknown example kind {kind!r}")
 
 
@@ -231,7 +233,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     ``base``: the metrics to report as the base model's when they are already known (the second stage
     of a two-stage run reports the original model's); None evaluates the model before training.
     ``data``: already loaded :class:`~embtune.data.TrainingData` (mining rounds pass their mined rows);
-    None loads ``cfg.data``."""
+    None loads ``cfg.data``.
+
+    Under ``torchrun`` (``embtune.distributed``) every process trains its share of each batch; only
+    rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks)."""
     output_dir = Path(output_dir)
     t = cfg.train
     started = time.perf_counter()  # startup = data, model, base metrics: what a sweep's caches shorten
@@ -241,7 +246,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     data = data if data is not None else _build(cfg.data)
     data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
     evaluator = _build(cfg.eval)
+    teacher = _build(cfg.teacher) if cfg.get("teacher") else None
     check_compatible(data_format, negatives, loss_fn)
+    check_distillation(data_format, negatives, loss_fn, teacher)
     kind = getattr(loss_fn, "input_kind", "scores")
     check_train_settings(t, kind, negatives, loss_fn)
     matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
@@ -255,9 +262,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if not examples:
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
+    if teacher is not None:
+        examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
 
-    # -- model
+    # -- processes (torchrun) and model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    proc = distributed.setup(device.type)
+    if proc.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", proc.local_rank)
+        torch.cuda.set_device(device)
+    main = proc.main
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
         from embtune.model import resolve_model_path
@@ -272,24 +286,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
     # -- base metrics
     if base is None:
-        base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
+        base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before and main else {}
         if base:
             logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1
-    rng = random.Random(t.seed)  # negative sampling
-    drop_last = len(examples) % t.batch_size == 1  # a batch of one has no in-batch negative
-    if kind == "scores" and t.no_duplicates:
-        sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
-                                           t.batch_size, drop_last, t.seed)
-        batching = {"batch_sampler": sampler}
-    else:
-        sampler = None
-        batching = {"batch_size": t.batch_size, "shuffle": True, "drop_last": drop_last,
-                    "generator": torch.Generator().manual_seed(t.seed)}
-    loader = torch.utils.data.DataLoader(examples, collate_fn=lambda b: collate(model, b, kind, group_size, rng),
-                                         **batching)
+    loader, sampler = make_loader(examples, kind, t, proc, model, group_size)
+    trained = distributed.wrap(model, proc, device)  # DDP: gradients averaged over processes at backward
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
     total = t.max_steps or t.epochs * len(loader)
     warmup = max(1, math.ceil(t.warmup_ratio * total))
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
@@ -301,7 +306,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     # -- the loop
     model.train()
     step, seen, epoch, start = 0, 0, 0, time.perf_counter()
-    logger.log({"time/startup_s": start - started}, step=0)
+    if main:
+        logger.log({"time/startup_s": start - started}, step=0)
     with progress_bar(total) as bar:
         while step < total:
             if sampler is not None:
@@ -310,29 +316,34 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             for batch in loader:
                 batch = _to(batch, device)
                 if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations
-                    loss = grad_cache_backward(model, batch, lambda e: compute_loss(
-                        model, batch, kind, negatives, loss_fn, dims, embeddings=e), t.mini_batch_size, autocast)
+                    extra = {}
+                    loss = grad_cache_backward(trained, batch, lambda e: compute_loss(
+                        trained, batch, kind, negatives, loss_fn, dims, embeddings=e)[0], t.mini_batch_size, autocast)
                 else:
                     with autocast:
-                        loss = compute_loss(model, batch, kind, negatives, loss_fn, dims)
+                        loss, extra = compute_loss(trained, batch, kind, negatives, loss_fn, dims)
                     loss.backward()
+                distributed.average_gradients(loss_params, proc)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                seen += len(next(iter(batch.values()))["input_ids"])
+                seen += len(next(iter(batch.values()))["input_ids"]) * proc.world
                 pairs_per_s = seen / (time.perf_counter() - start)
-                if step % t.log_every == 0 or step == total:
+                if main and (step % t.log_every == 0 or step == total):
                     logger.log({"train/loss": loss.item(), "train/lr": lr,
                                 "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
-                                "train/epoch": step / len(loader)}, step=step)
+                                "train/epoch": step / len(loader), **extra}, step=step)
                 bar.update(step=step, loss=loss.item(), lr=lr, pairs_per_s=pairs_per_s)
                 if step >= total:
                     break
     train_seconds = time.perf_counter() - start
+    if not main:  # rank 0 evaluates and saves
+        distributed.barrier(proc)
+        return {"base": {}, "final": {}, "steps": step}
 
     # -- final metrics, model, summary
     final = evaluator(model, data, eval_dims) if evaluator.after else {}
@@ -352,4 +363,5 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)
+    distributed.barrier(proc)
     return summary

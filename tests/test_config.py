@@ -34,8 +34,11 @@ def test_groups_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_path):
-    cfg = _compose([f"{group}={option}", f"model.name_or_path={tiny_bert}", *NEEDS.get((group, option), [])])
+def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_path, request):
+    needs = NEEDS.get((group, option), [])
+    if group == "teacher":
+        needs = [f"teacher.name_or_path={request.getfixturevalue('tiny_cross_encoder')}"]
+    cfg = _compose([f"{group}={option}", f"model.name_or_path={tiny_bert}", *needs])
     if group == "experiment":  # an overlay at the top level: every stage's components must build
         from embtune.stages import stage_configs
 
@@ -74,6 +77,15 @@ def test_joblib_launcher_composes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=joblib"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_no_teacher_by_default():
+    assert _compose([]).get("teacher") is None
+
+
+def test_semi_hard_margin_defaults_to_the_losss_margin():
+    assert _compose(["negatives=online_hard", "loss=hinge", "loss.margin=0.3"]).negatives.margin == 0.3
+    assert _compose(["negatives=online_hard"]).negatives.margin == 0.2  # info_nce has no margin
 
 
 def test_unknown_option_fails_with_hydras_message():
