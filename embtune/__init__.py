@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def load(name_or_path: str, device: str | None = None):
-    """Load a saved embtune model or any local/hub encoder; see :func:`embtune.model.load`."""
-    from embtune.model import load as _load
+    """Load a saved embtune model or any local/hub encoder; see :func:`embtune.saving.load`."""
+    from embtune.saving import load as _load
 
     return _load(name_or_path, device)

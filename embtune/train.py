@@ -145,7 +145,7 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
         return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
 
     if kind == "scores":
-        a, p = model(**batch["query"]), model(**batch["positive"])
+        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
         n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
         mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
 
@@ -155,10 +155,10 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
 
         return sum(w * loss_fn(*scored(d)) for d, w in dims)
     if kind == "pair_scores":
-        e1, e2 = model(**batch["text1"]), model(**batch["text2"])
+        e1, e2 = model(**batch["text1"], kind="query"), model(**batch["text2"])
         return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
     if kind == "list_scores":
-        q = model(**batch["query"])
+        q = model(**batch["query"], kind="query")
         docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
         return sum(w * loss_fn(torch.einsum("bd,bld->bl", cut(q, d), cut(docs, d)), batch["teacher"], batch["mask"])
                    for d, w in dims)
