@@ -159,9 +159,7 @@ class Embedder(nn.Module):
         """Prepend the ``kind``'s prompt, tokenise, append EOS when configured, pad to the longest text.
 
         Returns ``input_ids`` and ``attention_mask`` [B,T] (padded on the tokenizer's ``padding_side``),
-        plus ``prompt_mask`` [B,T] (1 on prompt tokens) when the pooling excludes a non-empty prompt.
-        A token is a prompt token when its characters lie inside the prompt (fast-tokenizer offsets), so a
-        word merged across the prompt's end counts as text.
+        plus ``prompt_mask`` [B,T] when the pooling excludes a non-empty prompt (see :func:`_prompt_mask`).
 
         Raises:
             ValueError: a prompt to exclude with a slow tokenizer (no offsets), or max_length < 2 with EOS.
@@ -176,7 +174,7 @@ class Embedder(nn.Module):
                              return_offsets_mapping=with_prompt_mask, return_special_tokens_mask=with_prompt_mask)
         rows = {"input_ids": enc["input_ids"]}
         if with_prompt_mask:
-            rows["prompt_mask"] = [[int(not special and 0 < end <= len(prompt)) for (_, end), special in zip(offs, sp)]
+            rows["prompt_mask"] = [_prompt_mask(offs, sp, len(prompt))
                                    for offs, sp in zip(enc["offset_mapping"], enc["special_tokens_mask"])]
         if self.append_eos:
             rows = _append_eos(rows, self.tokenizer.eos_token_id, max_length)
@@ -241,6 +239,18 @@ def load_encoder(path: str | Path, attn_implementation: str = "sdpa", trust_remo
     if getattr(encoder.config, "use_cache", None):
         encoder.config.use_cache = False
     return encoder
+
+
+def _prompt_mask(offsets: list[tuple[int, int]], special: list[int], prompt_chars: int) -> list[int]:
+    """1 on the prompt's tokens and on the special tokens before them ([CLS], BOS), 0 on the text's.
+
+    A token belongs to the prompt when its characters end inside the prompt (fast-tokenizer offsets),
+    so a word merged across the prompt's end (byte-level BPE's " how") counts as text. Leading special
+    tokens count as prompt as in sentence-transformers' ``include_prompt=False``, which masks the
+    tokens of the tokenised prompt, [CLS] included; with WordPiece both mask the same tokens.
+    """
+    first_text = next((i for i, s in enumerate(special) if not s), len(special))
+    return [int(i < first_text or (not s and end <= prompt_chars)) for i, ((_, end), s) in enumerate(zip(offsets, special))]
 
 
 def _pad(rows: dict[str, list[list[int]]], pad_id: int, side: str) -> dict[str, Tensor]:

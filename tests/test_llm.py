@@ -208,3 +208,32 @@ def test_bad_lora_settings_are_named(tiny_qwen2, lora, match):
 def test_bad_dtype_is_named(tiny_qwen2):
     with pytest.raises(ValueError, match=r"model.dtype='fp8'"):
         _llm(tiny_qwen2, dtype="fp8")
+
+
+# -- dtype
+
+def test_auto_dtype_is_bf16_only_for_lora_on_a_bf16_gpu(monkeypatch):
+    from embtune.llm import weight_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert weight_dtype("auto", {"r": 4}) == torch.bfloat16
+    assert weight_dtype("auto", None) == torch.float32  # full fine-tuning keeps float32 master weights
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert weight_dtype("auto", {"r": 4}) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert weight_dtype("auto", {"r": 4}) == torch.float32 and weight_dtype("bfloat16", None) == torch.bfloat16
+
+
+def test_bf16_base_with_float32_adapters_trains_and_encodes(tiny_qwen2):
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "save": "merged"}
+    model = _llm(tiny_qwen2, dtype="bfloat16", lora=lora)
+    assert model.encoder.get_input_embeddings().weight.dtype == torch.bfloat16
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())  # peft keeps adapters fp32
+    model.train()
+    model(**model.tokenize(TEXTS)).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in trainable.items() if "lora_B" in n)
+    emb = model.encode(TEXTS)
+    reference = _llm(tiny_qwen2).encode(TEXTS)  # float32 weights; LoRA starts at zero, so the same model
+    assert emb.dtype == np.float32 and np.abs(emb - reference).max() < 0.05  # bf16 keeps ~3 digits

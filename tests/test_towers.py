@@ -23,8 +23,8 @@ def test_prompt_mask_marks_exactly_the_prompt_tokens_of_a_wordpiece_tokenizer(ti
     model = Embedder.from_pretrained(tiny_bert, pooling=Mean(exclude_prompt=True), query_prompt="query: ")
     batch = model.tokenize(["join paths", "a much longer text to pad the other"], kind="query")
     assert model.tokenizer.tokenize("query: join paths") == ["query", ":", "join", "paths"]
-    # [CLS] query : join paths [SEP] + padding
-    assert batch["prompt_mask"][0].tolist()[:6] == [0, 1, 1, 0, 0, 0] and batch["prompt_mask"][0].sum() == 2
+    # [CLS] query : join paths [SEP] + padding: [CLS] goes with the prompt, as in sentence-transformers
+    assert batch["prompt_mask"][0].tolist()[:6] == [1, 1, 1, 0, 0, 0] and batch["prompt_mask"][0].sum() == 3
     assert "prompt_mask" not in model.tokenize(["join paths"], kind="document")  # no document prompt
 
 
@@ -34,7 +34,7 @@ def test_a_word_merged_across_the_prompts_end_counts_as_text(tiny_qwen2):
     batch = model.tokenize(["how do I join paths?"], kind="query")
     ids, prompt = batch["input_ids"][0], batch["prompt_mask"][0].bool()
     decode = model.tokenizer.decode
-    assert decode(ids[prompt]).strip() == "query:"
+    assert decode(ids[prompt]).strip() == "query:"  # (no BOS in this Qwen2-like tokenizer)
     assert decode(ids[~prompt]).startswith(" how") or decode(ids[~prompt]).startswith("how")
     assert decode(ids[prompt]) + decode(ids[~prompt]) == "query: how do I join paths?" + model.tokenizer.eos_token
 
@@ -121,3 +121,12 @@ def test_two_towers_route_queries_and_documents(tiny_bert):
     assert np.abs(q - d).max() > 1e-3
     with pytest.raises(ValueError, match="kind must be 'query' or 'document'"):
         model.encode(QUERIES, kind="passage")
+
+
+def test_prompt_exclusion_matches_sentence_transformers(tmp_path, tiny_bert):
+    from sentence_transformers import SentenceTransformer
+
+    model = Embedder.from_pretrained(tiny_bert, pooling=Mean(exclude_prompt=True), query_prompt="query: ")
+    model.save(tmp_path / "model")
+    st = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), model.encode(QUERIES, kind="query"), atol=1e-5)
