@@ -53,7 +53,7 @@ def _refuse_if_used(folder: Path) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises)."""
-    from embtune.train import train
+    from embtune.stages import run
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
@@ -68,7 +68,7 @@ def main(cfg: DictConfig) -> float | None:
         # wandb tags are at most 64 characters
         **({"tags": [o[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
     try:
-        summary = train(cfg, output_dir, logger)
+        summary = run(cfg, output_dir, logger)
     except BaseException:
         logger.finish(exit_code=1)
         raise

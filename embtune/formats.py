@@ -235,3 +235,29 @@ class Pointwise:
             label = classes.setdefault(str(row[self.label]), len(classes))
             out.extend(LabeledText(t, label) for col in self.texts for t in _texts(row, col, where))
         return out
+
+
+class RawTexts:
+    """Unlabelled texts for unsupervised contrastive training (SimCSE), kind ``scores``.
+
+    Every distinct, non-blank text of the ``columns`` (a string or a list of strings per cell) becomes
+    one :class:`Example` ``(text, text)``: the loss (``loss=simcse``) encodes it twice, and the two
+    dropout masks make the positive pair. Order: first appearance, row by row, column by column.
+    """
+
+    name = "raw_texts"
+    kind = "scores"
+    has_negatives = False
+
+    def __init__(self, columns: list[str] = ("query", "positive")):
+        self.columns = list(columns)
+
+    def __call__(self, rows: list[dict], source: list[tuple[str, int]] = ()) -> list[Example]:
+        seen, source = {}, list(source)
+        for i, row in enumerate(rows):
+            where = _where(source, i)
+            for col in self.columns:
+                for text in _texts(row, col, where, allow_empty_list=True):
+                    if text.strip():
+                        seen.setdefault(text, None)
+        return [Example(t, t) for t in seen]

@@ -116,7 +116,8 @@ class Embedder(nn.Module):
 
         ``pooling=None`` takes the pooling stored with the model (embtune.json or sentence-transformers'
         1_Pooling/config.json), else mean pooling. ``shared_weights=False`` loads the weights twice: a
-        query tower and a document tower, trained apart. ``dtype``: see :func:`embtune.llm.weight_dtype`;
+        query tower and a document tower, trained apart (the document tower from ``document/`` where the folder
+        has one, as a saved two-tower model does). ``dtype``: see :func:`embtune.llm.weight_dtype`;
         ``lora``: see :func:`embtune.llm.apply_lora` (None: full fine-tuning). A tokenizer without a pad
         token pads with EOS (:func:`embtune.llm.ensure_pad_token`).
         """
@@ -131,15 +132,17 @@ class Embedder(nn.Module):
         ensure_pad_token(tokenizer, name_or_path)
         torch_dtype = weight_dtype(dtype, lora)
 
-        def tower():
-            encoder = load_encoder(path, attn_implementation, trust_remote_code, torch_dtype)
+        def tower(folder):
+            encoder = load_encoder(folder, attn_implementation, trust_remote_code, torch_dtype)
             if gradient_checkpointing:
                 enable_gradient_checkpointing(encoder)
             return apply_lora(encoder, lora)
 
-        return cls(tower(), tokenizer, pooling, normalize, query_max_length, document_max_length, query_prompt,
-                   document_prompt, append_eos, None if shared_weights else tower(),
-                   lora["save"] if lora is not None else "merged")
+        document = None
+        if not shared_weights:  # a saved two-tower model keeps its document tower in document/
+            document = tower(Path(path) / "document" if (Path(path) / "document").is_dir() else path)
+        return cls(tower(path), tokenizer, pooling, normalize, query_max_length, document_max_length, query_prompt,
+                   document_prompt, append_eos, document, lora["save"] if lora is not None else "merged")
 
     @property
     def dim(self) -> int:

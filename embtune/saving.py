@@ -121,7 +121,7 @@ def load(name_or_path: str, device: str | None = None):
     uses sentence-transformers' stored pooling (else mean) and normalises. A LoRA adapter folder loads
     its base model (peft must be installed and the base folder present).
     """
-    from embtune.model import Embedder, load_encoder, resolve_model_path
+    from embtune.model import Embedder, resolve_model_path
 
     path = Path(resolve_model_path(name_or_path))
     kwargs = {}
@@ -130,7 +130,8 @@ def load(name_or_path: str, device: str | None = None):
     if m is not None:
         kwargs = dict(normalize=m["normalize"], query_max_length=m["query_max_length"],
                       document_max_length=m["document_max_length"], query_prompt=m.get("query_prompt", ""),
-                      document_prompt=m.get("document_prompt", ""), append_eos=m.get("append_eos", False))
+                      document_prompt=m.get("document_prompt", ""), append_eos=m.get("append_eos", False),
+                      shared_weights=m.get("shared_weights", True))
     else:
         st = path / "sentence_bert_config.json"
         if st.is_file():
@@ -140,8 +141,6 @@ def load(name_or_path: str, device: str | None = None):
         kwargs["normalize"] = not modules.is_file() or any(
             "Normalize" in module["type"] for module in json.loads(modules.read_text()))
     model = Embedder.from_pretrained(str(path), **kwargs)
-    if m is not None and not m.get("shared_weights", True):
-        model.document_encoder = load_encoder(path / DOCUMENT_TOWER)
     return model.to(device) if device else model
 
 

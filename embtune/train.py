@@ -145,7 +145,10 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
         return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
 
     if kind == "scores":
-        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
+        a = model(**batch["query"], kind="query")
+        # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
+        same_text = getattr(loss_fn, "same_text_positive", False)
+        p = model(**batch["query"], kind="query") if same_text else model(**batch["positive"])
         n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
         mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
 
@@ -211,8 +214,11 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
-    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``."""
+def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None) -> dict:
+    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
+
+    ``base``: the metrics to report as the base model's when they are already known (the second stage
+    of a two-stage run reports the original model's); None evaluates the model before training."""
     output_dir = Path(output_dir)
     t = cfg.train
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
@@ -242,9 +248,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     loss_fn.to(device)
 
     # -- base metrics
-    base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
-    if base:
-        logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
+    if base is None:
+        base = base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)) if evaluator.before else {}
+        if base:
+            logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1

@@ -35,6 +35,13 @@ def test_groups_are_the_documented_ones():
 def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_path, request):
     model = request.getfixturevalue("tiny_llama") if (group, option) == ("model", "llm") else tiny_bert
     cfg = _compose([f"{group}={option}", f"model.name_or_path={model}", *NEEDS.get((group, option), [])])
+    if group == "experiment":  # an overlay at the top level: every stage's components must build
+        from embtune.stages import stage_configs
+
+        for stage in stage_configs(cfg, tiny_bert):
+            for part in ("data_format", "loss", "negatives"):
+                assert instantiate(stage[part]) is not None
+        return
     node = cfg[group]
     if "_target_" not in node:  # plain settings read by the loop (train, eval, matryoshka)
         assert len(node) > 0
