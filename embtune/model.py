@@ -272,3 +272,7 @@ def _pad(rows: dict[str, list[list[int]]], pad_id: int, side: str) -> dict[str, 
             padded.append(pad + row if side == "left" else row + pad)
         out[key] = torch.tensor(padded, dtype=torch.long)
     return out
+
+
+# embtune.model was the home of load and stored_pooling before embtune.saving: keep those imports working
+from embtune.saving import load, stored_pooling  # noqa: E402,F401

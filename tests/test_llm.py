@@ -73,6 +73,21 @@ def test_eos_appended_exactly_once_also_after_truncation(tiny_llm, side):
     assert (mask[1][:len(real[1])].all() if side == "right" else mask[1][-len(real[1]):].all())
 
 
+def test_a_tokenizer_that_adds_eos_itself_gets_no_second_one(tiny_llama):
+    from tokenizers import processors
+
+    model = _llm(tiny_llama)
+    bos, eos = model.tokenizer.bos_token_id, model.tokenizer.eos_token_id
+    model.tokenizer._tokenizer.post_processor = processors.TemplateProcessing(  # Llama's add_eos_token=True
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    assert model.tokenizer("hi")["input_ids"][-1] == eos
+    batch = model.tokenize(["word " * 50, "hi"], max_length=8)
+    real = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    assert len(real[0]) == 8 and real[0][0] == bos and real[0][-1] == eos
+    assert real[1] == model.tokenizer("hi")["input_ids"]
+    assert [r.count(eos) for r in real] == [1, 1]
+
+
 # -- padding sides and batches
 
 @pytest.mark.parametrize("pool", list(POOLINGS))
