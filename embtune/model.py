@@ -141,8 +141,9 @@ class Embedder(nn.Module):
         document = None
         if not shared_weights:  # a saved two-tower model keeps its document tower in document/
             document = tower(Path(path) / "document" if (Path(path) / "document").is_dir() else path)
+        lora_save = lora.get("save", "merged") if lora is not None else "merged"
         return cls(tower(path), tokenizer, pooling, normalize, query_max_length, document_max_length, query_prompt,
-                   document_prompt, append_eos, document, lora["save"] if lora is not None else "merged")
+                   document_prompt, append_eos, document, lora_save)
 
     @property
     def dim(self) -> int:
@@ -253,7 +254,8 @@ def _prompt_mask(offsets: list[tuple[int, int]], special: list[int], prompt_char
     tokens of the tokenised prompt, [CLS] included; with WordPiece both mask the same tokens.
     """
     first_text = next((i for i, s in enumerate(special) if not s), len(special))
-    return [int(i < first_text or (not s and end <= prompt_chars)) for i, ((_, end), s) in enumerate(zip(offsets, special))]
+    return [int(i < first_text or (not s and end <= prompt_chars))
+            for i, ((_, end), s) in enumerate(zip(offsets, special))]
 
 
 def _pad(rows: dict[str, list[list[int]]], pad_id: int, side: str) -> dict[str, Tensor]:

@@ -53,7 +53,8 @@ def save(model, path: str | Path, matryoshka_dims: list[int] | None = None, conf
         model.document_encoder = _write_tower(model, model.document_encoder, tmp / DOCUMENT_TOWER)
     _write_json(tmp / "embtune.json", {
         "pooling": type(model.pooling).__name__,
-        "pooling_args": {"exclude_prompt": model.pooling.exclude_prompt} if hasattr(model.pooling, "exclude_prompt") else {},
+        "pooling_args": ({"exclude_prompt": model.pooling.exclude_prompt}
+                         if hasattr(model.pooling, "exclude_prompt") else {}),
         "normalize": model.normalize, "query_max_length": model.query_max_length,
         "document_max_length": model.document_max_length, "query_prompt": model.query_prompt,
         "document_prompt": model.document_prompt, "append_eos": model.append_eos,
@@ -87,7 +88,8 @@ def _write_tower(model, encoder, folder: Path):
         (folder / "2_Normalize").mkdir()
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     _write_json(folder / "modules.json", modules)
-    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": model.document_max_length, "do_lower_case": False})
+    _write_json(folder / "sentence_bert_config.json",
+                {"max_seq_length": model.document_max_length, "do_lower_case": False})
     prompts = {k: p for k, p in (("query", model.query_prompt), ("document", model.document_prompt)) if p}
     _write_json(folder / "config_sentence_transformers.json",
                 {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})

@@ -33,7 +33,8 @@ def _llm(path, pool="last_token", **kwargs) -> Embedder:
 
 def test_append_eos_hand_computed():
     E = 2
-    rows = {"input_ids": [[5, 6, 7, 8, 9], [5, 6], [5, 6, 7, E], []], "prompt_mask": [[1, 1, 0, 0, 0], [1, 0], [1, 0, 0, 0], []]}
+    rows = {"input_ids": [[5, 6, 7, 8, 9], [5, 6], [5, 6, 7, E], []],
+            "prompt_mask": [[1, 1, 0, 0, 0], [1, 0], [1, 0, 0, 0], []]}
     out = append_eos(rows, eos_id=E, max_length=4)
     # truncated to 3 then EOS; short text gets EOS; a text the tokenizer already ended in EOS is kept; empty -> [EOS]
     assert out["input_ids"] == [[5, 6, 7, E], [5, 6, E], [5, 6, 7, E], [E]]
@@ -151,7 +152,8 @@ def _run(tmp_path, model_path, overrides):
 
 
 def _losses(tmp_path):
-    return [json.loads(x)["train/loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["train/loss"] for x in lines if "train/loss" in x]
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
