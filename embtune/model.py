@@ -83,9 +83,15 @@ class Embedder(nn.Module):
         document_encoder: a second tower for documents (asymmetric dual encoder); None shares ``encoder``.
         lora_save: how a LoRA model is saved, ``merged`` or ``adapter`` (see :mod:`embtune.saving`).
 
+    ``truncate_dim`` (set by ``load(path, truncate_dim=d)``): keep the first d coordinates of each
+    embedding, then normalise (Matryoshka; see ``embtune.matryoshka``).
+
     Raises:
         ValueError: ``append_eos`` with a tokenizer that has no EOS token.
     """
+
+    multi_vector = False
+    truncate_dim: int | None = None
 
     def __init__(self, encoder, tokenizer, pooling: nn.Module, normalize: bool = True,
                  query_max_length: int = 64, document_max_length: int = 256, query_prompt: str = "",
@@ -104,6 +110,7 @@ class Embedder(nn.Module):
         self.query_prompt, self.document_prompt = query_prompt or "", document_prompt or ""
         self.append_eos = append_eos
         self.lora_save = lora_save
+        self.token_cache = None  # an embtune.token_cache.TokenCache: token ids shared by a sweep's jobs
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, pooling: nn.Module | None = None, normalize: bool = True,
@@ -111,7 +118,8 @@ class Embedder(nn.Module):
                         attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                         query_prompt: str = "", document_prompt: str = "", append_eos: bool = False,
                         shared_weights: bool = True, dtype: str = "float32", lora=None,
-                        gradient_checkpointing: bool = False) -> "Embedder":
+                        gradient_checkpointing: bool = False, multi_vector: bool = False,
+                        multi_vector_dim: int = 128) -> "Embedder":
         """Load an encoder or decoder LLM by local path or hub name (see :func:`resolve_model_path`).
 
         ``pooling=None`` takes the pooling stored with the model (embtune.json or sentence-transformers'
@@ -119,7 +127,13 @@ class Embedder(nn.Module):
         query tower and a document tower, trained apart (the document tower from ``document/`` where the folder
         has one, as a saved two-tower model does). ``dtype``: see :func:`embtune.llm.weight_dtype`;
         ``lora``: see :func:`embtune.llm.apply_lora` (None: full fine-tuning). A tokenizer without a pad
-        token pads with EOS (:func:`embtune.llm.ensure_pad_token`).
+        token pads with EOS (:func:`embtune.llm.ensure_pad_token`). ``multi_vector=True`` returns a
+        :class:`embtune.multi_vector.MultiVectorEmbedder` (token vectors of ``multi_vector_dim``), with
+        the projection stored in the folder if there is one; prompts, EOS, dtype, LoRA and gradient
+        checkpointing apply to it too, two towers do not.
+
+        Raises:
+            ValueError: ``multi_vector=True`` with ``shared_weights=False``.
         """
         from transformers import AutoTokenizer
 
@@ -129,6 +143,9 @@ class Embedder(nn.Module):
         if pooling is None:
             pooling = stored_pooling(path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if multi_vector and not shared_weights:
+            raise ValueError("model.multi_vector=true with model.shared_weights=false: two towers are not "
+                             "supported for multi-vector models (one projection, one tower)")
         ensure_pad_token(tokenizer, name_or_path)
         torch_dtype = weight_dtype(dtype, lora)
 
@@ -142,12 +159,19 @@ class Embedder(nn.Module):
         if not shared_weights:  # a saved two-tower model keeps its document tower in document/
             document = tower(Path(path) / "document" if (Path(path) / "document").is_dir() else path)
         lora_save = lora.get("save", "merged") if lora is not None else "merged"
-        return cls(tower(path), tokenizer, pooling, normalize, query_max_length, document_max_length, query_prompt,
-                   document_prompt, append_eos, document, lora_save)
+        text_kwargs = dict(query_prompt=query_prompt, document_prompt=document_prompt, append_eos=append_eos,
+                           lora_save=lora_save)
+        if multi_vector:
+            from embtune.multi_vector import MultiVectorEmbedder, stored_projection
+
+            return MultiVectorEmbedder(tower(path), tokenizer, pooling, normalize, query_max_length,
+                                       document_max_length, multi_vector_dim, stored_projection(path), **text_kwargs)
+        return cls(tower(path), tokenizer, pooling, normalize, query_max_length, document_max_length,
+                   document_encoder=document, **text_kwargs)
 
     @property
     def dim(self) -> int:
-        return self.encoder.config.hidden_size
+        return self.truncate_dim or self.encoder.config.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -164,6 +188,8 @@ class Embedder(nn.Module):
 
         Returns ``input_ids`` and ``attention_mask`` [B,T] (padded on the tokenizer's ``padding_side``),
         plus ``prompt_mask`` [B,T] when the pooling excludes a non-empty prompt (see :func:`_prompt_mask`).
+        Through ``token_cache`` when one is set and this kind has no prompt and no EOS is appended (the
+        cache keys plain texts; with a prompt or EOS the tokenizer runs, so the ids are always right).
 
         Raises:
             ValueError: a prompt to exclude with a slow tokenizer (no offsets), or max_length < 2 with EOS.
@@ -171,6 +197,8 @@ class Embedder(nn.Module):
         if max_length is None:
             max_length = self.query_max_length if kind == "query" else self.document_max_length
         prompt = self.query_prompt if kind == "query" else self.document_prompt
+        if self.token_cache is not None and not prompt and not self.append_eos:
+            return self.token_cache.tokenize(self.tokenizer, texts, max_length)
         with_prompt_mask = bool(prompt) and getattr(self.pooling, "exclude_prompt", False)
         if with_prompt_mask and not self.tokenizer.is_fast:
             raise ValueError("pooling.exclude_prompt=true needs a fast tokenizer (token offsets) to find the prompt")
@@ -184,18 +212,25 @@ class Embedder(nn.Module):
             rows = _append_eos(rows, self.tokenizer.eos_token_id, max_length)
         return _pad(rows, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
 
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, kind: str = "document", **kwargs) -> Tensor:
+        """``kind``'s tower's last hidden state [B,T,H]. Left-padded rows get positions counted from
+        their first real token, so padding never shifts a text's positions."""
+        if not bool(attention_mask[:, 0].all()):
+            kwargs.setdefault("position_ids", position_ids(attention_mask))
+        return self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor | None = None,
                 kind: str = "document", **kwargs) -> Tensor:
         """Token ids [B,T], mask [B,T] (and prompt mask [B,T]) -> embeddings [B,D] from ``kind``'s tower
-        (unit length when ``normalize``). Left-padded rows get positions counted from their first real
-        token, so padding never shifts a text's positions."""
-        if not bool(attention_mask[:, 0].all()):
-            kwargs.setdefault("position_ids", position_ids(attention_mask))
-        hidden = self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        (unit length when ``normalize``; the first ``truncate_dim`` coordinates when set, truncated
+        before normalising)."""
+        hidden = self.hidden_states(input_ids, attention_mask, kind, **kwargs)
         if prompt_mask is not None:
             emb = self.pooling(hidden, attention_mask, prompt_mask)
         else:
             emb = self.pooling(hidden, attention_mask)
+        if self.truncate_dim:  # truncate *then* normalise (Matryoshka)
+            emb = emb[:, :self.truncate_dim]
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ peft and the base model wherever it is loaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ from pathlib import Path
 from torch import nn
 
 from embtune import pooling as poolings
+
+log = logging.getLogger(__name__)
 
 ST_FLAGS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
             "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
@@ -115,13 +118,21 @@ def stored_pooling(path: str | Path) -> nn.Module:
     return poolings.Mean()
 
 
-def load(name_or_path: str, device: str | None = None):
+def load(name_or_path: str, device: str | None = None, truncate_dim: int | None = None):
     """Load a model for inference: ``embtune.load(path).encode(texts, kind="query") -> float32 [N, D]``.
 
     Reads pooling, prompts, EOS, normalisation, max lengths and the towers from ``embtune.json`` when
     embtune saved the model (the ``document/`` tower encodes ``kind="document"``); for other encoders
     uses sentence-transformers' stored pooling (else mean) and normalises. A LoRA adapter folder loads
-    its base model (peft must be installed and the base folder present).
+    its base model (peft must be installed and the base folder present). A multi-vector model
+    (``multi_vector_dim`` in embtune.json) comes back with its projection, and ``encode`` returns token
+    vectors (:class:`embtune.maxsim.TokenVectors`).
+
+    Args:
+        truncate_dim: Matryoshka: embeddings of this many dims (the first ones, re-normalised). A dim
+            the model was not trained at (``matryoshka_dims`` in embtune.json) is allowed, with a warning.
+    Raises:
+        ValueError: ``truncate_dim`` outside 1..D, or given for a multi-vector model.
     """
     from embtune.model import Embedder, resolve_model_path
 
@@ -134,6 +145,8 @@ def load(name_or_path: str, device: str | None = None):
                       document_max_length=m["document_max_length"], query_prompt=m.get("query_prompt", ""),
                       document_prompt=m.get("document_prompt", ""), append_eos=m.get("append_eos", False),
                       shared_weights=m.get("shared_weights", True))
+        if m.get("multi_vector_dim"):
+            kwargs.update(multi_vector=True, multi_vector_dim=m["multi_vector_dim"])
     else:
         st = path / "sentence_bert_config.json"
         if st.is_file():
@@ -143,7 +156,20 @@ def load(name_or_path: str, device: str | None = None):
         kwargs["normalize"] = not modules.is_file() or any(
             "Normalize" in module["type"] for module in json.loads(modules.read_text()))
     model = Embedder.from_pretrained(str(path), **kwargs)
+    if truncate_dim is not None:
+        _set_truncate_dim(model, truncate_dim, (m or {}).get("matryoshka_dims") or [], path)
     return model.to(device) if device else model
+
+
+def _set_truncate_dim(model, d: int, trained: list[int], path: Path) -> None:
+    if model.multi_vector:
+        raise ValueError(f"{path}: truncate_dim applies to single-vector models; this one is multi-vector")
+    if not 1 <= d <= model.dim:
+        raise ValueError(f"{path}: truncate_dim={d} outside 1..{model.dim} (the embedding size)")
+    if d not in trained and d != model.dim:
+        log.warning("%s was trained at Matryoshka dims %s, not %d: truncated embeddings may be poor", path,
+                    trained or "none", d)
+    model.truncate_dim = d
 
 
 def _write_json(path: Path, obj) -> None:

@@ -25,8 +25,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune.batching import as_labeled_texts, collate
+from embtune.matryoshka import matryoshka_dims, scores_per_dim, truncate
+from embtune.maxsim import maxsim_scores
+from embtune.multi_vector import check_multi_vector
+from embtune.grad_cache import grad_cache_backward
 from embtune.report import print_comparison, progress_bar
 from embtune.sampler import NoDuplicatesBatchSampler
+from embtune.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ def check_compatible(data_format, negatives, loss) -> None:
                 f"has none: use data_format=triplet or multi_negative, or {instead}")
 
 
-def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
+def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> None:
     """Settings that would train nothing or loop forever, refused before any model loads.
 
     Raises:
@@ -68,26 +73,14 @@ def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
         raise ValueError(f"train.max_steps must be >= 1 or null (then train.epochs decides), got {t.max_steps}")
     if t.max_steps is None and t.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
+    if t.grad_cache and getattr(loss_fn, "same_text_positive", False):
+        raise ValueError(f"train.grad_cache=true with loss={loss_fn.name}: the anchor's two passes need two dropout "
+                         "masks, but GradCache encodes each column once; train this loss without grad_cache")
+    if t.grad_cache and t.mini_batch_size < 1:
+        raise ValueError(f"train.mini_batch_size must be >= 1 with train.grad_cache=true, got {t.mini_batch_size}")
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
-
-
-def matryoshka_dims(cfg: DictConfig, dim: int) -> list[tuple[int, float]]:
-    """(dimension, weight) pairs to train at, largest first; [(D, 1.0)] when Matryoshka is off.
-
-    Raises:
-        ValueError: dims and weights differ in length, or a dim is not in 1..D.
-    """
-    dims, weights = list(cfg.matryoshka.dims or []), list(cfg.matryoshka.weights or [])
-    if len(weights) != len(dims):
-        raise ValueError(f"matryoshka.dims {dims} and matryoshka.weights {weights} must have the same length")
-    if not dims:
-        return [(dim, 1.0)]
-    bad = [d for d in dims if not 0 < d <= dim]
-    if bad:
-        raise ValueError(f"matryoshka.dims {bad} outside 1..{dim} (the model's embedding size)")
-    return sorted(zip(dims, weights), reverse=True)
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -135,21 +128,29 @@ def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
     loss_fn.init_weights(F.normalize(means, dim=-1))
 
 
-def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]]) -> torch.Tensor:
+def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]],
+                 embeddings: dict | None = None) -> torch.Tensor:
     """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
-    (Kusupati et al. 2022: truncate to d, re-normalise, score)."""
+    (Kusupati et al. 2022: truncate to d, re-normalise, score). A multi-vector model's candidates are
+    scored by MaxSim over token vectors instead (``embtune.maxsim``; no Matryoshka there). ``embeddings``
+    ({column: [N,D]}), when given, are used instead of encoding (GradCache, ``embtune.grad_cache``)."""
+
+    def enc(column, tower="document"):
+        return embeddings[column] if embeddings is not None else model(**batch[column], kind=tower)
 
     def cut(x, d):
-        if x is None or d >= x.size(-1):
-            return x
-        return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
+        return truncate(x, d, model.normalize)
 
+    if kind == "scores" and getattr(model, "multi_vector", False):  # token vectors: MaxSim scores [B,C]
+        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
+        n = model(**batch["negative"]) if "negative" in batch else None
+        scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
+        return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target)
     if kind == "scores":
-        a = model(**batch["query"], kind="query")
+        a = enc("query", "query")
         # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
-        same_text = getattr(loss_fn, "same_text_positive", False)
-        p = model(**batch["query"], kind="query") if same_text else model(**batch["positive"])
-        n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
+        p = enc("query", "query") if getattr(loss_fn, "same_text_positive", False) else enc("positive")
+        n = enc("negative").view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
         mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
 
         def scored(d):
@@ -158,16 +159,21 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
 
         return sum(w * loss_fn(*scored(d)) for d, w in dims)
     if kind == "pair_scores":
-        e1, e2 = model(**batch["text1"], kind="query"), model(**batch["text2"])
+        e1, e2 = enc("text1", "query"), enc("text2")
         return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
     if kind == "list_scores":
-        q = model(**batch["query"], kind="query")
-        docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
-        return sum(w * loss_fn(torch.einsum("bd,bld->bl", cut(q, d), cut(docs, d)), batch["teacher"], batch["mask"])
-                   for d, w in dims)
+        q = enc("query", "query")
+        docs = enc("documents").view(q.size(0), -1, q.size(-1))
+        scores = scores_per_dim(q, docs, [d for d, _ in dims], model.normalize)
+        return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims)
     if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
-        return loss_fn(model(**batch["text"]), batch["label"])
+        return loss_fn(enc("text"), batch["label"])
     raise ValueError(f"unknown example kind {kind!r}")
+
+
+def cache_dir() -> Path:
+    """Where work shared between runs is kept: ``$EMBTUNE_CACHE``, default ``~/.cache/embtune``."""
+    return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune").expanduser()
 
 
 def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
@@ -183,8 +189,10 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
+    if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
+        parts["seed"] = cfg.train.seed
     key = hashlib.sha256(json.dumps([parts, str(folder), stamp, data.fingerprint], sort_keys=True).encode()).hexdigest()
-    path = Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune") / "base_eval" / f"{key}.json"
+    path = cache_dir() / "base_eval" / f"{key}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -221,6 +229,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     of a two-stage run reports the original model's); None evaluates the model before training."""
     output_dir = Path(output_dir)
     t = cfg.train
+    started = time.perf_counter()  # startup = data, model, base metrics: what a sweep's caches shorten
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
@@ -229,8 +238,12 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     evaluator = _build(cfg.eval)
     check_compatible(data_format, negatives, loss_fn)
     kind = getattr(loss_fn, "input_kind", "scores")
-    check_train_settings(t, kind, negatives)
-    matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
+    check_train_settings(t, kind, negatives, loss_fn)
+    matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
+    check_multi_vector(cfg.model, kind, negatives, cfg.matryoshka.dims, evaluator)
+    if t.grad_cache and cfg.model.get("multi_vector"):
+        raise ValueError("train.grad_cache=true with model.multi_vector=true: GradCache caches one vector per text, "
+                         "not token vectors; train a multi-vector model without grad_cache")
     examples = data_format(data.rows, data.source)
     if kind == "embeddings" and data_format.kind == "scores":
         examples = as_labeled_texts(examples)
@@ -241,7 +254,12 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     # -- model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
-    dims = matryoshka_dims(cfg, model.dim)
+    if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
+        from embtune.model import resolve_model_path
+
+        model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
+                                               data.fingerprint, cache_dir())
+    dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
     if hasattr(loss_fn, "build"):
         prepare_classes(loss_fn, examples, model, evaluator.batch_size)
@@ -278,15 +296,21 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     # -- the loop
     model.train()
     step, seen, epoch, start = 0, 0, 0, time.perf_counter()
+    logger.log({"time/startup_s": start - started}, step=0)
     with progress_bar(total) as bar:
         while step < total:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             epoch += 1
             for batch in loader:
-                with autocast:
-                    loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
-                loss.backward()
+                batch = _to(batch, device)
+                if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations
+                    loss = grad_cache_backward(model, batch, lambda e: compute_loss(
+                        model, batch, kind, negatives, loss_fn, dims, embeddings=e), t.mini_batch_size, autocast)
+                else:
+                    with autocast:
+                        loss = compute_loss(model, batch, kind, negatives, loss_fn, dims)
+                    loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 optimizer.step()
@@ -307,12 +331,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
     # -- final metrics, model, summary
     final = evaluator(model, data, eval_dims) if evaluator.after else {}
+    if model.token_cache is not None:
+        model.token_cache.save()
     if final:
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None,
                config=OmegaConf.to_container(cfg, resolve=True))
     summary = {
-        "base": base, "final": final, "steps": step, "train_seconds": round(train_seconds, 2),
+        "status": "completed", "base": base, "final": final, "steps": step,
+        "startup_seconds": round(start - started, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / train_seconds, 2), "examples": len(examples),
         "temperature": loss_fn.temperature, "margin": loss_fn.margin, "data": data.summary(),
     }

@@ -6,12 +6,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import CONF, DATA
 from embtune.train import check_compatible
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
-OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+OVERLAYS = {"hparams_search"}  # `# @package _global_` files: they change other groups, build nothing
+OPTIONS = [(g, f.stem) for g in sorted(set(GROUPS) - OVERLAYS) for f in sorted((CONF / g).glob("*.yaml"))]
 # options whose mandatory keys (???) need a value
 NEEDS = {
     ("data", "beir"): [f"data.path={DATA / 'scifact'}", "data.max_test_queries=5"],
@@ -28,7 +30,7 @@ def _compose(overrides):
 
 def test_groups_are_the_documented_ones():
     assert set(GROUPS) >= {"model", "pooling", "data", "data_format", "loss", "negatives", "matryoshka",
-                           "train", "eval", "logger"}
+                           "train", "eval", "logger", "hparams_search"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -54,6 +56,25 @@ def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_pa
     else:
         obj = instantiate(node)
     assert obj is not None
+
+
+@pytest.mark.parametrize("option", sorted(f.stem for f in (CONF / "hparams_search").glob("*.yaml")))
+def test_every_search_overlay_composes_with_the_optuna_sweeper(option, tiny_bert):
+    """The overlay picks the Optuna sweeper, and every searched key exists in the composed config."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=[f"hparams_search={option}", f"model.name_or_path={tiny_bert}"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    params = cfg.hydra.sweeper.params
+    assert params and all(OmegaConf.select(cfg, key) is not None for key in params)
+    assert any(key in ("loss.temperature", "loss.scale") and "log" in spec for key, spec in params.items())
+    instantiate(cfg.loss)
+
+
+def test_joblib_launcher_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=joblib"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
 
 
 def test_unknown_option_fails_with_hydras_message():
