@@ -21,6 +21,7 @@ from embtune.sampler import NoDuplicatesBatchSampler
 def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.Random | None = None) -> dict:
     """Tokenise one batch of examples of ``kind`` for ``model`` (an :class:`embtune.model.Embedder`).
 
+    Query columns (``query``, ``text1``) get the query prompt and tower, the others the document's.
     Returns a dict of tokenised columns (``{"input_ids", "attention_mask"}`` each) plus:
     ``scores``: ``negative`` [B·K texts], ``negative_mask`` [B,K] bool (only when group_size > 1),
     ``false_negative`` [B,C] bool, candidates (positives, then negatives) equal to the anchor's positive;
@@ -33,7 +34,7 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
     """
     q_len, d_len = model.query_max_length, model.document_max_length
     if kind in ("scores", "teacher_scores"):
-        batch = {"query": model.tokenize([e.query for e in examples], q_len),
+        batch = {"query": model.tokenize([e.query for e in examples], q_len, "query"),
                  "positive": model.tokenize([e.positive for e in examples], d_len),
                  "positive_key": torch.tensor([text_key(e.positive) for e in examples])}
         candidates = [e.positive for e in examples]
@@ -47,7 +48,7 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
         batch["false_negative"] = _false_negatives(examples, candidates)
         return batch
     if kind == "pair_scores":
-        return {"text1": model.tokenize([e.text1 for e in examples], q_len),
+        return {"text1": model.tokenize([e.text1 for e in examples], q_len, "query"),
                 "text2": model.tokenize([e.text2 for e in examples], d_len),
                 "score": torch.tensor([e.score for e in examples], dtype=torch.float32)}
     if kind == "list_scores":
@@ -55,7 +56,7 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
         docs = [e.documents[j] if j < len(e.documents) else "" for e in examples for j in range(L)]
         teacher = torch.tensor([list(e.scores) + [0.0] * (L - len(e.scores)) for e in examples])
         mask = torch.tensor([[j < len(e.documents) for j in range(L)] for e in examples])
-        return {"query": model.tokenize([e.query for e in examples], q_len),
+        return {"query": model.tokenize([e.query for e in examples], q_len, "query"),
                 "documents": model.tokenize(docs, d_len), "teacher": teacher, "mask": mask}
     if kind == "embeddings":
         return {"text": model.tokenize([e.text for e in examples], d_len),

@@ -28,6 +28,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+# columns that the query tower (and the query prompt) encodes, as in train.compute_loss; the rest are documents
+QUERY_COLUMNS = ("query", "text1")
+
 
 def _chunks(tokens: dict[str, Tensor], size: int) -> list[tuple[Tensor, dict[str, Tensor]]]:
     """Rows of one tokenised column, length-sorted, as (row indices, tokens trimmed to their own longest)."""
@@ -40,6 +43,10 @@ def _chunks(tokens: dict[str, Tensor], size: int) -> list[tuple[Tensor, dict[str
         out.append((rows, {k: v[rows][:, keep] if v.dim() == 2 and v.shape == mask.shape else v[rows]
                            for k, v in tokens.items()}))
     return out
+
+
+def _kind(column: str) -> str:
+    return "query" if column in QUERY_COLUMNS else "document"
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -89,7 +96,7 @@ def grad_cache_backward(model, batch: dict, loss_of: Callable[[dict[str, Tensor]
             parts = []
             for rows, tokens in plan[c]:
                 states[c].append(_rng_state(device))
-                parts.append((rows, model(**tokens)))
+                parts.append((rows, model(**tokens, kind=_kind(c))))
             n = batch[c]["input_ids"].size(0)
             emb = torch.empty(n, parts[0][1].size(-1), dtype=parts[0][1].dtype, device=parts[0][1].device)
             for rows, e in parts:
@@ -106,6 +113,6 @@ def grad_cache_backward(model, batch: dict, loss_of: Callable[[dict[str, Tensor]
         grad = cached[c].grad
         for (rows, tokens), state in zip(plan[c], states[c]):
             with _replay(state, device), autocast:
-                e = model(**tokens)
+                e = model(**tokens, kind=_kind(c))
             e.backward(grad[rows].to(e.dtype))
     return loss.detach()

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from embtune.maxsim import TokenVectors
-from embtune.model import Embedder, _write_json
+from embtune.model import Embedder
+from embtune.saving import _write_json
 
 DENSE = "1_Dense"
 
@@ -47,6 +48,9 @@ def check_multi_vector(model_cfg, kind: str, negatives, matryoshka_dims, evaluat
                          "supported; use matryoshka=off")
     if not isinstance(evaluator, Retrieval):
         raise ValueError("model.multi_vector=true is evaluated by MaxSim retrieval (eval=retrieval) only")
+    if not model_cfg.get("shared_weights", True):
+        raise ValueError("model.multi_vector=true with model.shared_weights=false: two towers are not supported "
+                         "for multi-vector models")
     if model_cfg.get("multi_vector_dim", 1) < 1:
         raise ValueError(f"model.multi_vector_dim must be >= 1, got {model_cfg.multi_vector_dim}")
 
@@ -56,24 +60,29 @@ class MultiVectorEmbedder(Embedder):
 
     ``forward(input_ids [B,T], attention_mask [B,T]) -> (vectors [B,T,D], mask [B,T] bool)``, D =
     ``projection_dim``; padded positions are zero vectors and False in the mask. ``encode`` returns
-    :class:`embtune.maxsim.TokenVectors`. The pooling is not used.
+    :class:`embtune.maxsim.TokenVectors`. The pooling is not used. Prompts and an appended EOS are
+    tokenised as for :class:`Embedder` and their tokens kept as token vectors; one tower only.
 
     Args:
         projection_dim: D (ColBERT uses 128).
         projection: a trained [D,H] weight to start from; None draws a fresh one (``nn.Linear``'s init,
             from torch's global seed).
+        **kwargs: :class:`Embedder`'s ``query_prompt``, ``document_prompt``, ``append_eos``, ``lora_save``.
     Raises:
-        ValueError: ``normalize=False`` (MaxSim needs unit token vectors), or a projection of another shape.
+        ValueError: ``normalize=False`` (MaxSim needs unit token vectors), a projection of another shape,
+            or a ``document_encoder`` (two towers).
     """
 
     multi_vector = True
 
     def __init__(self, encoder, tokenizer, pooling: nn.Module, normalize: bool = True,
                  query_max_length: int = 64, document_max_length: int = 256, projection_dim: int = 128,
-                 projection: Tensor | None = None):
+                 projection: Tensor | None = None, **kwargs):
         if not normalize:
             raise ValueError("model.multi_vector=true needs model.normalize=true (MaxSim sums cosines)")
-        super().__init__(encoder, tokenizer, pooling, normalize, query_max_length, document_max_length)
+        if kwargs.get("document_encoder") is not None:
+            raise ValueError("model.multi_vector=true supports one shared tower only (model.shared_weights=true)")
+        super().__init__(encoder, tokenizer, pooling, normalize, query_max_length, document_max_length, **kwargs)
         self.projection = nn.Linear(encoder.config.hidden_size, projection_dim, bias=False)
         if projection is not None:
             if projection.shape != self.projection.weight.shape:
@@ -86,10 +95,13 @@ class MultiVectorEmbedder(Embedder):
     def dim(self) -> int:
         return self.projection.out_features
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor | None = None,
+                kind: str = "document", **kwargs) -> tuple[Tensor, Tensor]:
+        """``prompt_mask`` is accepted and ignored: every token, prompt included, gets a vector."""
+        hidden = self.hidden_states(input_ids, attention_mask, kind, **kwargs)
         mask = attention_mask.bool()
-        vectors = F.normalize(self.projection(hidden), dim=-1)
+        # the projection stays float32 when the encoder's weights are bf16/fp16 (model.dtype)
+        vectors = F.normalize(self.projection(hidden.to(self.projection.weight.dtype)), dim=-1)
         return vectors * mask.unsqueeze(-1).to(vectors.dtype), mask
 
     @torch.no_grad()
@@ -109,8 +121,9 @@ class MultiVectorEmbedder(Embedder):
         try:
             for i in range(0, len(texts), batch_size):
                 idx = order[i:i + batch_size]
-                batch = self.tokenize([texts[j] for j in idx], max_length)
-                vectors, mask = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+                batch = self.tokenize([texts[j] for j in idx], max_length, kind)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                vectors, mask = self(**batch, kind=kind)
                 used = mask.any(0)  # drop columns that are padding in every row (left or right padding)
                 chunks.append((torch.from_numpy(idx.copy()), vectors[:, used].float().cpu(), mask[:, used].cpu()))
         finally:

@@ -140,14 +140,15 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
     instead of encoding (GradCache, ``embtune.grad_cache``)."""
     normalize = distributed.unwrap(model).normalize
 
-    def enc(column):
-        return embeddings[column] if embeddings is not None else model(**batch[column])
+    def enc(column):  # queries (and STS's first texts) through the query tower, the rest the document tower
+        tower = "query" if column in ("query", "text1") else "document"
+        return embeddings[column] if embeddings is not None else model(**batch[column], kind=tower)
 
     def cut(x, d):
         return truncate(x, d, normalize)
 
     if kind == "scores" and getattr(distributed.unwrap(model), "multi_vector", False):  # MaxSim scores [B,C]
-        a, p = model(**batch["query"]), model(**batch["positive"])
+        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
         n = model(**batch["negative"]) if "negative" in batch else None
         scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
         return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target), {}

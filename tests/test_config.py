@@ -38,7 +38,8 @@ def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_pa
     needs = NEEDS.get((group, option), [])
     if group == "teacher":
         needs = [f"teacher.name_or_path={request.getfixturevalue('tiny_cross_encoder')}"]
-    cfg = _compose([f"{group}={option}", f"model.name_or_path={tiny_bert}", *needs])
+    model = request.getfixturevalue("tiny_llama") if (group, option) == ("model", "llm") else tiny_bert
+    cfg = _compose([f"{group}={option}", f"model.name_or_path={model}", *needs])
     if group == "experiment":  # an overlay at the top level: every stage's components must build
         from embtune.stages import stage_configs
 
@@ -112,3 +113,35 @@ def test_incompatible_combination_fails_before_the_model_loads(tmp_path):
     with pytest.raises(ValueError, match="negatives=hard"):  # not FileNotFoundError for the model
         train(cfg, tmp_path, logger=None)
     assert not Path(tmp_path / "model").exists()
+
+
+def test_llm_defaults_to_last_token_pooling_with_lora_and_eos():
+    cfg = _compose(["model=llm", "model.name_or_path=some/llm"])
+    assert cfg.pooling._target_ == "embtune.pooling.LastToken"
+    assert cfg.model.append_eos is True and cfg.model.lora.r == 16 and cfg.model.gradient_checkpointing is True
+    assert _compose(["pooling=mean", "model=llm", "model.name_or_path=x"]).pooling._target_ == "embtune.pooling.Mean"
+    assert _compose(["model=llm", "model.name_or_path=x", "model.lora=null"]).model.lora is None
+    assert _compose([]).pooling._target_ == "embtune.pooling.Mean"  # the encoder keeps mean pooling
+
+
+def test_llm_needs_a_model_name():
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match="name_or_path"):
+        _compose(["model=llm"]).model.name_or_path
+
+
+@pytest.mark.parametrize("overrides", [
+    ["pooling=mean", "pooling.exclude_prompt=true", "model.query_prompt='query: '", "model.document_prompt='passage: '"],
+    ["pooling=weighted_mean", "pooling.exclude_prompt=true", "model.query_prompt='query: '"],
+    ["pooling=max", "model.shared_weights=false"],
+    ["model.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear, save: adapter}",
+     "model.gradient_checkpointing=true"],
+])
+def test_new_model_and_pooling_options_instantiate(tiny_bert, overrides):
+    cfg = _compose([f"model.name_or_path={tiny_bert}", *overrides])
+    model = instantiate(cfg.model, pooling=instantiate(cfg.pooling))
+    assert model.tokenize(["a text"], kind="query")["input_ids"].shape[0] == 1
+    assert model.query_prompt == cfg.model.query_prompt
+    assert (model.document_encoder is None) == cfg.model.shared_weights
+    assert getattr(model.pooling, "exclude_prompt", False) == cfg.pooling.get("exclude_prompt", False)

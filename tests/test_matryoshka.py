@@ -47,7 +47,7 @@ class TableModel(nn.Module):
         super().__init__()
         self.table = torch.tensor(table)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, kind="document"):  # kind: Embedder's tower
         return F.normalize(self.table[input_ids[:, 0]], dim=-1)
 
 
