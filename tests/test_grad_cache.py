@@ -70,7 +70,7 @@ def test_loss_and_every_gradient_equal_the_plain_computation_with_dropout(model,
     c = CASES[case]
     loss_fn = InfoNCE(temperature=0.05, learnable=c.get("learnable", False))
     batch = collate(model, _examples(c["k"]), "scores", c["k"] + 1, random.Random(0))
-    loss_of = lambda e: compute_loss(model, batch, "scores", c["negatives"], loss_fn, c["dims"], embeddings=e)  # noqa: E731
+    loss_of = lambda e: compute_loss(model, batch, "scores", c["negatives"], loss_fn, c["dims"], embeddings=e)[0]  # noqa: E731
 
     torch.manual_seed(123)
     ref_loss = _plain_chunked(model, batch, loss_of, size)
@@ -99,11 +99,11 @@ def test_without_dropout_it_equals_one_unchunked_forward(model):
     model.eval()
     loss_fn, negatives = InfoNCE(temperature=0.05), Hard(group_size=3)
     batch = collate(model, _examples(2), "scores", 3, random.Random(0))
-    loss = compute_loss(model, batch, "scores", negatives, loss_fn, [(32, 1.0)])
+    loss = compute_loss(model, batch, "scores", negatives, loss_fn, [(32, 1.0)])[0]
     loss.backward()
     ref = _grads(model, loss_fn)
     got_loss = gc.grad_cache_backward(model, batch, lambda e: compute_loss(
-        model, batch, "scores", negatives, loss_fn, [(32, 1.0)], embeddings=e), 3)
+        model, batch, "scores", negatives, loss_fn, [(32, 1.0)], embeddings=e)[0], 3)
     got = _grads(model, loss_fn)
     assert got_loss.item() == pytest.approx(loss.item(), abs=1e-5)
     assert max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5
@@ -113,7 +113,7 @@ def test_without_replaying_the_rng_the_gradients_differ(model, monkeypatch):
     """The check above is sharp: re-forwarding with fresh dropout masks gives other gradients."""
     loss_fn = InfoNCE(temperature=0.05)
     batch = collate(model, _examples(), "scores")
-    loss_of = lambda e: compute_loss(model, batch, "scores", InBatch(), loss_fn, [(32, 1.0)], embeddings=e)  # noqa: E731
+    loss_of = lambda e: compute_loss(model, batch, "scores", InBatch(), loss_fn, [(32, 1.0)], embeddings=e)[0]  # noqa: E731
     torch.manual_seed(1)
     _plain_chunked(model, batch, loss_of, 4)
     ref = _grads(model, loss_fn)

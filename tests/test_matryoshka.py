@@ -57,12 +57,13 @@ MODEL = TableModel([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.0, 0.8], [0.0, 0.6
 ONES = torch.ones(2, 1, dtype=torch.long)
 BATCH = {"query": {"input_ids": torch.tensor([[0], [1]]), "attention_mask": ONES},
          "positive": {"input_ids": torch.tensor([[2], [3]]), "attention_mask": ONES},
-         "false_negative": torch.zeros(2, 2, dtype=torch.bool)}
+         "false_negative": torch.zeros(2, 2, dtype=torch.bool),
+         "positive_key": torch.tensor([0, 1])}  # distinct positive texts
 
 
 def _loss(dims, weights):
     return compute_loss(MODEL, BATCH, "scores", InBatch(), InfoNCE(temperature=1.0),
-                        matryoshka_dims(dims, weights, 3))
+                        matryoshka_dims(dims, weights, 3))[0]
 
 
 def test_weighted_loss_over_dims_by_hand():
