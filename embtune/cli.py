@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import shutil
+import traceback
 from pathlib import Path
 
 import hydra
@@ -20,22 +24,35 @@ CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").is_file() else "pk
 log = logging.getLogger("embtune")
 
 RUN_FILES = ("summary.json", "metrics.jsonl")  # present once a run has started: never overwrite
+# what a run writes; `overwrite=true` removes these before the new run (Hydra rewrites .hydra/ itself)
+RUN_OUTPUTS = (*RUN_FILES, "model", "model.tmp", "checkpoints")
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 checks, logs and writes the run."""
+    return int(os.environ.get("RANK", "0"))
 
 
 class NeverOverwrite(Callback):
     """Hydra callback: refuse to start when the run folder (or a job folder of the sweep folder) already
     holds a run. It runs before Hydra writes ``.hydra/`` into the folder, so nothing there is touched.
-    It exits with SystemExit: Hydra turns a callback's exceptions into warnings."""
+    It exits with SystemExit: Hydra turns a callback's exceptions into warnings. ``overwrite=true``
+    turns the check off (each job then clears its own folder, see :func:`clear_run`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check([Path(config.hydra.run.dir)])
+        if not config.get("overwrite"):
+            self._check([Path(config.hydra.run.dir)])
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("overwrite"):
+            return
         sweep = Path(config.hydra.sweep.dir)
         self._check(sorted(sweep.iterdir()) if sweep.is_dir() else [])
 
     @staticmethod
     def _check(folders: list[Path]) -> None:
+        if _rank() > 0:  # rank 0 may already have started the run in the same folder
+            return
         try:
             for folder in folders:
                 _refuse_if_used(folder)
@@ -47,18 +64,58 @@ def _refuse_if_used(folder: Path) -> None:
     used = [f for f in RUN_FILES if (folder / f).exists()]
     if used:
         raise FileExistsError(f"{folder} already holds a run ({', '.join(used)}); embtune never overwrites one: "
-                              "choose another hydra.run.dir / hydra.sweep.dir")
+                              "choose another hydra.run.dir / hydra.sweep.dir, or pass overwrite=true")
+
+
+def clear_run(folder: Path) -> None:
+    """Remove a previous run's outputs from ``folder`` (``overwrite=true``); other files stay."""
+    for name in RUN_OUTPUTS:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def record_failure(folder: Path, error: BaseException) -> None:
+    """Mark the run in ``folder`` as failed: ``summary.json`` gets ``status: failed``, the error and its
+    traceback (keeping whatever the run had already written there), so a sweep's report shows it."""
+    path = folder / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        summary = {}
+    from embtune.redact import redact_text
+
+    summary.update(status="failed", error=redact_text(f"{type(error).__name__}: {error}"),
+                   traceback=redact_text("".join(traceback.format_exception(error))))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises)."""
+    """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises).
+
+    In a multirun a failing job is recorded as failed (:func:`record_failure`) and returns NaN, so the
+    sweep goes on (Hydra's sweepers would stop the sweep on an exception; Optuna marks a NaN trial as
+    failed). A single run re-raises the error after recording it.
+    """
+    from embtune.distributed import teardown
     from embtune.redact import install_log_filter, redact, redact_text, redact_yaml_file
     from embtune.stages import run
 
     install_log_filter()  # before anything is logged: no API key or token in the console or cli.log
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
+    if _rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
+        run(cfg, output_dir, logger=None)
+        teardown()
+        return None
+    if cfg.overwrite:
+        clear_run(output_dir)
     _refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml") if hc.output_subdir else ():
         redact_yaml_file(output_dir / hc.output_subdir / name)  # what Hydra saved before this job started
@@ -68,21 +125,31 @@ def main(cfg: DictConfig) -> float | None:
     run_config = redact(run_config)
     log.info("config:\n%s", OmegaConf.to_yaml(run_config))
     multirun = hc.mode == RunMode.MULTIRUN
-    # partial: the resolved config holds _target_ keys that instantiate must not build
-    logger = instantiate(cfg.logger, _partial_=True)(
-        output_dir=output_dir, run_config=run_config,
-        group=cfg.logger.get("group") or (Path(hc.sweep.dir).name if multirun else None),
-        name=redact_text(cfg.logger.get("name") or (" ".join(hc.overrides.task) or "defaults")),
-        # wandb tags are at most 64 characters
-        **({"tags": [redact_text(o)[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
+    logger = None
     try:
+        # partial: the resolved config holds _target_ keys that instantiate must not build
+        logger = instantiate(cfg.logger, _partial_=True)(
+            output_dir=output_dir, run_config=run_config,
+            group=cfg.logger.get("group") or (Path(hc.sweep.dir).name if multirun else None),
+            name=redact_text(cfg.logger.get("name") or (" ".join(hc.overrides.task) or "defaults")),
+            # wandb tags are at most 64 characters
+            **({"tags": [redact_text(o)[:64] for o in hc.overrides.task]} if cfg.logger.get("wandb") else {}))
         summary = run(cfg, output_dir, logger)
-    except BaseException:
-        logger.finish(exit_code=1)
+    except Exception as e:
+        if logger is not None:
+            logger.finish(exit_code=1)
+        record_failure(output_dir, e)
+        if not multirun:
+            raise
+        log.exception("job %s failed; the sweep goes on (recorded in %s)", hc.job.num, output_dir / "summary.json")
+        return math.nan
+    except BaseException:  # Ctrl-C, SystemExit: close wandb, stop everything
+        if logger is not None:
+            logger.finish(exit_code=1)
         raise
     logger.finish()
+    teardown()
     return summary["final"].get(cfg.eval.metric)
-
 
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
     """The config of the checkpoint being resumed (what the run will use); command-line settings other

@@ -16,6 +16,7 @@ from ir_measures import RR, R, nDCG
 from scipy.stats import spearmanr
 
 from embtune.data import RetrievalSet
+from embtune.matryoshka import truncate
 
 # Output key -> ir_measures measure (nDCG, R: trec_eval via pytrec_eval; RR@10: MS MARCO script).
 MEASURES = {"ndcg@10": nDCG @ 10, "mrr@10": RR @ 10, "recall@10": R @ 10, "recall@100": R @ 100}
@@ -109,12 +110,13 @@ def retrieval_metrics(run: dict[str, dict[str, float]],
 
 def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: RetrievalSet,
                        query_ids: list[str], doc_ids: list[str], k: int = 100,
-                       dims: list[int] | None = None) -> dict[str, float]:
+                       dims: list[int] | None = None, normalize: bool = True) -> dict[str, float]:
     """Rank every document for every query and score the ranking against ``test.qrels``.
 
     The full-size embeddings are used as given (normalised already if the model normalises). For each
-    Matryoshka dim ``d`` in ``dims`` both sides are truncated to ``[:, :d]`` and L2-re-normalised, then
-    ranked and scored again (Kusupati et al. 2022, "Matryoshka Representation Learning").
+    Matryoshka dim ``d`` in ``dims`` both sides are truncated to ``[:, :d]`` and L2-re-normalised (when
+    ``normalize``, as in training: :func:`embtune.matryoshka.truncate`), then ranked and scored again
+    (Kusupati et al. 2022, "Matryoshka Representation Learning").
 
     Args:
         query_emb: [Q, D] embeddings of ``query_ids``, in that order.
@@ -154,8 +156,7 @@ def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: Ret
 
     out = rank_and_score(query_emb, doc_emb)
     for d in dims or []:
-        small = rank_and_score(F.normalize(query_emb[:, :d].float(), dim=-1),
-                               F.normalize(doc_emb[:, :d].float(), dim=-1))
+        small = rank_and_score(truncate(query_emb.float(), d, normalize), truncate(doc_emb.float(), d, normalize))
         out.update({f"dim{d}/{key}": value for key, value in small.items()})
     return out
 

@@ -10,13 +10,15 @@ import torch
 
 from embtune.data import TrainingData
 from embtune.evaluate import evaluate_retrieval, sts_spearman
+from embtune.maxsim import evaluate_maxsim
 
 log = logging.getLogger(__name__)
 
 
 class Retrieval:
     """NDCG@10, MRR@10, Recall@10 and Recall@100 on the data's held-out retrieval split, every test
-    document a candidate, at full size and at each Matryoshka dimension (``dim64/ndcg@10``).
+    document a candidate, at full size and at each Matryoshka dimension (``dim64/ndcg@10``). A
+    multi-vector model is ranked by exact MaxSim over its token vectors (``embtune.maxsim``).
 
     Args:
         batch_size: texts per encoding batch.
@@ -38,8 +40,10 @@ class Retrieval:
         log.info("evaluating: encoding %d queries and %d documents", len(qids), len(dids))
         q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size)
         d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size)
+        if model.multi_vector:
+            return evaluate_maxsim(q, d, test, qids, dids, k=self.k, device=model.device)
         return evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
-                                  k=self.k, dims=[x for x in dims if x < model.dim])
+                                  k=self.k, dims=[x for x in dims if x < model.dim], normalize=model.normalize)
 
 
 class STS:

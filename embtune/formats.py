@@ -24,6 +24,8 @@ class Example(NamedTuple):
     query: str
     positive: str
     negatives: tuple[str, ...] = ()
+    positive_score: float | None = None   # a teacher's score of (query, positive), for distillation
+    negative_scores: tuple[float, ...] = ()  # a teacher's score of each negative, aligned with negatives
 
 
 class ScoredPair(NamedTuple):
@@ -130,24 +132,46 @@ class Pairwise(_RowFormat):
         return [ScoredPair(q, d, _number(row[self.label], self.label, where))]
 
 
+def _scores(row: dict, col: str | None, n: int, what: str, where: str) -> list[float] | None:
+    """Teacher scores from column ``col``: a list of n numbers (one per text of ``what``), or a number
+    when n = 1; None when ``col`` is None (not configured)."""
+    if col is None:
+        return None
+    value = row.get(col)
+    if not isinstance(value, (list, tuple)):
+        value = [value] if n == 1 and col in row else None
+    if value is None or len(value) != n:
+        raise ValueError(f"{where}: field {col!r} must be a list of {n} numbers (one per {what}), "
+                         f"got {str(row.get(col, 'nothing'))[:80]!r}")
+    return [_number(v, col, where) for v in value]
+
+
 class Triplet(_RowFormat):
     """``(query, positive, negative)`` rows: one negative per example, kind ``scores``.
 
     Where a row holds lists (e.g. FlagEmbedding's ``{"query", "pos": [...], "neg": [...]}``), positive
-    i is paired with negative i mod n, one example per positive.
+    i is paired with negative i mod n, one example per positive. ``positive_scores`` and
+    ``negative_scores`` name optional columns of teacher scores (FlagEmbedding's ``pos_scores`` /
+    ``neg_scores``, one per text), read for distillation.
     """
 
     name = "triplet"
     kind = "scores"
     has_negatives = True
 
-    def __init__(self, query: str = "query", positive: str = "positive", negative: str = "negative"):
+    def __init__(self, query: str = "query", positive: str = "positive", negative: str = "negative",
+                 positive_scores: str | None = None, negative_scores: str | None = None):
         self.query, self.positive, self.negative = query, positive, negative
+        self.positive_scores, self.negative_scores = positive_scores, negative_scores
+        self.has_scores = positive_scores is not None and negative_scores is not None
 
     def _row(self, row: dict, where: str) -> list[Example]:
         q = _texts(row, self.query, where, allow_list=False)[0]
-        negs = _texts(row, self.negative, where)
-        return [Example(q, p, (negs[j % len(negs)],)) for j, p in enumerate(_texts(row, self.positive, where))]
+        negs, pos = _texts(row, self.negative, where), _texts(row, self.positive, where)
+        ps = _scores(row, self.positive_scores, len(pos), "positive", where)
+        ns = _scores(row, self.negative_scores, len(negs), "negative", where)
+        return [Example(q, p, (negs[j % len(negs)],), ps and ps[j], (ns[j % len(negs)],) if ns else ())
+                for j, p in enumerate(pos)]
 
 
 class MultiNegative(_RowFormat):
@@ -155,19 +179,27 @@ class MultiNegative(_RowFormat):
 
     One :class:`Example` per positive, carrying all the row's negatives; ``negatives.group_size`` picks how
     many are used per step. A row with no negatives is allowed (it gets only in-batch negatives).
+    ``positive_scores`` / ``negative_scores`` name optional columns of teacher scores, one per text
+    (FlagEmbedding's ``pos_scores`` / ``neg_scores``), read for distillation.
     """
 
     name = "multi_negative"
     kind = "scores"
     has_negatives = True
 
-    def __init__(self, query: str = "query", positive: str = "pos", negatives: str = "neg"):
+    def __init__(self, query: str = "query", positive: str = "pos", negatives: str = "neg",
+                 positive_scores: str | None = None, negative_scores: str | None = None):
         self.query, self.positive, self.negatives = query, positive, negatives
+        self.positive_scores, self.negative_scores = positive_scores, negative_scores
+        self.has_scores = positive_scores is not None and negative_scores is not None
 
     def _row(self, row: dict, where: str) -> list[Example]:
         q = _texts(row, self.query, where, allow_list=False)[0]
         negs = tuple(_texts(row, self.negatives, where, allow_empty_list=True))
-        return [Example(q, p, negs) for p in _texts(row, self.positive, where)]
+        pos = _texts(row, self.positive, where)
+        ps = _scores(row, self.positive_scores, len(pos), "positive", where)
+        ns = _scores(row, self.negative_scores, len(negs), "negative", where)
+        return [Example(q, p, negs, ps and ps[j], tuple(ns or ())) for j, p in enumerate(pos)]
 
 
 class Listwise(_RowFormat):

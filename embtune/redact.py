@@ -51,8 +51,12 @@ def redact_yaml_file(path) -> None:
     if not path.is_file():
         return
     text = path.read_text()
-    new = re.sub(r"^(\s*-?\s*[\w.]*?(?:token|api_?key|secret|password|passwd)[\w]*\s*[:=]\s*)\S.*$",
-                 rf"\g<1>{MASK}", redact_text(text), flags=re.M | re.I)
+
+    def mask(m: re.Match) -> str:  # the last dotted part names the key: hydra.job.env_set.HF_TOKEN
+        secret = _SECRET_NAME.search(m.group("key").rsplit(".", 1)[-1])
+        return m.group("head") + f'"{MASK}"' if secret else m.group(0)  # quoted: a bare * is a YAML alias
+
+    new = re.sub(r"^(?P<head>[ \t]*-?[ \t]*(?P<key>[\w.]+)[ \t]*[:=][ \t]*)\S.*$", mask, redact_text(text), flags=re.M)
     if new != text:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(new)

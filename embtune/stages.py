@@ -63,12 +63,20 @@ def stage_configs(cfg: DictConfig, pretrained_model: str) -> tuple[DictConfig, D
 
 
 def run(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
-    """Train one run: ``train`` itself, or both stages when ``cfg.pretrain`` is set.
+    """Train one run: ``train`` itself, both stages when ``cfg.pretrain`` is set, or mining rounds
+    (:func:`embtune.rounds.train_rounds`) when ``train.rounds`` > 0.
 
     A two-stage run's ``summary.json`` holds the original model's metrics as ``base``, the stage-2
     model's as ``final``, and stage 1's summary under ``pretrain``.
     """
     output_dir = Path(output_dir)
+    if cfg.train.get("rounds"):
+        if cfg.get("pretrain") is not None:
+            raise ValueError("train.rounds with a pretrain stage is not supported: run the stages, then mine "
+                             "with the stage-2 model (train.rounds from model.name_or_path=RUN_DIR/model)")
+        from embtune.rounds import train_rounds
+
+        return train_rounds(cfg, output_dir, logger)
     if cfg.get("pretrain") is None:
         return train(cfg, output_dir, logger)
     first, second = stage_configs(cfg, str(output_dir / "pretrain" / "model"))

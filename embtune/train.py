@@ -24,13 +24,19 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune import checkpoint
-from embtune.batching import collate
+from embtune import checkpoint, distributed
+from embtune.batching import make_loader
+from embtune.candidate_loss import candidate_loss
 from embtune.data.checks import make_examples, text_report
+from embtune.distill import check_distillation, score_examples
+from embtune.grad_cache import grad_cache_backward
+from embtune.matryoshka import matryoshka_dims, scores_per_dim, truncate
+from embtune.maxsim import maxsim_scores
+from embtune.multi_vector import check_multi_vector
 from embtune.numerics import finite_or_missing, skip_or_stop
 from embtune.redact import redact
 from embtune.report import print_comparison, progress_bar
-from embtune.sampler import NoDuplicatesBatchSampler, ShuffledBatchSampler
+from embtune.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +52,11 @@ def check_compatible(data_format, negatives, loss) -> None:
             ``loss=cosent`` (scored pairs) with ``data_format=triplet``.
     """
     kind = getattr(loss, "input_kind", "scores")
-    gives = {data_format.kind} | ({"embeddings"} if data_format.kind == "scores" else set())
+    gives = {data_format.kind} | ({"embeddings", "teacher_scores"} if data_format.kind == "scores" else set())
     if kind not in gives:
         raise ValueError(f"loss={loss.name} takes {kind} examples, but data_format={data_format.name} gives "
                          f"{data_format.kind} examples: pick a data_format that matches the loss (see README)")
-    if getattr(negatives, "needs_negatives", False) and kind != "scores":
+    if getattr(negatives, "needs_negatives", False) and kind not in ("scores", "teacher_scores"):
         raise ValueError(f"negatives={negatives.name} only applies to losses over candidates, not loss={loss.name}")
     if getattr(data_format, "has_negatives", False):
         return
@@ -62,7 +68,7 @@ def check_compatible(data_format, negatives, loss) -> None:
                 f"has none: use data_format=triplet or multi_negative, or {instead}")
 
 
-def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
+def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> None:
     """Settings that would train nothing or loop forever, refused before any model loads.
 
     Raises:
@@ -77,26 +83,14 @@ def check_train_settings(t: DictConfig, kind: str, negatives) -> None:
     if t.checkpoint_every is not None and t.checkpoint_every < 0:
         raise ValueError(f"train.checkpoint_every must be >= 0 (0: only at the end) or null (never), got "
                          f"{t.checkpoint_every}")
+    if t.grad_cache and getattr(loss_fn, "same_text_positive", False):
+        raise ValueError(f"train.grad_cache=true with loss={loss_fn.name}: the anchor's two passes need two dropout "
+                         "masks, but GradCache encodes each column once; train this loss without grad_cache")
+    if t.grad_cache and t.mini_batch_size < 1:
+        raise ValueError(f"train.mini_batch_size must be >= 1 with train.grad_cache=true, got {t.mini_batch_size}")
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
-
-
-def matryoshka_dims(cfg: DictConfig, dim: int) -> list[tuple[int, float]]:
-    """(dimension, weight) pairs to train at, largest first; [(D, 1.0)] when Matryoshka is off.
-
-    Raises:
-        ValueError: dims and weights differ in length, or a dim is not in 1..D.
-    """
-    dims, weights = list(cfg.matryoshka.dims or []), list(cfg.matryoshka.weights or [])
-    if len(weights) != len(dims):
-        raise ValueError(f"matryoshka.dims {dims} and matryoshka.weights {weights} must have the same length")
-    if not dims:
-        return [(dim, 1.0)]
-    bad = [d for d in dims if not 0 < d <= dim]
-    if bad:
-        raise ValueError(f"matryoshka.dims {bad} outside 1..{dim} (the model's embedding size)")
-    return sorted(zip(dims, weights), reverse=True)
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -144,55 +138,75 @@ def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
     loss_fn.init_weights(F.normalize(means, dim=-1))
 
 
-def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]]) -> torch.Tensor:
+def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]],
+                 embeddings: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
-    (Kusupati et al. 2022: truncate to d, re-normalise, score)."""
+    (Kusupati et al. 2022: truncate to d, re-normalise, score). Returns the loss and extra per-step
+    metrics (``train/candidates`` for candidate-scoring losses). ``model`` may be wrapped in DDP.
+    A multi-vector model's candidates are scored by MaxSim over token vectors instead
+    (``embtune.maxsim``; no Matryoshka there). ``embeddings`` ({column: [N,D]}), when given, are used
+    instead of encoding (GradCache, ``embtune.grad_cache``)."""
+    normalize = distributed.unwrap(model).normalize
+
+    def enc(column):  # queries (and STS's first texts) through the query tower, the rest the document tower
+        tower = "query" if column in ("query", "text1") else "document"
+        return embeddings[column] if embeddings is not None else model(**batch[column], kind=tower)
 
     def cut(x, d):
-        if x is None or d >= x.size(-1):
-            return x
-        return F.normalize(x[..., :d], dim=-1) if model.normalize else x[..., :d]
+        return truncate(x, d, normalize)
 
+    if kind == "scores" and getattr(distributed.unwrap(model), "multi_vector", False):  # MaxSim scores [B,C]
+        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
+        n = model(**batch["negative"]) if "negative" in batch else None
+        scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
+        return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target), {}
     if kind == "scores":
-        a = model(**batch["query"])
-        # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
-        p = model(**batch["query" if getattr(loss_fn, "same_text_positive", False) else "positive"])
-        n = model(**batch["negative"]).view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
-        mask, false_negative = batch.get("negative_mask"), batch["false_negative"]
-
-        def scored(d):
-            scores, target = negatives(cut(a, d), cut(p, d), cut(n, d), mask)
-            return scores.masked_fill(false_negative, float("-inf")), target
-
-        return sum(w * loss_fn(*scored(d)) for d, w in dims)
+        return candidate_loss(enc, batch, negatives, loss_fn, dims, cut)
+    if kind == "teacher_scores":  # distillation over each query's positive (column 0) and its negatives
+        q, p = enc("query"), enc("positive")
+        docs = torch.cat([p[:, None], enc("negative").view(q.size(0), -1, q.size(-1))], dim=1)
+        mask = torch.cat([torch.ones_like(batch["negative_mask"][:, :1]), batch["negative_mask"]], dim=1)
+        return sum(w * loss_fn(torch.einsum("bd,bcd->bc", cut(q, d), cut(docs, d)), batch["teacher"], mask)
+                   for d, w in dims), {}
     if kind == "pair_scores":
-        e1, e2 = model(**batch["text1"]), model(**batch["text2"])
-        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"]) for d, w in dims)
+        e1, e2 = enc("text1"), enc("text2")
+        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"])
+                   for d, w in dims), {}
     if kind == "list_scores":
-        q = model(**batch["query"])
-        docs = model(**batch["documents"]).view(q.size(0), -1, q.size(-1))
-        return sum(w * loss_fn(torch.einsum("bd,bld->bl", cut(q, d), cut(docs, d)), batch["teacher"], batch["mask"])
-                   for d, w in dims)
+        q = enc("query")
+        docs = enc("documents").view(q.size(0), -1, q.size(-1))
+        scores = scores_per_dim(q, docs, [d for d, _ in dims], normalize)
+        return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims), {}
     if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
-        return loss_fn(model(**batch["text"]), batch["label"])
+        return loss_fn(enc("text"), batch["label"]), {}
     raise ValueError(f"unknown example kind {kind!r}")
 
 
+def cache_dir() -> Path:
+    """Where work shared between runs is kept: ``$EMBTUNE_CACHE``, default ``~/.cache/embtune``."""
+    return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune").expanduser()
+
+
 def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
-    """The base model's metrics, computed once per (model, pooling, data, eval config, Matryoshka dims)
-    and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once).
+    """The base model's metrics, computed once per (model, pooling, held-out set, eval config, Matryoshka
+    dims) and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once;
+    the training rows are not in the key, so mined rows reuse the base metrics of the data they came from).
     ``eval.cache_base=false`` always recomputes. The key includes the model folder's file times, so a
     changed local model is evaluated again."""
     if not cfg.eval.get("cache_base", True):
         return evaluate()
+    from embtune.data import fingerprint
     from embtune.model import resolve_model_path
 
     folder = Path(resolve_model_path(cfg.model.name_or_path))
     stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
-    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, data.fingerprint], sort_keys=True).encode()).hexdigest()
-    path = Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune") / "base_eval" / f"{key}.json"
+    if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
+        parts["seed"] = cfg.train.seed
+    held_out = fingerprint([], data.test)
+    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()
+    path = cache_dir() / "base_eval" / f"{key}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -222,14 +236,19 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None) -> dict:
+def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None, data=None) -> dict:
     """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
 
     ``base``: the metrics to report as the base model's when they are already known (the second stage
     of a two-stage run reports the original model's); None evaluates the model before training.
+    ``data``: already loaded :class:`~embtune.data.TrainingData` (mining rounds pass their mined rows);
+    None loads ``cfg.data``.
+
     With ``resume_from=RUN_DIR`` (or a checkpoint file) the run continues from that run's latest usable
     checkpoint, under the checkpoint's config; the result equals an uninterrupted run's.
-    """
+
+    Under ``torchrun`` (``embtune.distributed``) every process trains its share of each batch; only
+    rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks)."""
     output_dir = Path(output_dir)
     state = resumed = None
     if cfg.get("resume_from"):
@@ -237,22 +256,41 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         cfg = OmegaConf.merge(OmegaConf.create(state["config"]), {"resume_from": str(cfg.resume_from)})
         log.info("resuming %s at step %d", resumed, state["step"])
     t = cfg.train
+    started = time.perf_counter()  # startup = data, model, base metrics: what a sweep's caches shorten
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
-    data = _build(cfg.data)
+    data = data if data is not None else _build(cfg.data)
     data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
     evaluator = _build(cfg.eval)
+    teacher = _build(cfg.teacher) if cfg.get("teacher") else None
     check_compatible(data_format, negatives, loss_fn)
+    check_distillation(data_format, negatives, loss_fn, teacher)
     kind = getattr(loss_fn, "input_kind", "scores")
-    check_train_settings(t, kind, negatives)
-    matryoshka_dims(cfg, dim=10**9)  # dims vs weights now; dims vs the model's size once it loads
+    check_train_settings(t, kind, negatives, loss_fn)
+    matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
+    check_multi_vector(cfg.model, kind, negatives, cfg.matryoshka.dims, evaluator)
+    if t.grad_cache and cfg.model.get("multi_vector"):
+        raise ValueError("train.grad_cache=true with model.multi_vector=true: GradCache caches one vector per text, "
+                         "not token vectors; train a multi-vector model without grad_cache")
     examples, row_of = make_examples(data, data_format, loss_fn, kind)
+    if teacher is not None:
+        examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
 
-    # -- model
+    # -- processes (torchrun) and model
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    proc = distributed.setup(device.type)
+    if proc.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", proc.local_rank)
+        torch.cuda.set_device(device)
+    main = proc.main
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
-    dims = matryoshka_dims(cfg, model.dim)
+    if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
+        from embtune.model import resolve_model_path
+
+        model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
+                                               data.fingerprint, cache_dir())
+    dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
     if hasattr(loss_fn, "build"):
         prepare_classes(loss_fn, examples, model, evaluator.batch_size)
@@ -263,25 +301,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if state is not None:  # resumed: the base metrics were logged by the first run
         base = state["base"]
     elif base is None:
-        base = finite_or_missing(base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims))) if evaluator.before else {}
+        base = (finite_or_missing(base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)))
+                if evaluator.before and main else {})
         if base:
             logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
     group_size = negatives.group_size if negatives.needs_negatives else 1
-    rng = random.Random(t.seed)  # negative sampling
-    drop_last = len(examples) % t.batch_size == 1  # a batch of one has no in-batch negative
-    if kind == "scores" and t.no_duplicates:
-        sampler = NoDuplicatesBatchSampler(lambda i: (examples[i].query, examples[i].positive), len(examples),
-                                           t.batch_size, drop_last, t.seed)
-    else:
-        sampler = ShuffledBatchSampler(len(examples), t.batch_size, drop_last, t.seed)
-    # batches of example indices; collate keeps them (for messages). A generator of its own, so creating
-    # the iterator never draws from the global torch RNG that dropout uses (resume equals straight runs).
-    loader = torch.utils.data.DataLoader(range(len(examples)), batch_sampler=sampler,
-                                         generator=torch.Generator().manual_seed(t.seed),
-                                         collate_fn=lambda idx: (idx, collate(model, [examples[i] for i in idx],
-                                                                              kind, group_size, rng)))
+    loader, sampler, rng = make_loader(examples, kind, t, proc, model, group_size)
+    trained = distributed.wrap(model, proc, device)  # DDP: gradients averaged over processes at backward
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
     total = t.max_steps or t.epochs * len(loader)
     warmup = max(1, math.ceil(t.warmup_ratio * total))
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
@@ -297,8 +326,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         c = checkpoint.restore_training(state, model=model, optimizer=optimizer, scheduler=scheduler,
                                         loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint)
         step, epoch, done, seen, skipped = c["step"], c["epoch"], c["done"], c["seen"], c["skipped"]
-    start = time.perf_counter() - (state["seconds"] if state else 0.0)
+    startup = time.perf_counter() - started
+    start = time.perf_counter() - (state["seconds"] if state else 0.0)  # a resumed run's clock goes on
     saved_config = redact(OmegaConf.to_container(cfg, resolve=True))
+    if main:
+        logger.log({"time/startup_s": startup}, step=step)
 
     def save_checkpoint() -> Path:
         return checkpoint.save(output_dir, checkpoint.training_state(
@@ -310,9 +342,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         while step < total:
             sampler.set_epoch(epoch, start=done)
             for idx, batch in loader:
-                with autocast:
-                    loss = compute_loss(model, _to(batch, device), kind, negatives, loss_fn, dims)
-                loss.backward()
+                batch = _to(batch, device)
+                if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations
+                    extra = {}
+                    loss = grad_cache_backward(trained, batch, lambda e: compute_loss(
+                        trained, batch, kind, negatives, loss_fn, dims, embeddings=e)[0], t.mini_batch_size, autocast)
+                else:
+                    with autocast:
+                        loss, extra = compute_loss(trained, batch, kind, negatives, loss_fn, dims)
+                    loss.backward()
+                distributed.average_gradients(loss_params, proc)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
                 if torch.isfinite(loss) and torch.isfinite(grad_norm):
@@ -320,20 +359,22 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                 else:  # the step still counts: schedule and data order stay those of the config
                     skip_or_stop(t.on_nonfinite, step + 1, loss, grad_norm, [row_of(i) for i in idx])
                     skipped += 1
-                    logger.log({"train/skipped_steps": skipped}, step=step + 1)
+                    if main:
+                        logger.log({"train/skipped_steps": skipped}, step=step + 1)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step, done, seen = step + 1, done + 1, seen + len(idx)
+                step, done = step + 1, done + 1
+                seen += len(idx) * proc.world
                 pairs_per_s = seen / (time.perf_counter() - start)
-                if step % t.log_every == 0 or step == total:
+                if main and (step % t.log_every == 0 or step == total):
                     logger.log({"train/loss": loss.item(), "train/lr": lr,
                                 "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
-                                "train/epoch": step / len(loader)}, step=step)
+                                "train/epoch": step / len(loader), **extra}, step=step)
                 bar.update(step=step, loss=loss.item(), lr=lr, pairs_per_s=pairs_per_s)
-                every = t.checkpoint_every
-                if stop.signum or (every is not None and (step == total or (every and step % every == 0))):
-                    path = save_checkpoint()
+                every, path = t.checkpoint_every, None
+                if main and (stop.signum or (every is not None and (step == total or (every and step % every == 0)))):
+                    path = save_checkpoint()  # rank 0's: the weights are the same on every process
                 if stop.signum:
                     raise checkpoint.stop_after_signal(stop.signum, step, path)
                 if step >= total:
@@ -341,18 +382,24 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             else:
                 epoch, done = epoch + 1, 0
     train_seconds = time.perf_counter() - start
+    if not main:  # rank 0 evaluates and saves
+        distributed.barrier(proc)
+        return {"base": {}, "final": {}, "steps": step}
     if skipped:
         log.warning("%d of %d steps skipped: non-finite loss or gradient", skipped, step)
 
     # -- final metrics, model, summary
     final = finite_or_missing(evaluator(model, data, eval_dims)) if evaluator.after else {}
+    if model.token_cache is not None:
+        model.token_cache.save()
     if final:
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
     summary = redact({
-        "base": base, "final": final, "steps": step, "skipped_steps": skipped,
-        "train_seconds": round(train_seconds, 2), "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2),
-        "examples": len(examples), "temperature": loss_fn.temperature, "margin": loss_fn.margin,
+        "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
+        "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
+        "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
+        "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
     })
     tmp = output_dir / "summary.json.tmp"
@@ -361,4 +408,5 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)
+    distributed.barrier(proc)
     return summary

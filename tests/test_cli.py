@@ -38,3 +38,19 @@ def test_a_finished_run_is_never_overwritten(tmp_path, tiny_bert):
     second = subprocess.run([*cmd, "train.max_steps=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode != 0 and "never overwrites" in second.stderr
     assert {f: (run_dir / f).read_text() for f in files} == before  # the record of the first run is intact
+    third = subprocess.run([*cmd, "train.max_steps=2", "overwrite=true"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2  # the new run replaced the old one
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert steps == [2]  # log_every=10: only the last step, and no lines left from the first run
+
+
+def test_a_failed_single_run_is_recorded_and_exits_with_the_error(tmp_path, tiny_bert):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "logger=none",
+           "loss.min_temperature=0.5", "loss.max_temperature=0.1", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "need 0 < loss.min_temperature <= loss.max_temperature" in out.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("ValueError: need 0 < loss.min_temperature")

@@ -6,12 +6,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import CONF, DATA
 from embtune.train import check_compatible
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
-OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+OVERLAYS = {"hparams_search"}  # `# @package _global_` files: they change other groups, build nothing
+OPTIONS = [(g, f.stem) for g in sorted(set(GROUPS) - OVERLAYS) for f in sorted((CONF / g).glob("*.yaml"))]
 # options whose mandatory keys (???) need a value
 NEEDS = {
     ("data", "beir"): [f"data.path={DATA / 'scifact'}", "data.max_test_queries=5"],
@@ -28,12 +30,16 @@ def _compose(overrides):
 
 def test_groups_are_the_documented_ones():
     assert set(GROUPS) >= {"model", "pooling", "data", "data_format", "loss", "negatives", "matryoshka",
-                           "train", "eval", "logger"}
+                           "train", "eval", "logger", "hparams_search", "miner"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_path):
-    cfg = _compose([f"{group}={option}", f"model.name_or_path={tiny_bert}", *NEEDS.get((group, option), [])])
+def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_path, request):
+    needs = NEEDS.get((group, option), [])
+    if group == "teacher":
+        needs = [f"teacher.name_or_path={request.getfixturevalue('tiny_cross_encoder')}"]
+    model = request.getfixturevalue("tiny_llama") if (group, option) == ("model", "llm") else tiny_bert
+    cfg = _compose([f"{group}={option}", f"model.name_or_path={model}", *needs])
     if group == "experiment":  # an overlay at the top level: every stage's components must build
         from embtune.stages import stage_configs
 
@@ -53,6 +59,34 @@ def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_pa
     else:
         obj = instantiate(node)
     assert obj is not None
+
+
+@pytest.mark.parametrize("option", sorted(f.stem for f in (CONF / "hparams_search").glob("*.yaml")))
+def test_every_search_overlay_composes_with_the_optuna_sweeper(option, tiny_bert):
+    """The overlay picks the Optuna sweeper, and every searched key exists in the composed config."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=[f"hparams_search={option}", f"model.name_or_path={tiny_bert}"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    params = cfg.hydra.sweeper.params
+    assert params and all(OmegaConf.select(cfg, key) is not None for key in params)
+    assert any(key in ("loss.temperature", "loss.scale") and "log" in spec for key, spec in params.items())
+    instantiate(cfg.loss)
+
+
+def test_joblib_launcher_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=joblib"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_no_teacher_by_default():
+    assert _compose([]).get("teacher") is None
+
+
+def test_semi_hard_margin_defaults_to_the_losss_margin():
+    assert _compose(["negatives=online_hard", "loss=hinge", "loss.margin=0.3"]).negatives.margin == 0.3
+    assert _compose(["negatives=online_hard"]).negatives.margin == 0.2  # info_nce has no margin
 
 
 def test_unknown_option_fails_with_hydras_message():
@@ -79,3 +113,35 @@ def test_incompatible_combination_fails_before_the_model_loads(tmp_path):
     with pytest.raises(ValueError, match="negatives=hard"):  # not FileNotFoundError for the model
         train(cfg, tmp_path, logger=None)
     assert not Path(tmp_path / "model").exists()
+
+
+def test_llm_defaults_to_last_token_pooling_with_lora_and_eos():
+    cfg = _compose(["model=llm", "model.name_or_path=some/llm"])
+    assert cfg.pooling._target_ == "embtune.pooling.LastToken"
+    assert cfg.model.append_eos is True and cfg.model.lora.r == 16 and cfg.model.gradient_checkpointing is True
+    assert _compose(["pooling=mean", "model=llm", "model.name_or_path=x"]).pooling._target_ == "embtune.pooling.Mean"
+    assert _compose(["model=llm", "model.name_or_path=x", "model.lora=null"]).model.lora is None
+    assert _compose([]).pooling._target_ == "embtune.pooling.Mean"  # the encoder keeps mean pooling
+
+
+def test_llm_needs_a_model_name():
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match="name_or_path"):
+        _compose(["model=llm"]).model.name_or_path
+
+
+@pytest.mark.parametrize("overrides", [
+    ["pooling=mean", "pooling.exclude_prompt=true", "model.query_prompt='query: '", "model.document_prompt='passage: '"],
+    ["pooling=weighted_mean", "pooling.exclude_prompt=true", "model.query_prompt='query: '"],
+    ["pooling=max", "model.shared_weights=false"],
+    ["model.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear, save: adapter}",
+     "model.gradient_checkpointing=true"],
+])
+def test_new_model_and_pooling_options_instantiate(tiny_bert, overrides):
+    cfg = _compose([f"model.name_or_path={tiny_bert}", *overrides])
+    model = instantiate(cfg.model, pooling=instantiate(cfg.pooling))
+    assert model.tokenize(["a text"], kind="query")["input_ids"].shape[0] == 1
+    assert model.query_prompt == cfg.model.query_prompt
+    assert (model.document_encoder is None) == cfg.model.shared_weights
+    assert getattr(model.pooling, "exclude_prompt", False) == cfg.pooling.get("exclude_prompt", False)

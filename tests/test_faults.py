@@ -243,15 +243,15 @@ def test_disk_full_while_saving_the_model_leaves_no_half_folder(tiny_bert, tmp_p
 def _poisoned(monkeypatch, at: int, how: str):
     real, calls = train_module.compute_loss, []
 
-    def compute_loss(model, *args):
-        loss = real(model, *args)
+    def compute_loss(model, *args, **kwargs):
+        loss, extra = real(model, *args, **kwargs)
         calls.append(1)
         if len(calls) != at:
-            return loss
+            return loss, extra
         if how == "loss":
-            return loss * float("nan")
+            return loss * float("nan"), extra
         p = next(model.parameters())  # finite loss, NaN gradient: d/dp sqrt(0·p) = 0·∞
-        return loss + torch.sqrt(p.abs().sum() * 0)
+        return loss + torch.sqrt(p.abs().sum() * 0), extra
 
     monkeypatch.setattr(train_module, "compute_loss", compute_loss)
 
@@ -349,6 +349,20 @@ def test_redact_masks_secret_keys_token_shapes_and_env_values(monkeypatch):
            "tags": [f"a-{HF_SECRET}"], "fingerprint": "ab" * 32}
     assert redact(cfg) == {"model": cfg["model"], "hf_token": "***", "url": "https://***@host/x",
                            "note": "uses ***", "tags": ["a-***"], "fingerprint": "ab" * 32}
+
+
+def test_redacted_hydra_yaml_still_loads_and_keeps_ordinary_keys(tmp_path):
+    import yaml
+
+    from embtune.redact import redact_yaml_file
+
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  cache_tokens: true\n  max_tokens: 8\nhydra:\n  job:\n    env_set:\n"
+                    "      HF_TOKEN: abcdefgh12345\n  overrides:\n    - wandb.api_key=xyz123456\n")
+    redact_yaml_file(path)
+    assert yaml.safe_load(path.read_text()) == {  # a bare *** would be a YAML alias: the mask is quoted
+        "train": {"cache_tokens": True, "max_tokens": 8},
+        "hydra": {"job": {"env_set": {"HF_TOKEN": "***"}}, "overrides": ['wandb.api_key="***"']}}
 
 
 def test_remote_code_is_off_by_default():

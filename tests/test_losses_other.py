@@ -333,7 +333,7 @@ def test_every_loss_declares_its_interface(path):
     loss_fn = instantiate(OmegaConf.load(path))
     assert isinstance(loss_fn, torch.nn.Module)
     assert loss_fn.name == path.stem
-    assert loss_fn.input_kind in {"scores", "pair_scores", "list_scores", "embeddings"}
+    assert loss_fn.input_kind in {"scores", "pair_scores", "list_scores", "embeddings", "teacher_scores"}
     assert isinstance(loss_fn.needs_negatives, bool)
     for knob in (loss_fn.temperature, loss_fn.margin):
         assert knob is None or isinstance(knob, float)

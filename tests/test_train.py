@@ -67,7 +67,7 @@ def test_hard_negatives_from_a_triplet_file(tmp_path, tiny_bert):
     assert summary["steps"] == 2 and summary["base"] == {} and summary["examples"] == 10
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls", "last_token"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last_token", "weighted_mean", "max"])
 def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(tmp_path, tiny_bert, pooling):
     from sentence_transformers import SentenceTransformer
 

@@ -63,7 +63,11 @@ class InfoNCE(nn.Module):
         return float(1.0 / self.inv_temperature().detach())
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
-        logits = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.inv_temperature()
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        # masked candidates (-inf) are multiplied as 0 and masked again: -inf·1/τ would make the learnable
+        # temperature's gradient −inf·0 = NaN
+        real = torch.isfinite(scores)
+        logits = (scores.masked_fill(~real, 0) * self.inv_temperature()).masked_fill(~real, float("-inf"))
         if self.label_smoothing == 0:
             return F.cross_entropy(logits, target)
         # smoothing mass over the real candidates only: padded ones (-inf) would make it infinite

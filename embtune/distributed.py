@@ -1,0 +1,160 @@
+"""Several processes under ``torchrun``: DDP, a rank-sharded batch sampler, cross-device candidates.
+
+One process per device (``torchrun --nproc_per_node N -m embtune.cli ...``). ``train.batch_size`` is
+the batch of one process; a step sees W·B examples. The gradient is that of the whole W·B batch on one
+process, whatever W (``tests/test_cross_device.py`` checks it within 1e-5):
+
+- each process's loss is the mean over its own B anchors, scored against the W·B gathered candidates;
+- :func:`gather` is ``torch.distributed.nn.functional.all_gather``, whose backward *sums* every
+  process's gradient with respect to a gathered slice into the process that owns it;
+- DDP then *averages* the parameter gradients over the W processes:
+  (1/W)·Σ_r ∂L_r/∂θ = ∂/∂θ (mean over all W·B anchors) — the single-process loss, so no extra scaling.
+  (Gathering without gradient and replacing the local slice instead would need every process to compute
+  the loss over all W·B anchors, scaled by W to undo DDP's average.)
+
+This holds for losses that average over anchors (InfoNCE, triplet); losses that average over pairs
+(hinge) match when every process has the same number of real pairs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import Sampler
+
+
+@dataclass
+class Dist:
+    """This process's place: ``rank`` of ``world`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Only the main process (rank 0) logs, evaluates and saves."""
+        return self.rank == 0
+
+
+def setup(device_kind: str) -> Dist:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on
+    CPU. A plain ``python -m embtune.cli`` run is a world of one and starts nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(d: Dist) -> None:
+    """Wait for every process (rank 0 evaluates and saves while the others wait)."""
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group, if any, once the command is done (a two-stage run trains twice in it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Module:
+    """The model as the loop calls it: DDP across processes (gradients averaged at backward), else itself."""
+    if d.world == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    # find_unused_parameters: an encoder's pooler (BERT's) is in the model but unused by our pooling
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Embedder inside a DDP wrapper (for ``normalize``, ``tokenize``, ``save``)."""
+    return getattr(model, "module", model)
+
+
+def average_gradients(params: list[Tensor], d: Dist) -> None:
+    """Average over processes the gradients of parameters DDP does not hold (a learnable temperature,
+    ArcFace's class weights, which live in the loss), so every process takes the same step."""
+    if d.world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= d.world
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(x: Tensor) -> Tensor:
+    """[N,...] on each of W processes -> [W·N,...] in rank order, every process the same. Gradients
+    flow back to the local slice from every process's loss (the backward sums them). N must be equal on
+    every process: :class:`ShardedBatchSampler` makes it so."""
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # torch 2.13 marks it deprecated for a private replacement; it still works
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_no_grad(x: Tensor) -> Tensor:
+    """As :func:`gather`, for tensors without gradient (masks, text keys)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Splits each batch of a global batch sampler into W equal contiguous parts, part ``rank`` for this
+    process: process r gets examples [r·B, (r+1)·B) of each global batch, so the gathered candidates are
+    the global batch in its order. The global sampler is built with batch size W·B, so its guarantees
+    (e.g. no text twice, ``NoDuplicatesBatchSampler``) hold across all processes. A last global batch
+    that does not split evenly is cut to a multiple of W (and dropped if that leaves no example per
+    process), so every process runs the same number of steps with the same batch size.
+
+    Raises:
+        ValueError: rank not in 0..world−1.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} not in 0..{world - 1}")
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Plan the global batches of ``epoch``, starting at global batch ``start``."""
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch, start)
+
+    def _parts(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            per = len(batch) // self.world
+            if per:
+                yield batch[self.rank * per:(self.rank + 1) * per]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._parts()
+
+    def __len__(self) -> int:
+        """Steps in the whole epoch, also when a resumed run starts it later."""
+        start = getattr(self.batches, "start", 0)
+        if start:
+            self.batches.start = 0
+        try:
+            return sum(1 for _ in self._parts())
+        finally:
+            if start:
+                self.batches.start = start
