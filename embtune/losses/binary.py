@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune.losses.checks import positive
 from embtune.losses.preference import preference_gaps
 
 
@@ -44,11 +45,9 @@ class Binary(nn.Module):
 
     def __init__(self, temperature: float = 0.05, label_smoothing: float = 0.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.temperature, self.label_smoothing = float(temperature), float(label_smoothing)
+        self.temperature, self.label_smoothing = positive("temperature", temperature), float(label_smoothing)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
         gap, is_negative = preference_gaps(scores, target)  # [B,C]: s_p − s_n, real negatives

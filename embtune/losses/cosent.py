@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from embtune.losses.checks import positive
 from torch import Tensor, nn
 
 
@@ -36,9 +37,7 @@ class CoSENT(nn.Module):
 
     def __init__(self, temperature: float = 0.05):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = positive("temperature", temperature)
 
     def forward(self, scores: Tensor, labels: Tensor) -> Tensor:
         if scores.dim() != 1 or labels.shape != scores.shape:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune.losses.checks import positive
+
 
 class InfoNCE(nn.Module):
     """InfoNCE / multiple-negatives ranking loss (van den Oord et al. 2018, "Representation Learning
@@ -37,8 +39,7 @@ class InfoNCE(nn.Module):
     def __init__(self, temperature: float = 0.05, label_smoothing: float = 0.0, learnable: bool = False,
                  min_temperature: float = 0.01, max_temperature: float = 1.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        temperature = positive("temperature", temperature)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing}")
         if not 0 < min_temperature <= max_temperature:

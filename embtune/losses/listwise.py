@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune.losses.checks import positive, same_shape
+
 
 class Listwise(nn.Module):
     """Listwise distillation: KL divergence from the teacher's to the student's top-one distribution
@@ -44,15 +46,11 @@ class Listwise(nn.Module):
 
     def __init__(self, temperature: float = 0.05, teacher_temperature: float = 1.0):
         super().__init__()
-        if temperature <= 0 or teacher_temperature <= 0:
-            raise ValueError(f"loss.temperature and loss.teacher_temperature must be > 0, got "
-                             f"{temperature}, {teacher_temperature}")
-        self.temperature, self.teacher_temperature = float(temperature), float(teacher_temperature)
+        self.temperature = positive("temperature", temperature)
+        self.teacher_temperature = positive("teacher_temperature", teacher_temperature)
 
     def forward(self, scores: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
-        if scores.dim() != 2 or teacher.shape != scores.shape or mask.shape != scores.shape:
-            raise ValueError(f"listwise needs scores, teacher and mask of one shape [B,L], got "
-                             f"{tuple(scores.shape)}, {tuple(teacher.shape)}, {tuple(mask.shape)}")
+        same_shape("listwise", "[B,L]", scores, teacher, mask)
         mask = mask.bool()
         if not mask.any(dim=1).all():
             rows = (~mask.any(dim=1)).nonzero().flatten().tolist()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune.losses.checks import positive
 from embtune.losses.preference import preference_gaps
 
 
@@ -41,9 +42,7 @@ class Logistic(nn.Module):
 
     def __init__(self, temperature: float = 0.05):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = positive("temperature", temperature)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
         gap, is_negative = preference_gaps(scores, target)  # [B,C]: s_p − s_n, real negatives

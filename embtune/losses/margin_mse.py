@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from embtune.losses.checks import positive, same_shape
+
 
 class MarginMSE(nn.Module):
     """Margin-MSE distillation (Hofstätter et al. 2020, "Improving Efficient Neural Ranking Models with
@@ -35,15 +37,11 @@ class MarginMSE(nn.Module):
 
     def __init__(self, temperature: float = 0.1, teacher_temperature: float = 1.0):
         super().__init__()
-        if temperature <= 0 or teacher_temperature <= 0:
-            raise ValueError(f"loss.temperature and loss.teacher_temperature must be > 0, got "
-                             f"{temperature}, {teacher_temperature}")
-        self.temperature, self.teacher_temperature = float(temperature), float(teacher_temperature)
+        self.temperature = positive("temperature", temperature)
+        self.teacher_temperature = positive("teacher_temperature", teacher_temperature)
 
     def forward(self, scores: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
-        if scores.dim() != 2 or teacher.shape != scores.shape or mask.shape != scores.shape:
-            raise ValueError(f"margin_mse needs scores, teacher and mask of one shape [B,1+K], got "
-                             f"{tuple(scores.shape)}, {tuple(teacher.shape)}, {tuple(mask.shape)}")
+        same_shape("margin_mse", "[B,1+K]", scores, teacher, mask)
         dtype = torch.promote_types(scores.dtype, torch.float32)
         s, t = scores.to(dtype), teacher.to(dtype)
         student = (s[:, :1] - s[:, 1:]) / self.temperature

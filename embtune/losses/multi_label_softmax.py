@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from embtune.losses.checks import positive
+
 
 class MultiLabelSoftmax(nn.Module):
     """Multi-positive InfoNCE: the probability mass of all positives, summed inside the log (MIL-NCE,
@@ -42,9 +44,7 @@ class MultiLabelSoftmax(nn.Module):
 
     def __init__(self, temperature: float = 0.05):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = positive("temperature", temperature)
 
     def forward(self, scores: Tensor, target: Tensor) -> Tensor:
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))

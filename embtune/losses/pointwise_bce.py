@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune.losses.checks import positive
+
 
 class PointwiseBCE(nn.Module):
     """Pointwise binary cross-entropy on pair similarities, the sigmoid loss of SigLIP (Zhai et al.
@@ -40,9 +42,7 @@ class PointwiseBCE(nn.Module):
 
     def __init__(self, temperature: float = 0.05, center: float = 0.5):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        self.temperature, self.center = float(temperature), float(center)
+        self.temperature, self.center = positive("temperature", temperature), float(center)
 
     def forward(self, scores: Tensor, labels: Tensor) -> Tensor:
         if scores.dim() != 1 or labels.shape != scores.shape:
