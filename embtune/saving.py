@@ -71,7 +71,8 @@ def _write(model, tmp: Path, matryoshka_dims: list[int] | None, config: dict | N
         "document_max_length": model.document_max_length, "query_prompt": model.query_prompt,
         "document_prompt": model.document_prompt, "append_eos": model.append_eos,
         "shared_weights": model.document_encoder is None,
-        "matryoshka_dims": list(matryoshka_dims or []), "config": config or {},
+        "matryoshka_dims": list(matryoshka_dims or []), "truncate_dim": model.truncate_dim,
+        "config": config or {},
     })
     for f in tmp.rglob("*"):  # some writers create files 0600 (mkstemp); a model is for sharing
         f.chmod(0o755 if f.is_dir() else 0o644)
@@ -92,7 +93,7 @@ def _write_tower(model, encoder, folder: Path):
         flags = {flag: False for flag in ST_FLAGS.values()} | {"pooling_mode_mean_sqrt_len_tokens": False}
         flags[ST_FLAGS[mode]] = True
         _write_json(folder / "1_Pooling" / "config.json", {
-            "word_embedding_dimension": model.dim, **flags,
+            "word_embedding_dimension": encoder.config.hidden_size, **flags,  # per token, not truncated
             "include_prompt": not getattr(model.pooling, "exclude_prompt", False)})
         modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
     if model.normalize:
@@ -139,6 +140,8 @@ def load(name_or_path: str, device: str | None = None, truncate_dim: int | None 
     Args:
         truncate_dim: Matryoshka: embeddings of this many dims (the first ones, re-normalised). A dim
             the model was not trained at (``matryoshka_dims`` in embtune.json) is allowed, with a warning.
+            None: the ``truncate_dim`` the model was saved with (a model loaded truncated, then saved),
+            else the full size.
     Raises:
         ValueError: ``truncate_dim`` outside 1..D, or given for a multi-vector model.
     """
@@ -164,6 +167,8 @@ def load(name_or_path: str, device: str | None = None, truncate_dim: int | None 
         kwargs["normalize"] = not modules.is_file() or any(
             "Normalize" in module["type"] for module in json.loads(modules.read_text()))
     model = Embedder.from_pretrained(str(path), **kwargs)
+    if truncate_dim is None and m is not None:  # a model saved after loading with truncate_dim keeps it
+        truncate_dim = m.get("truncate_dim")
     if truncate_dim is not None:
         _set_truncate_dim(model, truncate_dim, (m or {}).get("matryoshka_dims") or [], path)
     return model.to(device) if device else model

@@ -126,6 +126,20 @@ def test_saved_dims_and_truncation_on_load(tmp_path, tiny_bert, caplog):
     assert "not 12" in caplog.text
 
 
+def test_a_truncated_model_saved_again_stays_truncated(tmp_path, tiny_bert):
+    import embtune
+    from embtune.model import Embedder
+
+    Embedder.from_pretrained(tiny_bert).save(tmp_path / "model", matryoshka_dims=[32, 16])
+    small = embtune.load(str(tmp_path / "model"), truncate_dim=16)
+    small.save(tmp_path / "again", matryoshka_dims=[32, 16])
+    # sentence-transformers' Pooling counts per-token dims: the hidden size, not the truncation
+    assert json.loads((tmp_path / "again" / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 32
+    texts = ["Return the sum of two numbers."]
+    np.testing.assert_allclose(embtune.load(str(tmp_path / "again")).encode(texts), small.encode(texts), atol=1e-6)
+    assert embtune.load(str(tmp_path / "again"), truncate_dim=32).encode(texts).shape == (1, 32)
+
+
 def _run(tmp_path, tiny_bert, dims, weights):
     overrides = [f"model.name_or_path={tiny_bert}", "train.batch_size=8", "train.max_steps=3", "train.log_every=1",
                  "eval.batch_size=16", "data.max_train_pairs=24", "data.max_test_queries=12", "matryoshka=on",
