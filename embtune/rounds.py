@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from embtune.data import TrainingData
 from embtune.formats import MultiNegative
 from embtune.mining import mine_to_file
+from embtune.preflight import check_compatible
 from embtune.stages import StageLogger
-from embtune.train import _build, check_compatible, train
+from embtune.train import _build, train
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,13 @@
 from pathlib import Path
 
 import pytest
+from conftest import CONF, DATA
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, DATA
-from embtune.train import check_compatible
+from embtune.preflight import check_compatible
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
 OVERLAYS = {"hparams_search"}  # `# @package _global_` files: they change other groups, build nothing
