@@ -23,6 +23,8 @@ CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").is_file() else "pk
 
 log = logging.getLogger("embtune")
 
+# errors whose message is the whole story (bad input, bad settings, missing files): shown as one line
+USER_ERRORS = (ValueError, OSError)
 RUN_FILES = ("summary.json", "metrics.jsonl")  # present once a run has started: never overwrite
 # what a run writes; `overwrite=true` removes these before the new run (Hydra rewrites .hydra/ itself)
 RUN_OUTPUTS = (*RUN_FILES, "model", "model.tmp", "checkpoints")
@@ -101,7 +103,8 @@ def main(cfg: DictConfig) -> float | None:
 
     In a multirun a failing job is recorded as failed (:func:`record_failure`) and returns NaN, so the
     sweep goes on (Hydra's sweepers would stop the sweep on an exception; Optuna marks a NaN trial as
-    failed). A single run re-raises the error after recording it.
+    failed). A single run exits after recording it: with ``Error: <message>`` for bad input or settings
+    (``USER_ERRORS``), else with the exception.
     """
     from embtune.distributed import teardown
     from embtune.redact import install_log_filter, redact, redact_text, redact_yaml_file
@@ -140,6 +143,10 @@ def main(cfg: DictConfig) -> float | None:
             logger.finish(exit_code=1)
         record_failure(output_dir, e)
         if not multirun:
+            if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                # bad data or settings: the message names the file, row and field; a traceback adds nothing
+                raise SystemExit(f"Error: {redact_text(str(e))}\n(traceback: {output_dir / 'summary.json'}; "
+                                 "HYDRA_FULL_ERROR=1 prints it here)") from None
             raise
         log.exception("job %s failed; the sweep goes on (recorded in %s)", hc.job.num, output_dir / "summary.json")
         return math.nan

@@ -29,7 +29,8 @@ def matryoshka_dims(dims, weights, size: int) -> list[tuple[int, float]]:
     """
     dims, weights = list(dims or []), list(weights or [])
     if len(weights) != len(dims):
-        raise ValueError(f"matryoshka.dims {dims} and matryoshka.weights {weights} must have the same length")
+        raise ValueError(f"matryoshka.dims {dims} and matryoshka.weights {weights} must have the same length: "
+                         f"give one weight per dim, e.g. matryoshka.weights=[{','.join(['1'] * len(dims))}]")
     if not dims:
         return [(size, 1.0)]
     if len(set(dims)) != len(dims):

@@ -252,7 +252,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     trained = distributed.wrap(model, proc, device)  # DDP: gradients averaged over processes at backward
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
     total = t.max_steps or t.epochs * len(loader)
-    warmup = max(1, math.ceil(t.warmup_ratio * total))
+    warmup = min(math.ceil(t.warmup_ratio * total), total - 1)  # the first step at lr 0 must not be the only one
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup))

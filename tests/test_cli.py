@@ -54,3 +54,28 @@ def test_a_failed_single_run_is_recorded_and_exits_with_the_error(tmp_path, tiny
     assert out.returncode == 1 and "need 0 < loss.min_temperature <= loss.max_temperature" in out.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("ValueError: need 0 < loss.min_temperature")
+
+
+def test_bad_data_is_one_error_line_naming_file_row_and_field(tmp_path, tiny_bert):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "a", "positive": "b"}\n{"query": "c"}\n')
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "logger=none", "data=jsonl",
+           f"data.path={data}", f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 1
+    assert f"Error: {data}:2: missing field 'positive' (row has ['query'])" in out.stderr
+    assert "Traceback" not in out.stderr  # it is kept in summary.json
+    assert "Traceback" in json.loads((run_dir / "summary.json").read_text())["traceback"]
+
+
+def test_a_one_step_run_trains_at_a_nonzero_learning_rate(tmp_path, tiny_bert):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "logger=none",
+           "data.max_train_pairs=8", "data.max_test_queries=4", "train.batch_size=4", "train.max_steps=1",
+           "eval.before=false", "eval.after=false", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/lr" in x]
+    assert logged[0]["step"] == 1 and logged[0]["train/lr"] == 2e-5  # no warm-up step at lr 0 when it is the only one
