@@ -55,10 +55,10 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
                      for k, v in batch.items()}
             if grad_cache:
                 loss = grad_cache_backward(model, batch, lambda e: compute_loss(
-                    model, batch, "scores", negatives, loss_fn, dims, embeddings=e), mini_batch_size, autocast)
+                    model, batch, "scores", negatives, loss_fn, dims, embeddings=e)[0], mini_batch_size, autocast)
             else:
                 with autocast:
-                    loss = compute_loss(model, batch, "scores", negatives, loss_fn, dims)
+                    loss, _ = compute_loss(model, batch, "scores", negatives, loss_fn, dims)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
