@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's embtune
-from harness import Side, batch_plan, median, pick_device, scifact_examples  # noqa: E402
+from harness import Side, alternate, batch_plan, median, pick_device, scifact_examples  # noqa: E402
 from sides import embtune_side  # noqa: E402
 
 
@@ -44,20 +44,11 @@ def main() -> None:
     common = dict(data=a.data, pairs="corpus", device=a.device, seed=a.seed, threads=a.threads)
     sides = {"grad_cache": Side(embtune_side, grad_cache=True, mini_batch_size=a.mini_batch_size, **common),
              "plain": Side(embtune_side, **common)}
-    runs: dict[str, list[dict]] = {n: [] for n in sides}
+    # plan 0, the warm-up, is one large batch's worth for each side
     plans = {"grad_cache": [[b] for b in big], "plain": [small[i * per:(i + 1) * per] for i in range(len(big))]}
-    try:
-        for name, side in sides.items():  # warm-up: one large batch's worth each
-            side.run(plans[name][0])
-        for r in range(a.rounds):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                runs[name].append(sides[name].run(plans[name][1 + r]))
-                x = runs[name][-1]
-                print(f"round {r + 1} {name:>10}: {1000 * x['seconds'] / x['pairs']:.1f} ms/pair, "
-                      f"peak RSS {x['peak_rss_gib']:.2f} GiB", flush=True)
-    finally:
-        for side in sides.values():
-            side.close()
+    runs = alternate(sides, plans, a.rounds, lambda r, name, x: print(
+        f"round {r + 1} {name:>10}: {1000 * x['seconds'] / x['pairs']:.1f} ms/pair, peak RSS {x['peak_rss_gib']:.2f} GiB",
+        flush=True))
     ms = {n: [1000 * x["seconds"] / x["pairs"] for x in rs] for n, rs in runs.items()}
     ratios = [g / q for g, q in zip(ms["grad_cache"], ms["plain"])]
     rss = {n: max(x["peak_rss_gib"] for x in rs) for n, rs in runs.items()}

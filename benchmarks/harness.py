@@ -123,6 +123,24 @@ class Side:
         self.proc.join(timeout=60)
 
 
+def alternate(sides: dict[str, Side], plans: dict[str, list], rounds: int, report) -> dict[str, list[dict]]:
+    """Warm each side up on ``plans[name][0]``, then run ``rounds`` timed rounds, round r on
+    ``plans[name][1 + r]``, the sides' order reversed every other round (neither always goes first on a
+    warm cache); ``report(r, name, stats)`` after each. Closes every side. Returns name -> stats per round."""
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    try:
+        for name, side in sides.items():
+            side.run(plans[name][0])
+        for r in range(rounds):
+            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                results[name].append(sides[name].run(plans[name][1 + r]))
+                report(r, name, results[name][-1])
+    finally:
+        for side in sides.values():
+            side.close()
+    return results
+
+
 def serve(conn, step, setup_stats: dict) -> None:
     """The child side of :class:`Side`: run ``step(indices) -> (loss, lengths)`` over each batch sent,
     answer timings, losses, real and padded token counts and memory."""

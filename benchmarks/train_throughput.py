@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's embtune
-from harness import Side, batch_plan, matmul_peak, median, pick_device, scifact_examples, train_flops  # noqa: E402
+from harness import (Side, alternate, batch_plan, matmul_peak, median, pick_device, scifact_examples,  # noqa: E402
+                     train_flops)
 from sides import embtune_side, st_side  # noqa: E402
 
 
@@ -42,21 +43,11 @@ def main() -> None:
     plan = batch_plan(examples, bs, a.warmup + a.rounds * a.steps, a.seed)
     common = dict(data=a.data, pairs="train", device=a.device, seed=a.seed, threads=a.threads)
     sides = {"embtune": Side(embtune_side, **common), "sentence-transformers": Side(st_side, **common)}
-    results: dict[str, list[dict]] = {name: [] for name in sides}
-    try:
-        for name, side in sides.items():
-            side.run(plan[:a.warmup])
-        for r in range(a.rounds):
-            batches = plan[a.warmup + r * a.steps: a.warmup + (r + 1) * a.steps]
-            order = list(sides) if r % 2 == 0 else list(sides)[::-1]
-            for name in order:
-                results[name].append(sides[name].run(batches))
-                res = results[name][-1]
-                print(f"round {r + 1} {name:>21}: {res['pairs'] / res['seconds']:7.2f} pairs/s "
-                      f"loss {res['losses'][-1]:.4f}", flush=True)
-    finally:
-        for side in sides.values():
-            side.close()
+    # one plan per side, the same batches: the warm-up, then a.steps batches per round
+    rounds = [plan[:a.warmup]] + [plan[a.warmup + r * a.steps: a.warmup + (r + 1) * a.steps] for r in range(a.rounds)]
+    results = alternate(sides, {name: rounds for name in sides}, a.rounds, lambda r, name, res: print(
+        f"round {r + 1} {name:>21}: {res['pairs'] / res['seconds']:7.2f} pairs/s loss {res['losses'][-1]:.4f}",
+        flush=True))
 
     peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     rate = {n: [x["pairs"] / x["seconds"] for x in rs] for n, rs in results.items()}
