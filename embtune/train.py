@@ -1,8 +1,8 @@
 """The training loop: one function, read top to bottom.
 
 ``train(cfg, output_dir, logger)`` builds data, format, negatives and loss from the config, checks
-they fit together (``embtune.preflight``, before any model loads), evaluates the base model, fine-tunes with AdamW and a
-linear warm-up/decay schedule, evaluates again and saves the model and ``summary.json``.
+they fit together (``embtune.preflight``, before any model loads), evaluates the base model, fine-tunes
+with AdamW and a linear warm-up/decay schedule, evaluates again and saves the model and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -235,7 +235,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if hasattr(loss_fn, "build"):
         prepare_classes(loss_fn, examples, model, evaluator.batch_size)
     loss_fn.to(device)
-    texts = text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length)
+    # summary.json's text counts: rank 0 writes the summary, so only it tokenises every text for them
+    texts = (text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length)
+             if main else None)
 
     # -- base metrics
     if state is not None:  # resumed: the base metrics were logged by the first run
