@@ -1,7 +1,8 @@
 """The two training sides of the benchmark, each run in its own process by ``harness.Side``.
 
 embtune: ``embtune.batching.collate`` -> ``embtune.train.compute_loss`` (or ``grad_cache_backward``) ->
-clip -> AdamW with embtune's parameter groups: the functions ``embtune.train.train`` calls.
+clip -> AdamW with embtune's parameter groups, inside ``embtune.kernels.fast_dropout`` on a CPU: the
+functions ``embtune.train.train`` calls.
 sentence-transformers: ``SentenceTransformer.tokenize`` -> ``MultipleNegativesRankingLoss(scale=20)`` ->
 clip -> AdamW: its own tokenisation, forward and loss.
 Both start from the bundled all-MiniLM-L6-v2 weights, the same seed, constant learning rate 2e-5.
@@ -32,6 +33,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
 
         from embtune.batching import collate
         from embtune.grad_cache import grad_cache_backward
+        from embtune.kernels import fast_dropout
         from embtune.losses.info_nce import InfoNCE
         from embtune.model import Embedder
         from embtune.negatives import InBatch
@@ -66,7 +68,8 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
             masks = [batch["query"]["attention_mask"], batch["positive"]["attention_mask"]]
             return loss.item(), [int(x) for m in masks for x in m.sum(1)], sum(m.numel() for m in masks)
 
-        serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model.encoder.config})
+        with fast_dropout(model, dev.type == "cpu"):  # as embtune.train with train.fast_dropout=true
+            serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model.encoder.config})
     except BaseException as e:  # noqa: BLE001 - the parent raises it
         conn.send(e)
 

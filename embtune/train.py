@@ -24,7 +24,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune import checkpoint, distributed
+from embtune import checkpoint, distributed, kernels
 from embtune.batching import make_loader
 from embtune.candidate_loss import candidate_loss
 from embtune.data.checks import make_examples, text_report
@@ -280,7 +280,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
             fingerprint=data.fingerprint, config=saved_config))
 
-    with progress_bar(total) as bar, checkpoint.StopOnSignal() as stop:
+    with (progress_bar(total) as bar, checkpoint.StopOnSignal() as stop,
+          kernels.fast_dropout(model, t.fast_dropout and device.type == "cpu")):
         while step < total:
             sampler.set_epoch(epoch, start=done)
             for idx, batch in loader:

@@ -1,0 +1,194 @@
+"""Faster dropout for training on a CPU: the same computation with fewer random draws and less memory.
+
+On a CPU, PyTorch's scaled-dot-product attention has no fused kernel with dropout, so training falls
+back to its math path: it writes the whole [B,H,T,T] attention matrix several times over and draws one
+Bernoulli variable per entry (a fifth of a MiniLM training step at batch 32 and 256 tokens goes to that
+draw alone). Here instead:
+
+- :func:`drop_mask` draws 64 random bits per four entries and drops an entry when its 16-bit slice is
+  below ``round(p * 65536)``: the drop probability is ``p`` rounded to a multiple of 2^-16 (0.1 ->
+  0.100006), and kept entries are scaled by the exact inverse of the keep probability, so the expected
+  output equals the input as in inverted dropout (Srivastava et al. 2014, JMLR 15).
+- :func:`attention` computes softmax(QKᵀ·scale + mask) with dropout, then the weighted sum of values, a
+  few sequences at a time (chunks of about 2^20 scores, which stay in cache) and recomputes the
+  probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the 1-byte keep mask.
+- :class:`Dropout` is ``nn.Dropout`` with that mask (1 byte per entry kept for backward, not 4).
+
+Off a CPU, without dropout (evaluation) or for anything unusual (causal or grouped-query attention,
+position biases) :func:`attention` is transformers' own SDPA path. :func:`fast_dropout` switches a model
+to these kernels for the length of a ``with`` block and back, so a saved model names plain SDPA.
+Measured with ``benchmarks/train_throughput.py`` (README, Performance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+NAME = "embtune_sdpa"  # the attention implementation transformers dispatches to while fast_dropout is on
+_CHUNK_SCORES = 1 << 20  # attention scores per chunk: 4 MiB in fp32, so a chunk's passes stay in cache
+
+
+def _threshold(p: float) -> int:
+    return min(65536, max(0, round(p * 65536)))
+
+
+def drop_mask(shape: tuple[int, ...], p: float) -> Tensor:
+    """A bool mask of ``shape``, each entry True (dropped) with probability ``round(p·65536)/65536``.
+
+    Draws from PyTorch's default CPU generator, so ``torch.manual_seed`` (and restoring its state, as
+    GradCache does) reproduces it.
+    """
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2 ** 63), 2 ** 63 - 1)
+    slices = bits.view(torch.int16)[:n]  # four uniform 16-bit values per draw, read as signed
+    return (slices < _threshold(p) - 32768).view(shape)
+
+
+def keep_scale(p: float) -> float:
+    """1 / P(keep) for :func:`drop_mask` at ``p``: scaling kept entries by it leaves the mean unchanged."""
+    return 65536 / (65536 - _threshold(p))
+
+
+class _DropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        dropped = drop_mask(tuple(x.shape), p)
+        ctx.save_for_backward(dropped)
+        ctx.scale = keep_scale(p)
+        return (x * ctx.scale).masked_fill_(dropped, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (dropped,) = ctx.saved_tensors
+        return (grad * ctx.scale).masked_fill_(dropped, 0), None
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` drawing its mask with :func:`drop_mask` in training on a CPU (any shape; the same
+    shape out). Elsewhere, or with p = 1 (everything dropped), it is ``nn.Dropout``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or _threshold(self.p) >= 65536:
+            return super().forward(x)
+        return _DropoutFn.apply(x, self.p)
+
+
+def _chunks(batch: int, per_row: int):
+    step = max(1, _CHUNK_SCORES // max(1, per_row))
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+def _probs(q: Tensor, k: Tensor, blocked: Tensor | None, bias: Tensor | None, rows: slice) -> Tensor:
+    scores = torch.matmul(q[rows], k[rows].transpose(-1, -2))  # q comes pre-scaled
+    if bias is not None:
+        scores.add_(bias[rows] if bias.shape[0] > 1 else bias)
+    if blocked is not None:  # finfo.min, not -inf: a fully masked row gets uniform weights, not NaN (as HF's eager path)
+        scores.masked_fill_(blocked[rows] if blocked.shape[0] > 1 else blocked, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1)
+
+
+class _AttentionFn(torch.autograd.Function):
+    """softmax(Q Kᵀ · scale + mask) with dropout, times V; q [B,H,Tq,d], k and v [B,H,Tk,d] -> [B,H,Tq,d].
+    ``blocked`` (bool, True = may not attend) or ``bias`` (additive float) broadcast to [B,H,Tq,Tk]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocked, bias, p, scale):
+        # contiguous once here, not a copy per chunk; the scale goes on q [B,H,Tq,d], not on the scores
+        q, k, v = (q * scale).contiguous(), k.contiguous(), v.contiguous()
+        b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        out = torch.empty(b, h, tq, v.shape[-1], dtype=q.dtype)
+        dropped = torch.empty(b, h, tq, tk, dtype=torch.bool)
+        for rows in _chunks(b, h * tq * tk):
+            probs = _probs(q, k, blocked, bias, rows)
+            dropped[rows] = mask = drop_mask(tuple(probs.shape), p)
+            out[rows] = torch.matmul(probs.masked_fill_(mask, 0), v[rows])
+        ctx.save_for_backward(q, k, v, blocked, bias, dropped)
+        ctx.scale, ctx.keep_scale = scale, keep_scale(p)
+        return out.mul_(ctx.keep_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, blocked, bias, dropped = ctx.saved_tensors  # q pre-scaled
+        grad = grad.contiguous() * ctx.keep_scale
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for rows in _chunks(q.shape[0], q.shape[1] * q.shape[2] * k.shape[2]):
+            probs = _probs(q, k, blocked, bias, rows)  # recomputed: nothing [B,H,T,T] was kept
+            dv[rows] = torch.matmul(probs.masked_fill(dropped[rows], 0).transpose(-1, -2), grad[rows])
+            d_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2)).masked_fill_(dropped[rows], 0)
+            d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
+            dq[rows] = torch.matmul(d_scores, k[rows])
+            dk[rows] = torch.matmul(d_scores.transpose(-1, -2), q[rows])
+        return dq.mul_(ctx.scale), dk, dv, None, None, None, None
+
+
+def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+              dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: query [B,H,Tq,d], key and value [B,H,Tk,d], mask
+    broadcastable to [B,1,Tq,Tk] (bool: True = attend; or additive float) -> ([B,Tq,H,d], None).
+
+    The chunked kernel above in training with dropout on a CPU for plain (bidirectional, one key head
+    per query head) attention; transformers' SDPA function otherwise.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain = (dropout > 0 and query.device.type == "cpu" and _threshold(dropout) < 65536
+             and not getattr(module, "is_causal", False) and getattr(module, "num_key_value_groups", 1) == 1
+             and key.shape[1] == query.shape[1] and not kwargs.get("is_causal")
+             and all(kwargs.get(k) is None for k in ("position_bias", "softcap", "sliding_window", "s_aux")))
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    blocked = bias = None
+    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.stride(-2) == 0:
+        # padding only (one row expanded over the queries): an additive row [B,1,1,Tk] is cheaper to apply
+        bias = torch.zeros(attention_mask[..., :1, :].shape, dtype=query.dtype).masked_fill_(
+            ~attention_mask[..., :1, :], torch.finfo(query.dtype).min)
+    elif attention_mask is not None and attention_mask.dtype == torch.bool:
+        blocked = ~attention_mask
+    elif attention_mask is not None:
+        bias = attention_mask
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = _AttentionFn.apply(query, key, value, blocked, bias, dropout, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as SDPA
+
+
+@contextlib.contextmanager
+def fast_dropout(model: nn.Module, enabled: bool = True):
+    """Within the block, ``model``'s SDPA attention runs :func:`attention` and its ``nn.Dropout`` layers
+    are :class:`Dropout`; both are put back on exit (even on error), so evaluation and saving see the
+    model as loaded. Models not on SDPA keep their attention; ``enabled=False`` changes nothing."""
+    if not enabled:
+        yield
+        return
+    _register()
+    configs = list({id(m.config): m.config for m in model.modules()
+                    if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}.values())
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                fast = Dropout(child.p, child.inplace)
+                fast.train(child.training)
+                setattr(parent, name, fast)
+                swapped.append((parent, name, child))
+    for c in configs:
+        c._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        for c in configs:
+            c._attn_implementation = "sdpa"
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
