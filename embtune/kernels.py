@@ -14,6 +14,11 @@ draw alone). Here instead:
   probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the 1-byte keep mask.
 - :class:`Dropout` is ``nn.Dropout`` with that mask (1 byte per entry kept for backward, not 4).
 
+For encoding (no gradients) on a CPU, :func:`fused_linear` runs every ``nn.Linear`` through oneDNN
+with prepacked weights and the bias added inside the matrix product, and a feed-forward block's exact
+(erf) GELU fused onto its first product (what ``torch.compile``'s CPU backend does for frozen weights):
+the same numbers, two passes fewer over each feed-forward activation.
+
 Off a CPU, without dropout (evaluation) or for anything unusual (causal or grouped-query attention,
 position biases) :func:`attention` is transformers' own SDPA path. :func:`fast_dropout` switches a model
 to these kernels for the length of a ``with`` block and back, so a saved model names plain SDPA.
@@ -191,4 +196,52 @@ def fast_dropout(model: nn.Module, enabled: bool = True):
         for c in configs:
             c._attn_implementation = "sdpa"
         for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+class _PackedLinear(nn.Module):
+    """``linear`` (weights prepacked for oneDNN) followed by ``post`` ("none" or "gelu": exact erf GELU)."""
+
+    def __init__(self, linear: nn.Linear, post: str):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias, self.post = linear.bias, post
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.detach() if self.bias is not None else None
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, self.post, [], "none" if self.post == "gelu" else "")
+
+
+def _exact_gelu(act) -> bool:
+    return getattr(act, "act", None) is torch.nn.functional.gelu or type(act) is nn.GELU and act.approximate == "none"
+
+
+@contextlib.contextmanager
+def fused_linear(model: nn.Module, enabled: bool = True):
+    """Within the block (meant for ``torch.no_grad`` encoding of fp32 CPU models), every ``nn.Linear`` of
+    ``model`` is a prepacked oneDNN product with its bias fused, and a feed-forward block's first product
+    (a module with ``dense`` and an exact-GELU ``intermediate_act_fn``: BERT, RoBERTa, XLM-R, MPNet, ...)
+    has the GELU fused too. Everything is put back on exit; the weights are read when the block starts,
+    so do not train inside it. Does nothing when ``enabled`` is false, oneDNN is missing, or any weight
+    is not an fp32 CPU tensor."""
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear]
+    usable = (enabled and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+              and all(c.weight.device.type == "cpu" and c.weight.dtype == torch.float32 for _, _, c in linears))
+    if not usable:
+        yield
+        return
+    acts = [(m, m.intermediate_act_fn) for m in model.modules()
+            if type(getattr(m, "dense", None)) is nn.Linear and _exact_gelu(getattr(m, "intermediate_act_fn", None))]
+    fused = {id(m.dense) for m, _ in acts}
+    for parent, name, child in linears:
+        setattr(parent, name, _PackedLinear(child, "gelu" if id(child) in fused else "none"))
+    for m, _ in acts:
+        m.intermediate_act_fn = nn.Identity()
+    try:
+        yield
+    finally:
+        for m, act in acts:
+            m.intermediate_act_fn = act
+        for parent, name, child in linears:
             setattr(parent, name, child)

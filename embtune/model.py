@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embtune import kernels
 from embtune.llm import apply_lora, enable_gradient_checkpointing, ensure_pad_token, position_ids, weight_dtype
 from embtune.llm import append_eos as _append_eos
 
@@ -250,11 +251,12 @@ class Embedder(nn.Module):
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         try:
-            for i in range(0, len(texts), batch_size):
-                idx = order[i:i + batch_size]
-                batch = self.tokenize([texts[j] for j in idx], max_length, kind)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                out[idx] = self(**batch, kind=kind).float().cpu().numpy()
+            with kernels.fused_linear(self, self.device.type == "cpu"):  # oneDNN: the same numbers, fewer passes
+                for i in range(0, len(texts), batch_size):
+                    idx = order[i:i + batch_size]
+                    batch = self.tokenize([texts[j] for j in idx], max_length, kind)
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    out[idx] = self(**batch, kind=kind).float().cpu().numpy()
         finally:
             self.train(was_training)
         return out

@@ -153,3 +153,21 @@ def test_grad_cache_still_equals_the_plain_computation_under_fast_dropout(model)
         got = _grads(model, loss_fn)
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
     assert got.keys() == ref.keys() and max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5
+
+
+def test_fused_linear_encodes_the_same_numbers_and_puts_the_layers_back(model):
+    texts = ["a short one", "a much longer text about proteins in cells", "x", "dna repair in yeast"]
+    with torch.no_grad():
+        want = model.eval()(**model.tokenize(texts)).numpy()  # plain layers
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    with K.fused_linear(model):
+        packed = [m for m in model.modules() if isinstance(m, K._PackedLinear)]
+        assert len(packed) == linears and not any(type(m) is nn.Linear for m in model.modules())
+        # one feed-forward block per layer gets its GELU fused; its activation step is then the identity
+        assert sum(m.post == "gelu" for m in packed) == model.encoder.config.num_hidden_layers
+        with torch.no_grad():
+            got = model(**model.tokenize(texts))
+    assert sum(type(m) is nn.Linear for m in model.modules()) == linears
+    assert not any(isinstance(m, (K._PackedLinear, nn.Identity)) for m in model.modules())
+    assert abs(got.numpy() - want).max() < 1e-6
+    assert abs(model.encode(texts) - want).max() < 1e-6
