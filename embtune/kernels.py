@@ -1,4 +1,4 @@
-"""Faster dropout for training on a CPU: the same computation with fewer random draws and less memory.
+"""CPU kernels: training with dropout and encoding, the same computation with fewer passes over memory.
 
 On a CPU, PyTorch's scaled-dot-product attention has no fused kernel with dropout, so training falls
 back to its math path: it writes the whole [B,H,T,T] attention matrix several times over and draws one
@@ -11,7 +11,7 @@ draw alone). Here instead:
   output equals the input as in inverted dropout (Srivastava et al. 2014, JMLR 15).
 - :func:`attention` computes softmax(QKᵀ·scale + mask) with dropout, then the weighted sum of values, a
   few sequences at a time (chunks of about 2^20 scores, which stay in cache) and recomputes the
-  probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the 1-byte keep mask.
+  probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the 1-byte drop mask.
 - :class:`Dropout` is ``nn.Dropout`` with that mask (1 byte per entry kept for backward, not 4).
 
 For encoding (no gradients) on a CPU, :func:`fused_linear` runs every ``nn.Linear`` through oneDNN
@@ -22,7 +22,8 @@ the same numbers, two passes fewer over each feed-forward activation.
 Off a CPU, without dropout (evaluation) or for anything unusual (causal or grouped-query attention,
 position biases) :func:`attention` is transformers' own SDPA path. :func:`fast_dropout` switches a model
 to these kernels for the length of a ``with`` block and back, so a saved model names plain SDPA.
-Measured with ``benchmarks/train_throughput.py`` (README, Performance).
+Measured with ``benchmarks/train_throughput.py`` and ``benchmarks/encode_throughput.py`` (README,
+Performance): training went from 0.77x sentence-transformers' pairs/s to 1.30x, at 55 % of its peak memory.
 """
 
 from __future__ import annotations
