@@ -209,6 +209,8 @@ class _PackedLinear(nn.Module):
         self.bias, self.post = linear.bias, post
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():  # the packed weight is a copy: gradients would never reach the real one
+            raise RuntimeError("embtune.kernels.fused_linear is for encoding under torch.no_grad(), not training")
         bias = self.bias.detach() if self.bias is not None else None
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, self.post, [], "none" if self.post == "gelu" else "")
 

@@ -167,6 +167,8 @@ def test_fused_linear_encodes_the_same_numbers_and_puts_the_layers_back(model):
         assert sum(m.post == "gelu" for m in packed) == model.encoder.config.num_hidden_layers
         with torch.no_grad():
             got = model(**model.tokenize(texts))
+        with pytest.raises(RuntimeError, match="no_grad"):  # training through a packed copy would lose gradients
+            model(**model.tokenize(texts))
     assert sum(type(m) is nn.Linear for m in model.modules()) == linears
     assert not any(isinstance(m, (K._PackedLinear, nn.Identity)) for m in model.modules())
     assert abs(got.numpy() - want).max() < 1e-6
