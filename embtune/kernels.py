@@ -141,11 +141,11 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    plain = (dropout > 0 and query.device.type == "cpu" and _threshold(dropout) < 65536
+    chunked = (dropout > 0 and query.device.type == "cpu" and _threshold(dropout) < 65536
              and not getattr(module, "is_causal", False) and getattr(module, "num_key_value_groups", 1) == 1
              and key.shape[1] == query.shape[1] and not kwargs.get("is_causal")
              and all(kwargs.get(k) is None for k in ("position_bias", "softcap", "sliding_window", "s_aux")))
-    if not plain:
+    if not chunked:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     blocked = bias = None
@@ -171,6 +171,27 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
+def _swapped(model: nn.Module, replacement):
+    """Inside the block, each child module for which ``replacement(parent, name, child)`` returns a module
+    is that module; every original is put back on exit, even on error."""
+    swaps = [(parent, name, child, new) for parent in list(model.modules())
+             for name, child in parent.named_children() if (new := replacement(parent, name, child)) is not None]
+    for parent, name, _, new in swaps:
+        setattr(parent, name, new)
+    try:
+        yield
+    finally:
+        for parent, name, child, _ in swaps:
+            setattr(parent, name, child)
+
+
+def _fast(parent: nn.Module, name: str, child: nn.Module) -> nn.Module | None:
+    if type(child) is not nn.Dropout:
+        return None
+    return Dropout(child.p, child.inplace).train(child.training)
+
+
+@contextlib.contextmanager
 def fast_dropout(model: nn.Module, enabled: bool = True):
     """Within the block, ``model``'s SDPA attention runs :func:`attention` and its ``nn.Dropout`` layers
     are :class:`Dropout`; both are put back on exit (even on error), so evaluation and saving see the
@@ -181,23 +202,14 @@ def fast_dropout(model: nn.Module, enabled: bool = True):
     _register()
     configs = list({id(m.config): m.config for m in model.modules()
                     if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}.values())
-    swapped = []
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Dropout:
-                fast = Dropout(child.p, child.inplace)
-                fast.train(child.training)
-                setattr(parent, name, fast)
-                swapped.append((parent, name, child))
-    for c in configs:
-        c._attn_implementation = NAME
-    try:
-        yield
-    finally:
+    with _swapped(model, _fast):
         for c in configs:
-            c._attn_implementation = "sdpa"
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+            c._attn_implementation = NAME
+        try:
+            yield
+        finally:
+            for c in configs:
+                c._attn_implementation = "sdpa"
 
 
 class _PackedLinear(nn.Module):
@@ -227,24 +239,19 @@ def fused_linear(model: nn.Module, enabled: bool = True):
     has the GELU fused too. Everything is put back on exit; the weights are read when the block starts,
     so do not train inside it. Does nothing when ``enabled`` is false, oneDNN is missing, or any weight
     is not an fp32 CPU tensor."""
-    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear]
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
     usable = (enabled and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-              and all(c.weight.device.type == "cpu" and c.weight.dtype == torch.float32 for _, _, c in linears))
+              and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears))
     if not usable:
         yield
         return
-    acts = [(m, m.intermediate_act_fn) for m in model.modules()
-            if type(getattr(m, "dense", None)) is nn.Linear and _exact_gelu(getattr(m, "intermediate_act_fn", None))]
-    fused = {id(m.dense) for m, _ in acts}
-    for parent, name, child in linears:
-        setattr(parent, name, _PackedLinear(child, "gelu" if id(child) in fused else "none"))
-    for m, _ in acts:
-        m.intermediate_act_fn = nn.Identity()
-    try:
+    fused = {id(m) for m in model.modules()  # feed-forward blocks whose GELU moves into their first product
+             if type(getattr(m, "dense", None)) is nn.Linear and _exact_gelu(getattr(m, "intermediate_act_fn", None))}
+
+    def packed(parent: nn.Module, name: str, child: nn.Module) -> nn.Module | None:
+        if type(child) is nn.Linear:
+            return _PackedLinear(child, "gelu" if name == "dense" and id(parent) in fused else "none")
+        return nn.Identity() if name == "intermediate_act_fn" and id(parent) in fused else None
+
+    with _swapped(model, packed):
         yield
-    finally:
-        for m, act in acts:
-            m.intermediate_act_fn = act
-        for parent, name, child in linears:
-            setattr(parent, name, child)
