@@ -238,7 +238,11 @@ def fused_linear(model: nn.Module, enabled: bool = True):
     (a module with ``dense`` and an exact-GELU ``intermediate_act_fn``: BERT, RoBERTa, XLM-R, MPNet, ...)
     has the GELU fused too. Everything is put back on exit; the weights are read when the block starts,
     so do not train inside it. Does nothing when ``enabled`` is false, oneDNN is missing, or any weight
-    is not an fp32 CPU tensor."""
+    is not an fp32 CPU tensor.
+
+    Raises:
+        RuntimeError: (from a swapped layer) a forward with gradients enabled inside the block.
+    """
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     usable = (enabled and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
               and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears))
