@@ -30,6 +30,29 @@ def test_info_nce_label_smoothing_hand_computed():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_symmetric_info_nce_hand_computed():
+    # reverse direction, τ = 0.1: logits [[9, 2], [1, 8]] (column j = anchor j against positive j's row)
+    # row 0: log1p(e^(2-9)); row 1: log1p(e^(1-8)); loss = mean of the two directions
+    forward = (math.log1p(math.exp(-8)) + math.log1p(math.exp(-6))) / 2
+    reverse = math.log1p(math.exp(-7))
+    loss = InfoNCE(temperature=0.1, symmetric=True)(SCORES, TARGET)
+    assert loss.item() == pytest.approx((forward + reverse) / 2, abs=1e-7)
+    assert loss.item() == pytest.approx(0.0011585058, abs=1e-7)
+
+
+def test_symmetric_reverse_reads_only_the_positives_columns_and_keeps_masks():
+    # anchor i's positive at column 2 - i; column 1 is a hard negative of no anchor;
+    # anchor 1 has anchor 0's positive masked (a false negative)
+    scores = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.4, float("-inf")]])
+    target = torch.tensor([2, 0])
+    tau = 0.5
+    # reverse rows: positive 0 (col 2) against anchors [0.9, -inf]; positive 1 (col 0) against [0.1, 0.3]
+    forward = InfoNCE(temperature=tau)(scores, target).item()
+    reverse = (0.0 + math.log1p(math.exp((0.1 - 0.3) / tau))) / 2
+    loss = InfoNCE(temperature=tau, symmetric=True)(scores, target)
+    assert loss.item() == pytest.approx((forward + reverse) / 2, rel=1e-6)
+
+
 def test_learnable_temperature_gets_a_gradient_and_is_clamped():
     loss_fn = InfoNCE(temperature=0.05, learnable=True, min_temperature=0.02, max_temperature=0.5)
     assert loss_fn.temperature == pytest.approx(0.05)
@@ -64,7 +87,8 @@ def test_padded_candidate_changes_nothing_even_with_label_smoothing():
         assert loss_fn(padded, TARGET).item() == pytest.approx(loss_fn(SCORES, TARGET).item(), abs=1e-7)
 
 
-def test_info_nce_gradcheck():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_gradcheck(symmetric):
     scores = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, -0.4]], dtype=torch.float64, requires_grad=True)
-    loss_fn = InfoNCE(temperature=0.5, label_smoothing=0.1)
+    loss_fn = InfoNCE(temperature=0.5, label_smoothing=0.1, symmetric=symmetric)
     assert torch.autograd.gradcheck(lambda s: loss_fn(s, TARGET), (scores,))

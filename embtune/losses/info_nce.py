@@ -18,11 +18,19 @@ class InfoNCE(nn.Module):
         loss = CE(scores / τ, target)   with label smoothing ε (Szegedy et al. 2016):
         q = (1-ε)·onehot(target) + ε/C
 
+    Symmetric (CLIP, Radford et al. 2021, §2.3 and Fig. 3; GTE, Li et al. 2023): the mean of the loss
+    above and of the same loss with the roles swapped, each positive scored against the batch's anchors:
+
+        loss = ½·CE(scores / τ, target) + ½·CE(scores[:, target]ᵀ / τ, arange(B))
+
     Args:
         temperature: τ > 0; logits = similarity / τ (τ = 0.05 is sentence-transformers' scale 20).
         label_smoothing: ε in [0, 1).
         learnable: learn log(1/τ) as a parameter (CLIP, Radford et al. 2021, §2.5), clamped so that
             τ stays in [min_temperature, max_temperature].
+        symmetric: also score each anchor's positive against the B anchors (documents find their
+            query). The columns ``target`` must be the anchors' positives, as every ``negatives`` option
+            gives them; candidates masked for anchor i (-inf) are masked for positive j's row too.
     Inputs:
         scores [B,C]: similarities (cosine when embeddings are normalised) of each anchor to C candidates.
         target [B]: int64 index of each anchor's positive among the candidates.
@@ -37,7 +45,7 @@ class InfoNCE(nn.Module):
     margin = None
 
     def __init__(self, temperature: float = 0.05, label_smoothing: float = 0.0, learnable: bool = False,
-                 min_temperature: float = 0.01, max_temperature: float = 1.0):
+                 min_temperature: float = 0.01, max_temperature: float = 1.0, symmetric: bool = False):
         super().__init__()
         temperature = positive("temperature", temperature)
         if not 0 <= label_smoothing < 1:
@@ -45,7 +53,7 @@ class InfoNCE(nn.Module):
         if not 0 < min_temperature <= max_temperature:
             raise ValueError(f"need 0 < loss.min_temperature <= loss.max_temperature, got "
                              f"{min_temperature}, {max_temperature}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.symmetric = label_smoothing, symmetric
         self.min_temperature, self.max_temperature = min_temperature, max_temperature
         log_inv = torch.tensor(math.log(1.0 / temperature))
         self.learnable = learnable
@@ -69,6 +77,14 @@ class InfoNCE(nn.Module):
         # temperature's gradient −inf·0 = NaN
         real = torch.isfinite(scores)
         logits = (scores.masked_fill(~real, 0) * self.inv_temperature()).masked_fill(~real, float("-inf"))
+        loss = self._cross_entropy(logits, target)
+        if self.symmetric:
+            # [B,B]: positive j (column target[j]) against anchor i; its own anchor is row j
+            reverse = logits[:, target].T
+            loss = (loss + self._cross_entropy(reverse, torch.arange(len(target), device=target.device))) / 2
+        return loss
+
+    def _cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.label_smoothing == 0:
             return F.cross_entropy(logits, target)
         # smoothing mass over the real candidates only: padded ones (-inf) would make it infinite
