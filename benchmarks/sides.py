@@ -45,7 +45,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         seed_all(seed)
         model = Embedder.from_pretrained(BUNDLED, pooling=Mean(), query_max_length=64,
                                          document_max_length=256).to(dev).train()
-        negatives, loss_fn, dims = InBatch(), InfoNCE(temperature=0.05), [(model.dim, 1.0)]
+        negatives, loss_fn, dims = InBatch(), InfoNCE(temperature=0.05, symmetric=False), [(model.dim, 1.0)]
         t = OmegaConf.create({"lr": LR, "weight_decay": WEIGHT_DECAY, "layerwise_lr_decay": 1.0})
         optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=LR, weight_decay=WEIGHT_DECAY)
         params = [p for g in optimizer.param_groups for p in g["params"]]

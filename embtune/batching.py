@@ -25,8 +25,9 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
     Returns a dict of tokenised columns (``{"input_ids", "attention_mask"}`` each) plus:
     ``scores``: ``negative`` [B·K texts], ``negative_mask`` [B,K] bool (only when group_size > 1),
     ``false_negative`` [B,C] bool, candidates (positives, then negatives) equal to the anchor's positive;
-    ``positive_key`` [B] and ``negative_key`` [B,K] int64 text keys (:func:`text_key`), to find such copies
-    among candidates from other processes or earlier batches;
+    ``positive_key`` [B], ``negative_key`` [B,K] and ``query_key`` [B] int64 text keys (:func:`text_key`),
+    to find such copies among candidates from other processes or earlier batches (and, for a symmetric
+    loss, copies of an anchor among the anchors);
     ``teacher_scores``: as ``scores``, plus ``teacher`` [B,1+K] float, the teacher's score of the
     positive (column 0) and of each negative (padding 0);
     ``pair_scores``: ``score`` [B] float; ``list_scores``: ``documents`` [B·L texts], ``teacher`` [B,L],
@@ -36,7 +37,8 @@ def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.R
     if kind in ("scores", "teacher_scores"):
         batch = {"query": model.tokenize([e.query for e in examples], q_len, "query"),
                  "positive": model.tokenize([e.positive for e in examples], d_len),
-                 "positive_key": torch.tensor([text_key(e.positive) for e in examples])}
+                 "positive_key": torch.tensor([text_key(e.positive) for e in examples]),
+                 "query_key": torch.tensor([text_key(e.query) for e in examples])}
         candidates = [e.positive for e in examples]
         if group_size > 1:
             texts, mask, scores = _sample_negatives(examples, group_size - 1, rng or random.Random(0))

@@ -23,7 +23,10 @@ def candidate_loss(encode: Callable[[str], Tensor], batch: dict, negatives, loss
       3. scores [B,C] from ``negatives``; a cross-batch memory (``negatives=cross_batch``) adds M columns;
       4. candidates whose text equals the anchor's positive (not its own column) score -inf;
       5. ``negatives=online_hard`` keeps the k hardest negatives per anchor;
-      6. loss = Σ_d w_d · loss_fn(scores_d, target) (Matryoshka; ``cut`` truncates to d);
+      6. loss = Σ_d w_d · loss_fn(scores_d, target) (Matryoshka; ``cut`` truncates to d); a symmetric
+         loss (``loss.symmetric``) also gets reverse [B,B'], this process's positives against the
+         anchors (of every process with cross-device negatives, gradient to each process's own); an
+         anchor whose text, or whose positive's text, equals that of positive j's own scores -inf in row j;
       7. the memory stores this step's documents, detached.
     """
     a = encode("query")
@@ -33,14 +36,21 @@ def candidate_loss(encode: Callable[[str], Tensor], batch: dict, negatives, loss
     mask, false_negative, offset = batch.get("negative_mask"), batch["false_negative"], 0
     pos_key = batch["positive_key"]
     keys = torch.cat([pos_key, batch["negative_key"].flatten()]) if n is not None else pos_key  # column order
+    symmetric = getattr(loss_fn, "symmetric", False)
+    own_p, anchors, anchor_keys = p, a, batch["query_key"]
     rank, world = distributed.world()
     if getattr(negatives, "cross_device", False) and world > 1:
+        if symmetric:
+            anchors, anchor_keys = distributed.gather(a), distributed.gather_no_grad(anchor_keys)
         p, keys = distributed.gather(p), distributed.gather_no_grad(pos_key)
         if n is not None:
             n, mask = distributed.gather(n), distributed.gather_no_grad(mask)
             keys = torch.cat([keys, distributed.gather_no_grad(batch["negative_key"]).flatten()])
         offset = rank * a.size(0)
         false_negative = _same_text(pos_key, keys, offset)
+    if symmetric:  # anchor k is no negative of positive j when it is j's query again, or k's positive is j's text
+        same_anchor = (_same_text(batch["query_key"], anchor_keys, offset)
+                       | _same_text(pos_key, keys[:anchors.size(0)], offset))
     memory = negatives.memory() if hasattr(negatives, "memory") else None
     if memory is not None:
         false_negative = torch.cat([false_negative, memory[1][None, :] == pos_key[:, None]], dim=1)
@@ -54,7 +64,10 @@ def candidate_loss(encode: Callable[[str], Tensor], batch: dict, negatives, loss
         if hasattr(negatives, "select"):
             scores = negatives.select(scores, target)
         count.append(torch.isfinite(scores).sum(1).float().mean().item())
-        return scores, target
+        if not symmetric:
+            return scores, target
+        reverse = (cut(own_p, d) @ cut(anchors, d).T).masked_fill(same_anchor, float("-inf"))
+        return scores, target, reverse
 
     loss = sum(w * loss_fn(*scored(d)) for d, w in dims)
     if hasattr(negatives, "remember"):
@@ -68,7 +81,8 @@ def candidate_loss(encode: Callable[[str], Tensor], batch: dict, negatives, loss
 
 
 def _same_text(pos_key: Tensor, keys: Tensor, offset: int) -> Tensor:
-    """[B,C] bool: candidate c has anchor i's positive's text but is not its column offset + i."""
+    """[B,C] bool: candidate c has the text of row i's key (anchor i's positive, or anchor i) but is not
+    its column offset + i."""
     same = keys[None, :] == pos_key[:, None]
     own = offset + torch.arange(pos_key.size(0), device=pos_key.device)
     return same.scatter(1, own[:, None], False)

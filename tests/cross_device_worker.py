@@ -1,8 +1,9 @@
 """Run by tests/test_cross_device.py: one training step's gradients with a loss over hard negatives.
 
-``python tests/cross_device_worker.py MODEL OUT``: one process, the whole batch of 4 examples.
-``torchrun --nproc_per_node 2 tests/cross_device_worker.py MODEL OUT``: two processes (gloo, CPU), each
-with 2 of the 4 examples, DDP and cross-device negatives; rank 0 writes the averaged gradients.
+``python tests/cross_device_worker.py MODEL OUT SYMMETRIC``: one process, the whole batch of 4 examples.
+``torchrun --nproc_per_node 2 tests/cross_device_worker.py MODEL OUT SYMMETRIC``: two processes (gloo,
+CPU), each with 2 of the 4 examples, DDP and cross-device negatives; rank 0 writes the averaged gradients.
+SYMMETRIC: ``1`` for InfoNCE in both directions, ``0`` for anchors to candidates only.
 """
 
 import random
@@ -28,11 +29,11 @@ EXAMPLES = [
 ]
 
 
-def main(model_dir: str, out: str) -> None:
+def main(model_dir: str, out: str, symmetric: str) -> None:
     d = distributed.setup("cpu")
     torch.manual_seed(0)
     model = Embedder.from_pretrained(model_dir, pooling=Mean()).eval()  # eval: no dropout, same maths everywhere
-    loss_fn = InfoNCE(temperature=0.05, learnable=True)
+    loss_fn = InfoNCE(temperature=0.05, learnable=True, symmetric=symmetric == "1")
     per = len(EXAMPLES) // d.world
     mine = EXAMPLES[d.rank * per:(d.rank + 1) * per]
     batch = collate(model, mine, "scores", group_size=3, rng=random.Random(0))
@@ -48,4 +49,4 @@ def main(model_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

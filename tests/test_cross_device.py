@@ -23,11 +23,12 @@ def _run(cmd, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_two_processes_give_the_single_process_gradient(tiny_bert, tmp_path):
+@pytest.mark.parametrize("symmetric", ["1", "0"], ids=["symmetric", "one-way"])
+def test_two_processes_give_the_single_process_gradient(tiny_bert, tmp_path, symmetric):
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
-    _run([sys.executable, str(WORKER), tiny_bert, str(single)], tmp_path)
+    _run([sys.executable, str(WORKER), tiny_bert, str(single), symmetric], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(WORKER), tiny_bert, str(multi)], tmp_path)
+          str(WORKER), tiny_bert, str(multi), symmetric], tmp_path)
     g1, g2 = torch.load(single), torch.load(multi)
     assert set(g1) == set(g2) and len(g1) > 10  # encoder weights and the learnable temperature
     worst = max((g1[k] - g2[k]).abs().max().item() for k in g1)

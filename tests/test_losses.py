@@ -15,7 +15,7 @@ def test_info_nce_hand_computed():
     # τ = 0.1: logits [[9, 1], [2, 8]]; -log softmax of the positive:
     # row 0: log(1 + e^(1-9)) = log1p(e^-8); row 1: log1p(e^(2-8)) = log1p(e^-6)
     expected = (math.log1p(math.exp(-8)) + math.log1p(math.exp(-6))) / 2  # = 0.00140554...
-    loss = InfoNCE(temperature=0.1)(SCORES, TARGET)
+    loss = InfoNCE(temperature=0.1, symmetric=False)(SCORES, TARGET)
     # float32 softmax: absolute error ~1e-7 on a value of ~1e-3
     assert loss.item() == pytest.approx(expected, abs=1e-7)
     assert loss.item() == pytest.approx(0.0014055455, abs=1e-7)
@@ -26,7 +26,7 @@ def test_info_nce_label_smoothing_hand_computed():
     # with log p_pos = -log1p(e^-Δ), log p_neg = -Δ - log1p(e^-Δ):  loss = log1p(e^-Δ) + ε/C·Δ
     # row 0: Δ = 8 -> 0.000335406 + 0.4 ; row 1: Δ = 6 -> 0.002475685 + 0.3
     expected = (math.log1p(math.exp(-8)) + 0.4 + math.log1p(math.exp(-6)) + 0.3) / 2  # = 0.35140554...
-    loss = InfoNCE(temperature=0.1, label_smoothing=0.1)(SCORES, TARGET)
+    loss = InfoNCE(temperature=0.1, label_smoothing=0.1, symmetric=False)(SCORES, TARGET)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -47,7 +47,7 @@ def test_symmetric_reverse_reads_only_the_positives_columns_and_keeps_masks():
     target = torch.tensor([2, 0])
     tau = 0.5
     # reverse rows: positive 0 (col 2) against anchors [0.9, -inf]; positive 1 (col 0) against [0.1, 0.3]
-    forward = InfoNCE(temperature=tau)(scores, target).item()
+    forward = InfoNCE(temperature=tau, symmetric=False)(scores, target).item()
     reverse = (0.0 + math.log1p(math.exp((0.1 - 0.3) / tau))) / 2
     loss = InfoNCE(temperature=tau, symmetric=True)(scores, target)
     assert loss.item() == pytest.approx((forward + reverse) / 2, rel=1e-6)

@@ -58,7 +58,7 @@ ONES = torch.ones(2, 1, dtype=torch.long)
 BATCH = {"query": {"input_ids": torch.tensor([[0], [1]]), "attention_mask": ONES},
          "positive": {"input_ids": torch.tensor([[2], [3]]), "attention_mask": ONES},
          "false_negative": torch.zeros(2, 2, dtype=torch.bool),
-         "positive_key": torch.tensor([0, 1])}  # distinct positive texts
+         "positive_key": torch.tensor([0, 1]), "query_key": torch.tensor([2, 3])}  # distinct texts
 
 
 def _loss(dims, weights):

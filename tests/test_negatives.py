@@ -52,3 +52,34 @@ def test_copies_of_the_positive_are_masked_as_false_negatives():
     assert mask.tolist() == [[False, True, False, False, False, True],
                              [True, False, False, False, False, True],
                              [False, False, False, False, False, False]]
+
+
+def test_symmetric_step_masks_anchors_that_share_the_query_or_the_positive(tiny_bert):
+    from embtune.batching import collate
+    from embtune.candidate_loss import candidate_loss
+    from embtune.formats import Example
+    from embtune.losses.info_nce import InfoNCE
+    from embtune.model import Embedder
+    from embtune.pooling import Mean
+
+    model = Embedder.from_pretrained(tiny_bert, pooling=Mean()).eval()
+    examples = [Example("q a", "doc x"), Example("q a", "doc y"),  # one query, two positives
+                Example("q b", "doc x"), Example("q c", "doc z")]  # doc x is the positive of q a and q b
+    batch = collate(model, examples, "scores")
+    loss, _ = candidate_loss(lambda c: model(**batch[c]), batch, InBatch(), InfoNCE(), [(32, 1.0)], lambda x, d: x)
+    with torch.no_grad():
+        a, p = model(**batch["query"]), model(**batch["positive"])
+    inf = float("-inf")
+    forward = (a @ p.T / 0.05).index_put_((torch.tensor([0, 2]), torch.tensor([2, 0])), torch.tensor(inf))
+    # doc x (row 0) is no negative for q a again (column 1) nor for q b (column 2); doc y for q a (column 0);
+    # doc x of row 2 for q a (column 0)
+    reverse = (p @ a.T / 0.05).index_put_((torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 0, 0])),
+                                          torch.tensor(inf))
+    target = torch.arange(4)
+    expected = (torch.nn.functional.cross_entropy(forward, target)
+                + torch.nn.functional.cross_entropy(reverse, target)) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    one_way = candidate_loss(lambda c: model(**batch[c]), batch, InBatch(), InfoNCE(symmetric=False),
+                             [(32, 1.0)], lambda x, d: x)[0]
+    assert one_way.item() == pytest.approx(torch.nn.functional.cross_entropy(forward, target).item(), rel=1e-5)
+    assert abs(loss.item() - one_way.item()) > 1e-3  # the reverse direction counts

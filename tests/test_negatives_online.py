@@ -68,7 +68,7 @@ def test_info_nce_over_the_kept_candidates():
     kept = OnlineHard(k=1).select(scores, torch.tensor([0]))
     tau = 0.1
     expected = -torch.log(torch.exp(torch.tensor(5.0)) / (torch.exp(torch.tensor(5.0)) + torch.exp(torch.tensor(3.0))))
-    assert InfoNCE(temperature=tau)(kept, torch.tensor([0])).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert InfoNCE(temperature=tau, symmetric=False)(kept, torch.tensor([0])).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_candidates_as_in_batch_or_with_data_negatives():

@@ -18,22 +18,29 @@ class InfoNCE(nn.Module):
         loss = CE(scores / τ, target)   with label smoothing ε (Szegedy et al. 2016):
         q = (1-ε)·onehot(target) + ε/C
 
-    Symmetric (CLIP, Radford et al. 2021, §2.3 and Fig. 3; GTE, Li et al. 2023): the mean of the loss
-    above and of the same loss with the roles swapped, each positive scored against the batch's anchors:
+    That is the loss with ``symmetric=False`` (sentence-transformers' MultipleNegativesRankingLoss).
+    The default is symmetric (CLIP, Radford et al. 2021, §2.3 and Fig. 3; GTE, Li et al. 2023): the mean
+    of the loss above and of the same loss with the roles swapped, each positive scored against the anchors
+    (better one-epoch SciFact NDCG@10 over seeds: README, Results):
 
-        loss = ½·CE(scores / τ, target) + ½·CE(scores[:, target]ᵀ / τ, arange(B))
+        loss = ½·CE(scores / τ, target) + ½·CE(reverse / τ, target),   reverse = scores[:, target]ᵀ
+        by default; the training step passes reverse itself when the anchors come from several
+        processes (cross-device negatives), so that each positive meets every anchor.
 
     Args:
         temperature: τ > 0; logits = similarity / τ (τ = 0.05 is sentence-transformers' scale 20).
         label_smoothing: ε in [0, 1).
         learnable: learn log(1/τ) as a parameter (CLIP, Radford et al. 2021, §2.5), clamped so that
             τ stays in [min_temperature, max_temperature].
-        symmetric: also score each anchor's positive against the B anchors (documents find their
+        symmetric: also score each anchor's positive against the anchors (documents find their
             query). The columns ``target`` must be the anchors' positives, as every ``negatives`` option
-            gives them; candidates masked for anchor i (-inf) are masked for positive j's row too.
+            gives them.
     Inputs:
         scores [B,C]: similarities (cosine when embeddings are normalised) of each anchor to C candidates.
         target [B]: int64 index of each anchor's positive among the candidates.
+        reverse [B,B'] (symmetric only, optional): positive i against B' >= B anchors, its own anchor at
+            column target[i]; default scores[:, target]ᵀ (B' = B, own anchor at column i; where scores
+            masks positive j for anchor i, reverse masks anchor i for positive j).
         Candidates scored -inf (padding) take no part, also not in the smoothing.
     Raises:
         ValueError: τ <= 0, ε outside [0, 1), or min/max temperature out of order.
@@ -45,7 +52,7 @@ class InfoNCE(nn.Module):
     margin = None
 
     def __init__(self, temperature: float = 0.05, label_smoothing: float = 0.0, learnable: bool = False,
-                 min_temperature: float = 0.01, max_temperature: float = 1.0, symmetric: bool = False):
+                 min_temperature: float = 0.01, max_temperature: float = 1.0, symmetric: bool = True):
         super().__init__()
         temperature = positive("temperature", temperature)
         if not 0 <= label_smoothing < 1:
@@ -71,18 +78,20 @@ class InfoNCE(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.inv_temperature().detach())
 
-    def forward(self, scores: Tensor, target: Tensor) -> Tensor:
+    def forward(self, scores: Tensor, target: Tensor, reverse: Tensor | None = None) -> Tensor:
+        loss = self._cross_entropy(self._logits(scores), target)
+        if not self.symmetric:
+            return loss
+        if reverse is None:  # positive j (column target[j]) against anchor i; its own anchor is column j
+            reverse, target = scores[:, target].T, torch.arange(len(target), device=target.device)
+        return (loss + self._cross_entropy(self._logits(reverse), target)) / 2
+
+    def _logits(self, scores: Tensor) -> Tensor:
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         # masked candidates (-inf) are multiplied as 0 and masked again: -inf·1/τ would make the learnable
         # temperature's gradient −inf·0 = NaN
         real = torch.isfinite(scores)
-        logits = (scores.masked_fill(~real, 0) * self.inv_temperature()).masked_fill(~real, float("-inf"))
-        loss = self._cross_entropy(logits, target)
-        if self.symmetric:
-            # [B,B]: positive j (column target[j]) against anchor i; its own anchor is row j
-            reverse = logits[:, target].T
-            loss = (loss + self._cross_entropy(reverse, torch.arange(len(target), device=target.device))) / 2
-        return loss
+        return (scores.masked_fill(~real, 0) * self.inv_temperature()).masked_fill(~real, float("-inf"))
 
     def _cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.label_smoothing == 0:

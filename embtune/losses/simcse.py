@@ -20,10 +20,15 @@ class SimCSE(InfoNCE):
     Input kind "scores"; data formats: any that has anchor texts (pointwise, pairwise, triplet, ...);
     only the anchors are read, positives and negatives in the data are ignored. Needs no negatives.
 
-    Args, inputs, raises: as ``InfoNCE`` (temperature 0.05, label_smoothing 0, learnable False).
+    Args, inputs, raises: as ``InfoNCE`` (temperature 0.05, label_smoothing 0, learnable False), except
+    that ``symmetric`` is off by default, as in the paper.
     """
 
     name = "simcse"
     input_kind = "scores"
     needs_negatives = False
     same_text_positive = True
+
+    def __init__(self, temperature: float = 0.05, label_smoothing: float = 0.0, learnable: bool = False,
+                 min_temperature: float = 0.01, max_temperature: float = 1.0, symmetric: bool = False):
+        super().__init__(temperature, label_smoothing, learnable, min_temperature, max_temperature, symmetric)
