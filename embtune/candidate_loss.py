@@ -80,9 +80,9 @@ def candidate_loss(encode: Callable[[str], Tensor], batch: dict, negatives, loss
     return loss, {"train/candidates": count[0]}
 
 
-def _same_text(pos_key: Tensor, keys: Tensor, offset: int) -> Tensor:
+def _same_text(row_key: Tensor, keys: Tensor, offset: int) -> Tensor:
     """[B,C] bool: candidate c has the text of row i's key (anchor i's positive, or anchor i) but is not
     its column offset + i."""
-    same = keys[None, :] == pos_key[:, None]
-    own = offset + torch.arange(pos_key.size(0), device=pos_key.device)
+    same = keys[None, :] == row_key[:, None]
+    own = offset + torch.arange(row_key.size(0), device=row_key.device)
     return same.scatter(1, own[:, None], False)
