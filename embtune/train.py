@@ -8,6 +8,7 @@ with AdamW and a linear warm-up/decay schedule, evaluates again and saves the mo
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune import checkpoint, distributed, kernels
@@ -168,9 +169,20 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     return metrics
 
 
-def _build(node: DictConfig):
-    """``instantiate``, but a loader's own error (naming file, row, field) is raised as it is, not
-    wrapped in Hydra's InstantiationException."""
+def _build(cfg: DictConfig, group: str):
+    """``instantiate(cfg[group])``, but a loader's own error (naming file, row, field) is raised as it is,
+    not wrapped in Hydra's InstantiationException.
+
+    Raises:
+        ValueError: a ``bool`` parameter set to anything but true/false (``loss.symmetric=maybe`` would
+            otherwise count as true), named as ``group.key``.
+    """
+    node = cfg[group]
+    if node.get("_target_"):
+        params = inspect.signature(get_object(node._target_)).parameters
+        for key, value in node.items():
+            if key in params and params[key].annotation in (bool, "bool") and not isinstance(value, bool):
+                raise ValueError(f"{group}.{key} must be true or false, got {value!r}")
     try:
         return instantiate(node)
     except InstantiationException as e:
@@ -208,10 +220,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
-    data = data if data is not None else _build(cfg.data)
-    data_format, negatives, loss_fn = _build(cfg.data_format), _build(cfg.negatives), _build(cfg.loss)
-    evaluator = _build(cfg.eval)
-    teacher = _build(cfg.teacher) if cfg.get("teacher") else None
+    data = data if data is not None else _build(cfg, "data")
+    data_format, negatives, loss_fn = _build(cfg, "data_format"), _build(cfg, "negatives"), _build(cfg, "loss")
+    evaluator = _build(cfg, "eval")
+    teacher = _build(cfg, "teacher") if cfg.get("teacher") else None
     kind = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)
     examples, row_of = make_examples(data, data_format, loss_fn, kind)
     if teacher is not None:

@@ -132,6 +132,8 @@ def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
     (["loss=cosent"], r"loss=cosent takes pair_scores examples, but data_format=pairwise"),
     (["loss=listwise", "data_format=triplet"], r"loss=listwise .* data_format=triplet"),
     ([*SCORED, "loss=info_nce"], r"loss=info_nce takes scores examples, but data_format=scored_pairs"),
+    (["loss.symmetric=maybe"], r"loss.symmetric must be true or false, got 'maybe'"),
+    (["negatives.cross_device=1"], r"negatives.cross_device must be true or false, got 1"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
