@@ -48,9 +48,8 @@ def candidate_loss(encode: Callable[[str], Tensor], batch: dict, negatives, loss
             keys = torch.cat([keys, distributed.gather_no_grad(batch["negative_key"]).flatten()])
         offset = rank * a.size(0)
         false_negative = _same_text(pos_key, keys, offset)
-    if symmetric:  # anchor k is no negative of positive j when it is j's query again, or k's positive is j's text
-        same_anchor = (_same_text(batch["query_key"], anchor_keys, offset)
-                       | _same_text(pos_key, keys[:anchors.size(0)], offset))
+    if symmetric:  # anchor k is no negative of positive j when k's positive is j's text (as above) or k is j's query
+        same_anchor = false_negative[:, :anchors.size(0)] | _same_text(batch["query_key"], anchor_keys, offset)
     memory = negatives.memory() if hasattr(negatives, "memory") else None
     if memory is not None:
         false_negative = torch.cat([false_negative, memory[1][None, :] == pos_key[:, None]], dim=1)

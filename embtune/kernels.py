@@ -142,9 +142,9 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     chunked = (dropout > 0 and query.device.type == "cpu" and _threshold(dropout) < 65536
-             and not getattr(module, "is_causal", False) and getattr(module, "num_key_value_groups", 1) == 1
-             and key.shape[1] == query.shape[1] and not kwargs.get("is_causal")
-             and all(kwargs.get(k) is None for k in ("position_bias", "softcap", "sliding_window", "s_aux")))
+               and not getattr(module, "is_causal", False) and getattr(module, "num_key_value_groups", 1) == 1
+               and key.shape[1] == query.shape[1] and not kwargs.get("is_causal")
+               and all(kwargs.get(k) is None for k in ("position_bias", "softcap", "sliding_window", "s_aux")))
     if not chunked:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
