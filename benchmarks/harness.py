@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from embtune.formats import Example
-from embtune.sampler import NoDuplicatesBatchSampler
+from embtune.data.formats import Example
+from embtune.data.sampler import NoDuplicatesBatchSampler
 
 BUNDLED = "sentence-transformers/all-MiniLM-L6-v2"
 

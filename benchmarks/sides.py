@@ -1,8 +1,8 @@
 """The two training sides of the benchmark, each run in its own process by ``harness.Side``.
 
-embtune: ``embtune.batching.collate`` -> ``embtune.train.compute_loss`` (or ``grad_cache_backward``) ->
-clip -> AdamW with embtune's parameter groups, inside ``embtune.kernels.fast_dropout`` on a CPU: the
-functions ``embtune.train.train`` calls.
+embtune: ``embtune.data.batching.collate`` -> ``embtune.recipes.finetune.compute_loss`` (or ``grad_cache_backward``) ->
+clip -> AdamW with embtune's parameter groups, inside ``embtune.model.kernels.fast_dropout`` on a CPU: the
+functions ``embtune.recipes.finetune.train`` calls.
 sentence-transformers: ``SentenceTransformer.tokenize`` -> ``MultipleNegativesRankingLoss(scale=20)`` ->
 clip -> AdamW: its own tokenisation, forward and loss.
 Both start from the bundled all-MiniLM-L6-v2 weights, the same seed, constant learning rate 2e-5.
@@ -31,14 +31,14 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         torch.set_num_threads(threads)
         from omegaconf import OmegaConf
 
-        from embtune.batching import collate
-        from embtune.grad_cache import grad_cache_backward
-        from embtune.kernels import fast_dropout
+        from embtune.data.batching import collate
+        from embtune.training.grad_cache import grad_cache_backward
+        from embtune.model.kernels import fast_dropout
         from embtune.losses.info_nce import InfoNCE
-        from embtune.model import Embedder
-        from embtune.negatives import InBatch
-        from embtune.pooling import Mean
-        from embtune.train import compute_loss, param_groups
+        from embtune.model.embedder import Embedder
+        from embtune.negatives.in_batch import InBatch
+        from embtune.model.pooling import Mean
+        from embtune.recipes.finetune import compute_loss, param_groups
 
         dev = pick_device(device)
         examples = scifact_examples(data, pairs)
@@ -68,7 +68,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
             masks = [batch["query"]["attention_mask"], batch["positive"]["attention_mask"]]
             return loss.item(), [int(x) for m in masks for x in m.sum(1)], sum(m.numel() for m in masks)
 
-        with fast_dropout(model, dev.type == "cpu"):  # as embtune.train with train.fast_dropout=true
+        with fast_dropout(model, dev.type == "cpu"):  # as embtune.recipes.finetune with train.fast_dropout=true
             serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model.encoder.config})
     except BaseException as e:  # noqa: BLE001 - the parent raises it
         conn.send(e)

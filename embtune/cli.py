@@ -1,4 +1,4 @@
-"""The ``embtune`` command: a thin Hydra entry around :func:`embtune.train.train`."""
+"""The ``embtune`` command: a thin Hydra entry around :func:`embtune.recipes.finetune.train`."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def record_failure(folder: Path, error: BaseException) -> None:
         summary = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
         summary = {}
-    from embtune.redact import redact_text
+    from embtune.run.redact import redact_text
 
     summary.update(status="failed", error=redact_text(f"{type(error).__name__}: {error}"),
                    traceback=redact_text("".join(traceback.format_exception(error))))
@@ -106,9 +106,9 @@ def main(cfg: DictConfig) -> float | None:
     failed). A single run exits after recording it: with ``Error: <message>`` for bad input or settings
     (``USER_ERRORS``), else with the exception.
     """
-    from embtune.distributed import teardown
-    from embtune.redact import install_log_filter, redact, redact_text, redact_yaml_file
-    from embtune.stages import run
+    from embtune.training.distributed import teardown
+    from embtune.run.redact import install_log_filter, redact, redact_text, redact_yaml_file
+    from embtune.recipes.two_stage import run
 
     install_log_filter()  # before anything is logged: no API key or token in the console or cli.log
     hc = HydraConfig.get()
@@ -161,7 +161,7 @@ def main(cfg: DictConfig) -> float | None:
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
     """The config of the checkpoint being resumed (what the run will use); command-line settings other
     than ``resume_from`` and ``logger`` are ignored, with a warning."""
-    from embtune import checkpoint
+    from embtune.training import checkpoint
 
     state, _ = checkpoint.load(cfg.resume_from)
     ignored = [o for o in overrides if not o.lstrip("+~").startswith(("resume_from=", "logger"))]

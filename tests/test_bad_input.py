@@ -11,7 +11,7 @@ from conftest import CONF
 from embtune.data.beir import load_beir
 from embtune.data.checks import check_label_range
 from embtune.data.files import load_hf, load_jsonl
-from embtune.formats import Pairwise, ScoredPairs
+from embtune.data.formats import Pairwise, ScoredPairs
 from embtune.losses.pointwise_bce import PointwiseBCE
 
 
@@ -182,8 +182,8 @@ AWKWARD = [
 
 
 def test_awkward_text_trains_evaluates_and_is_counted(tmp_path, tiny_bert):
-    from embtune.logger import RunLogger
-    from embtune.train import train
+    from embtune.run.logger import RunLogger
+    from embtune.recipes.finetune import train
 
     path = _file(tmp_path, "awkward.jsonl", _jsonl(AWKWARD))
     corpus = [{"_id": "d1", "text": ""}, {"_id": "d2", "text": "🚀 launch"}, {"_id": "d3", "text": "機器"},

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from embtune.preflight import check_compatible
+from embtune.config import check_compatible
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
 OVERLAYS = {"hparams_search"}  # `# @package _global_` files: they change other groups, build nothing
@@ -41,7 +41,7 @@ def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_pa
     model = request.getfixturevalue("tiny_llama") if (group, option) == ("model", "llm") else tiny_bert
     cfg = _compose([f"{group}={option}", f"model.name_or_path={model}", *needs])
     if group == "experiment":  # an overlay at the top level: every stage's components must build
-        from embtune.stages import stage_configs
+        from embtune.recipes.two_stage import stage_configs
 
         for stage in stage_configs(cfg, tiny_bert):
             for part in ("data_format", "loss", "negatives"):
@@ -106,7 +106,7 @@ def test_hard_negatives_without_negatives_in_the_data_fail_naming_both():
 
 
 def test_incompatible_combination_fails_before_the_model_loads(tmp_path):
-    from embtune.train import train
+    from embtune.recipes.finetune import train
 
     cfg = _compose(["negatives=hard", "data_format=pairwise", "model.name_or_path=/nonexistent/model",
                     "data.max_train_pairs=8", "data.max_test_queries=4"])
@@ -117,11 +117,11 @@ def test_incompatible_combination_fails_before_the_model_loads(tmp_path):
 
 def test_llm_defaults_to_last_token_pooling_with_lora_and_eos():
     cfg = _compose(["model=llm", "model.name_or_path=some/llm"])
-    assert cfg.pooling._target_ == "embtune.pooling.LastToken"
+    assert cfg.pooling._target_ == "embtune.model.pooling.LastToken"
     assert cfg.model.append_eos is True and cfg.model.lora.r == 16 and cfg.model.gradient_checkpointing is True
-    assert _compose(["pooling=mean", "model=llm", "model.name_or_path=x"]).pooling._target_ == "embtune.pooling.Mean"
+    assert _compose(["pooling=mean", "model=llm", "model.name_or_path=x"]).pooling._target_ == "embtune.model.pooling.Mean"
     assert _compose(["model=llm", "model.name_or_path=x", "model.lora=null"]).model.lora is None
-    assert _compose([]).pooling._target_ == "embtune.pooling.Mean"  # the encoder keeps mean pooling
+    assert _compose([]).pooling._target_ == "embtune.model.pooling.Mean"  # the encoder keeps mean pooling
 
 
 def test_llm_needs_a_model_name():

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from embtune.batching import collate, text_key
-from embtune.candidate_loss import candidate_loss
-from embtune.cross_batch import CrossBatch
-from embtune.formats import Example
+from embtune.data.batching import collate, text_key
+from embtune.objectives.candidates import candidate_loss
+from embtune.negatives.cross_batch import CrossBatch
+from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
 
 
@@ -50,8 +50,8 @@ def test_bad_settings_are_refused(kwargs):
 
 
 def test_memory_scores_join_the_candidates_and_copies_of_the_positive_are_masked(tiny_bert):
-    from embtune.model import Embedder
-    from embtune.pooling import Mean
+    from embtune.model.embedder import Embedder
+    from embtune.model.pooling import Mean
 
     model = Embedder.from_pretrained(tiny_bert, pooling=Mean()).eval()
     xbm, loss_fn = CrossBatch(queue_size=10, warmup_steps=0), InfoNCE(symmetric=False)

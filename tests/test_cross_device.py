@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from embtune import distributed
-from embtune.distributed import ShardedBatchSampler
-from embtune.sampler import NoDuplicatesBatchSampler
+from embtune.training import distributed
+from embtune.training.distributed import ShardedBatchSampler
+from embtune.data.sampler import NoDuplicatesBatchSampler
 
 WORKER = REPO / "tests" / "cross_device_worker.py"
 

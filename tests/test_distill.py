@@ -9,12 +9,12 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import DATA
-from embtune.batching import collate
-from embtune.distill import CrossEncoderTeacher, check_distillation, score_examples
-from embtune.formats import Example, MultiNegative, Triplet
+from embtune.data.batching import collate
+from embtune.model.cross_encoder import CrossEncoderTeacher, check_distillation, score_examples
+from embtune.data.formats import Example, MultiNegative, Triplet
 from embtune.losses.distill_kl import DistillKL
 from embtune.losses.margin_mse import MarginMSE
-from embtune.negatives import Hard, InBatch
+from embtune.negatives.in_batch import Hard, InBatch
 
 NLI = DATA / "triplets" / "flagembedding_nli_example.jsonl"
 
@@ -91,8 +91,8 @@ def test_scores_of_the_wrong_length_name_file_row_and_field():
 
 
 def test_sampled_negatives_carry_their_own_teacher_scores(tiny_bert):
-    from embtune.model import Embedder
-    from embtune.pooling import Mean
+    from embtune.model.embedder import Embedder
+    from embtune.model.pooling import Mean
 
     model = Embedder.from_pretrained(tiny_bert, pooling=Mean())
     examples = [Example("q", "p", ("n1", "n2", "n3"), 9.0, (1.0, 2.0, 3.0)),
@@ -170,7 +170,7 @@ def test_a_distillation_loss_without_scores_fails_before_the_model_loads(tmp_pat
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF
-    from embtune.train import train
+    from embtune.recipes.finetune import train
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from embtune.data import RetrievalSet
-from embtune.evaluate import evaluate_retrieval, retrieval_metrics, search, sts_spearman
+from embtune.eval.metrics import evaluate_retrieval, retrieval_metrics, search, sts_spearman
 
 KEYS = {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
 

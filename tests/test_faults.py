@@ -21,11 +21,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-import embtune.train as train_module
+import embtune.recipes.finetune as train_module
 from conftest import CONF, DATA, REPO
-from embtune import checkpoint
-from embtune.numerics import finite_or_missing
-from embtune.logger import RunLogger
+from embtune.training import checkpoint
+from embtune.training.numerics import finite_or_missing
+from embtune.run.logger import RunLogger
 
 TOY = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"  # 10 rows, 1-8 negatives each
 N, EVERY = 8, 2
@@ -98,8 +98,8 @@ def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straigh
 CHILD = textwrap.dedent("""
     import json, os, sys
     from hydra import compose, initialize_config_dir
-    import embtune.train as T
-    from embtune.logger import RunLogger
+    import embtune.recipes.finetune as T
+    from embtune.run.logger import RunLogger
 
     sig, at, run_dir, conf, overrides = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
     real, calls = T.compute_loss, []
@@ -306,7 +306,7 @@ def test_low_temperatures_keep_loss_and_gradients_finite(name, tau):
 
 
 def test_a_metric_that_cannot_be_computed_is_missing_not_nan(tmp_path):
-    from embtune.evaluate import sts_spearman
+    from embtune.eval.metrics import sts_spearman
 
     same = torch.ones(4, 3)  # every cosine equal: Spearman is undefined
     assert sts_spearman(same, same, [0.0, 1.0, 2.0, 3.0]) is None
@@ -342,7 +342,7 @@ def test_no_token_lands_in_logs_configs_wandb_or_the_model(tiny_bert, tmp_path):
 
 
 def test_redact_masks_secret_keys_token_shapes_and_env_values(monkeypatch):
-    from embtune.redact import redact
+    from embtune.run.redact import redact
 
     monkeypatch.setenv("MY_SERVICE_TOKEN", "s3cr3t-value-123")
     cfg = {"model": {"name_or_path": "org/model", "trust_remote_code": False, "query_max_length": 64},
@@ -355,7 +355,7 @@ def test_redact_masks_secret_keys_token_shapes_and_env_values(monkeypatch):
 def test_redacted_hydra_yaml_still_loads_and_keeps_ordinary_keys(tmp_path):
     import yaml
 
-    from embtune.redact import redact_yaml_file
+    from embtune.run.redact import redact_yaml_file
 
     path = tmp_path / "config.yaml"
     path.write_text("train:\n  cache_tokens: true\n  max_tokens: 8\nhydra:\n  job:\n    env_set:\n"
@@ -371,6 +371,6 @@ def test_remote_code_is_off_by_default():
     assert cfg.model.trust_remote_code is False
     import inspect
 
-    from embtune.model import Embedder
+    from embtune.model.embedder import Embedder
 
     assert inspect.signature(Embedder.from_pretrained).parameters["trust_remote_code"].default is False

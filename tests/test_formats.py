@@ -2,7 +2,7 @@
 
 import pytest
 
-from embtune.formats import Example, Pairwise, Triplet
+from embtune.data.formats import Example, Pairwise, Triplet
 
 
 def test_pairwise_expands_a_list_of_positives():

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-import embtune.grad_cache as gc
-from embtune.batching import collate
-from embtune.formats import Example
+import embtune.training.grad_cache as gc
+from embtune.data.batching import collate
+from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
-from embtune.model import Embedder
-from embtune.negatives import Hard, InBatch
-from embtune.pooling import Mean
-from embtune.train import compute_loss
+from embtune.model.embedder import Embedder
+from embtune.negatives.in_batch import Hard, InBatch
+from embtune.model.pooling import Mean
+from embtune.recipes.finetune import compute_loss
 
 TEXTS = ["a short one", "a somewhat longer text about proteins and cells", "x",
          "gene expression in mice under stress, measured over weeks", "dna", "the cat sat on the mat today",

@@ -1,4 +1,4 @@
-"""embtune.kernels: the CPU dropout mask's rate, and attention and dropout that equal the textbook
+"""embtune.model.kernels: the CPU dropout mask's rate, and attention and dropout that equal the textbook
 formulas (forward and every gradient) when given the same mask; the model-level switch and its undoing."""
 
 import random
@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-import embtune.kernels as K
-from embtune.batching import collate
-from embtune.grad_cache import grad_cache_backward
+import embtune.model.kernels as K
+from embtune.data.batching import collate
+from embtune.training.grad_cache import grad_cache_backward
 from embtune.losses.info_nce import InfoNCE
-from embtune.model import Embedder
-from embtune.negatives import Hard
-from embtune.pooling import Mean
-from embtune.train import compute_loss
+from embtune.model.embedder import Embedder
+from embtune.negatives.in_batch import Hard
+from embtune.model.pooling import Mean
+from embtune.recipes.finetune import compute_loss
 
 
 def test_the_drop_rate_is_p_rounded_to_a_multiple_of_2_to_the_minus_16_and_seeded():

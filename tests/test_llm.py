@@ -9,11 +9,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
-from embtune import pooling
-from embtune.llm import append_eos, enable_gradient_checkpointing
-from embtune.logger import RunLogger
-from embtune.model import Embedder, load_encoder
-from embtune.train import train
+from embtune.model import pooling
+from embtune.model.llm import append_eos, enable_gradient_checkpointing
+from embtune.run.logger import RunLogger
+from embtune.model.embedder import Embedder, load_encoder
+from embtune.recipes.finetune import train
 
 POOLINGS = {"mean": pooling.Mean, "weighted_mean": pooling.WeightedMean, "max": pooling.Max,
             "cls": pooling.CLS, "last_token": pooling.LastToken}
@@ -164,7 +164,7 @@ def test_llm_trains_with_last_token_pooling(tmp_path, tiny_llm, lora, checkpoint
     summary, cfg = _run(tmp_path, tiny_llm, [f"model.gradient_checkpointing={checkpointing}",
                                              *([] if lora else ["model.lora=null"])])
     assert summary["steps"] == 3 and all(np.isfinite(_losses(tmp_path)))
-    assert cfg.pooling._target_ == "embtune.pooling.LastToken"  # model=llm's default pooling
+    assert cfg.pooling._target_ == "embtune.model.pooling.LastToken"  # model=llm's default pooling
     saved = tmp_path / "model"
     assert json.loads((saved / "embtune.json").read_text())["append_eos"] is True
     assert not (saved / "adapter_config.json").exists()  # LoRA merged: a plain model folder
@@ -230,7 +230,7 @@ def test_bad_dtype_is_named(tiny_qwen2):
 # -- dtype
 
 def test_auto_dtype_is_bf16_only_for_lora_on_a_bf16_gpu(monkeypatch):
-    from embtune.llm import weight_dtype
+    from embtune.model.llm import weight_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

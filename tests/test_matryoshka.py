@@ -14,12 +14,12 @@ from torch import nn
 
 from conftest import CONF
 from embtune.data import RetrievalSet
-from embtune.evaluate import evaluate_retrieval
-from embtune.logger import RunLogger
+from embtune.eval.metrics import evaluate_retrieval
+from embtune.run.logger import RunLogger
 from embtune.losses.info_nce import InfoNCE
-from embtune.matryoshka import matryoshka_dims, scores_per_dim, truncate
-from embtune.negatives import InBatch
-from embtune.train import compute_loss, train
+from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
+from embtune.negatives.in_batch import InBatch
+from embtune.recipes.finetune import compute_loss, train
 
 
 def test_truncate_then_renormalise_by_hand():
@@ -107,7 +107,7 @@ def test_a_teachers_scores_per_dim_by_hand():
 
 def test_saved_dims_and_truncation_on_load(tmp_path, tiny_bert, caplog):
     import embtune
-    from embtune.model import Embedder
+    from embtune.model.embedder import Embedder
 
     Embedder.from_pretrained(tiny_bert).save(tmp_path / "model", matryoshka_dims=[32, 16, 8])
     assert json.loads((tmp_path / "model" / "embtune.json").read_text())["matryoshka_dims"] == [32, 16, 8]
@@ -128,7 +128,7 @@ def test_saved_dims_and_truncation_on_load(tmp_path, tiny_bert, caplog):
 
 def test_a_truncated_model_saved_again_stays_truncated(tmp_path, tiny_bert):
     import embtune
-    from embtune.model import Embedder
+    from embtune.model.embedder import Embedder
 
     Embedder.from_pretrained(tiny_bert).save(tmp_path / "model", matryoshka_dims=[32, 16])
     small = embtune.load(str(tmp_path / "model"), truncate_dim=16)

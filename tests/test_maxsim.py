@@ -10,10 +10,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import CONF, DATA
-from embtune.logger import RunLogger
-from embtune.maxsim import TokenVectors, maxsim, maxsim_scores, search_maxsim
-from embtune.negatives import Hard, InBatch
-from embtune.train import train
+from embtune.run.logger import RunLogger
+from embtune.objectives.maxsim import TokenVectors, maxsim, maxsim_scores, search_maxsim
+from embtune.negatives.in_batch import Hard, InBatch
+from embtune.recipes.finetune import train
 
 PAD = [1.0, 0.0]  # a padding vector that would win a max (or count in a mean) if the mask were ignored
 # query A left-padded (2 real tokens), query B right-padded (1 real token)
@@ -98,8 +98,8 @@ def test_blocked_search_equals_unblocked(k):
 # --- the model, training, saving ---------------------------------------------------------------------
 
 def _model(tiny_bert, dim=16):
-    from embtune.model import Embedder
-    from embtune.pooling import Mean
+    from embtune.model.embedder import Embedder
+    from embtune.model.pooling import Mean
 
     torch.manual_seed(0)
     return Embedder.from_pretrained(tiny_bert, Mean(), multi_vector=True, multi_vector_dim=dim)
@@ -143,7 +143,7 @@ def test_save_and_load_restore_the_projection(tmp_path, tiny_bert):
 
 
 def test_a_projection_of_another_size_is_refused(tmp_path, tiny_bert):
-    from embtune.model import Embedder
+    from embtune.model.embedder import Embedder
 
     _model(tiny_bert).save(tmp_path / "model")
     with pytest.raises(ValueError, match="stored projection is \\(16, 32\\), expected \\(8, 32\\)"):
@@ -168,7 +168,7 @@ def _run(tmp_path, tiny_bert, overrides):
 
 def test_a_few_multi_vector_steps_train_evaluate_and_save(tmp_path, tiny_bert):
     import embtune
-    from embtune.evaluators import Retrieval
+    from embtune.eval.evaluators import Retrieval
 
     cfg, summary = _run(tmp_path, tiny_bert, ["train.max_steps=6", "train.lr=1e-3"])
     assert summary["steps"] == 6

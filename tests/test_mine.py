@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF, REPO
 from embtune.data import RetrievalSet, TrainingData
 from embtune.data.files import load_jsonl
-from embtune.formats import MultiNegative, Pairwise
-from embtune.mining import HardNegativeMiner, mine_to_file, settings_path
+from embtune.data.formats import MultiNegative, Pairwise
+from embtune.mining.miner import HardNegativeMiner, mine_to_file, settings_path
 
 Q = np.array([1.0, 0.0])
 
@@ -209,7 +209,7 @@ def test_mine_command_writes_a_multi_negative_file_and_refuses_to_write_it_again
     run_dir, train_file = tmp_path / "run", tmp_path / "pairs.jsonl"
     train_file.write_text("".join(json.dumps({"query": f"question {i}", "pos": f"answer number {i}"}) + "\n"
                                   for i in range(12)))
-    cmd = [sys.executable, "-m", "embtune.mine_cli", f"model.name_or_path={tiny_bert}", "data=jsonl",
+    cmd = [sys.executable, "-m", "embtune.recipes.mine", f"model.name_or_path={tiny_bert}", "data=jsonl",
            f"data.path={train_file}", "data_format.positive=pos", "miner.range_min=1", "miner.range_max=8",
            "miner.num_negatives=3", "miner.relative_margin=null", f"hydra.run.dir={run_dir}"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -220,14 +220,14 @@ def test_mine_command_writes_a_multi_negative_file_and_refuses_to_write_it_again
     assert len(rows) == record["queries"] == 12 and all(len(r["neg"]) == 3 for r in rows)
     assert all(f"answer number {i}" not in r["neg"] for i, r in enumerate(rows))
     assert all(1 <= rank < 8 for r in rows for rank in r["neg_ranks"]) and record["model"] == tiny_bert
-    from embtune.mine_cli import run_mining  # the same settings again, in-process (one subprocess is slow enough)
+    from embtune.recipes.mine import run_mining  # the same settings again, in-process (one subprocess is slow enough)
 
     with pytest.raises(FileExistsError, match="never overwrites"):
         run_mining(_compose("mine", cmd[3:-1]), run_dir)
 
 
 def test_mine_config_refuses_an_existing_output_before_the_model_loads(tmp_path):
-    from embtune.mine_cli import run_mining
+    from embtune.recipes.mine import run_mining
 
     (tmp_path / "taken.jsonl").write_text("")
     cfg = _compose("mine", ["model.name_or_path=/nonexistent/model", f"output={tmp_path / 'taken.jsonl'}"])
@@ -236,8 +236,8 @@ def test_mine_config_refuses_an_existing_output_before_the_model_loads(tmp_path)
 
 
 def test_two_rounds_mine_train_remine_train_and_log_both_rounds(tmp_path, tiny_bert):
-    from embtune.logger import RunLogger
-    from embtune.rounds import train_rounds
+    from embtune.run.logger import RunLogger
+    from embtune.recipes.mining_rounds import train_rounds
 
     cfg = _compose("config", [f"model.name_or_path={tiny_bert}", "data.max_train_pairs=24", "data.max_test_queries=8",
                               "train.rounds=2", "train.max_steps=2", "train.batch_size=8", "train.log_every=1",
@@ -266,7 +266,7 @@ def test_two_rounds_mine_train_remine_train_and_log_both_rounds(tmp_path, tiny_b
 
 
 def test_rounds_with_in_batch_negatives_are_refused_before_the_model_loads(tmp_path):
-    from embtune.rounds import train_rounds
+    from embtune.recipes.mining_rounds import train_rounds
 
     cfg = _compose("config", ["model.name_or_path=/nonexistent/model", "train.rounds=1"])
     with pytest.raises(ValueError, match="negatives=hard"):
@@ -274,7 +274,7 @@ def test_rounds_with_in_batch_negatives_are_refused_before_the_model_loads(tmp_p
 
 
 def test_mined_rows_reuse_the_base_metrics_of_the_data_they_came_from(tmp_path, monkeypatch, tiny_bert):
-    from embtune.train import base_metrics
+    from embtune.recipes.finetune import base_metrics
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path))
     cfg = _compose("config", [f"model.name_or_path={tiny_bert}"])

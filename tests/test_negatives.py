@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from embtune.negatives import Hard, InBatch
+from embtune.negatives.in_batch import Hard, InBatch
 
 A = torch.tensor([[1., 0.], [0., 1.]])        # anchors
 P = torch.tensor([[0.6, 0.8], [0.8, 0.6]])    # positives
@@ -43,8 +43,8 @@ def test_group_size_below_two_is_refused():
 
 
 def test_copies_of_the_positive_are_masked_as_false_negatives():
-    from embtune.batching import _false_negatives
-    from embtune.formats import Example
+    from embtune.data.batching import _false_negatives
+    from embtune.data.formats import Example
 
     examples = [Example("q0", "same"), Example("q1", "same"), Example("q2", "other")]
     # candidates: the 3 positives, then one negative per row; row 2's negative copies row 0's positive
@@ -55,12 +55,12 @@ def test_copies_of_the_positive_are_masked_as_false_negatives():
 
 
 def test_symmetric_step_masks_anchors_that_share_the_query_or_the_positive(tiny_bert):
-    from embtune.batching import collate
-    from embtune.candidate_loss import candidate_loss
-    from embtune.formats import Example
+    from embtune.data.batching import collate
+    from embtune.objectives.candidates import candidate_loss
+    from embtune.data.formats import Example
     from embtune.losses.info_nce import InfoNCE
-    from embtune.model import Embedder
-    from embtune.pooling import Mean
+    from embtune.model.embedder import Embedder
+    from embtune.model.pooling import Mean
 
     model = Embedder.from_pretrained(tiny_bert, pooling=Mean()).eval()
     examples = [Example("q a", "doc x"), Example("q a", "doc y"),  # one query, two positives

@@ -7,7 +7,7 @@ import torch
 
 from embtune.losses.hinge import Hinge
 from embtune.losses.info_nce import InfoNCE
-from embtune.online_hard import OnlineHard
+from embtune.negatives.online_hard import OnlineHard
 
 INF = float("-inf")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from embtune.pooling import CLS, LastToken, Max, Mean, WeightedMean
+from embtune.model.pooling import CLS, LastToken, Max, Mean, WeightedMean
 
 # one text of 2 tokens ([1,2], [3,4]) and one of 3 tokens ([5,6], [7,8], [9,10]); pads hold 100s
 RIGHT = torch.tensor([[[1., 2.], [3., 4.], [100., 100.]], [[5., 6.], [7., 8.], [9., 10.]]])
@@ -69,7 +69,7 @@ def test_shape_mismatch_is_a_clear_error():
 
 @pytest.mark.parametrize("pool", ALL, ids=lambda p: p.__name__)
 def test_single_text_equals_same_text_in_padded_batch(tiny_bert, pool):
-    from embtune.model import Embedder
+    from embtune.model.embedder import Embedder
 
     model = Embedder.from_pretrained(tiny_bert, pooling=pool())
     text = "a short text"
@@ -80,7 +80,7 @@ def test_single_text_equals_same_text_in_padded_batch(tiny_bert, pool):
 
 @pytest.mark.parametrize("pool", ALL, ids=lambda p: p.__name__)
 def test_left_padding_equals_right_padding_on_an_encoder(tiny_bert, pool):
-    from embtune.model import Embedder
+    from embtune.model.embedder import Embedder
 
     model = Embedder.from_pretrained(tiny_bert, pooling=pool())
     texts = ["a short text", "a much longer text that forces padding of the short one"]

@@ -1,6 +1,6 @@
 """Batches without repeated texts, with an exact length."""
 
-from embtune.sampler import NoDuplicatesBatchSampler
+from embtune.data.sampler import NoDuplicatesBatchSampler
 
 
 def _sampler(texts, batch_size, **kw):

@@ -16,7 +16,7 @@ SCIFACT = DATA / "scifact"
 def test_base_model_reproduces_the_published_scifact_ndcg():
     import embtune
     from embtune.data.beir import load_beir
-    from embtune.evaluators import Retrieval
+    from embtune.eval.evaluators import Retrieval
 
     data = load_beir(str(SCIFACT))
     model = embtune.load("sentence-transformers/all-MiniLM-L6-v2")  # bundled copy, offline

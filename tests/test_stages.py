@@ -7,11 +7,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
-from embtune.formats import RawTexts
-from embtune.logger import RunLogger
-from embtune.model import load
-from embtune.stages import run, stage_configs
-from embtune.train import compute_loss
+from embtune.data.formats import RawTexts
+from embtune.run.logger import RunLogger
+from embtune.model.embedder import load
+from embtune.recipes.two_stage import run, stage_configs
+from embtune.recipes.finetune import compute_loss
 
 TINY = ["data.max_train_pairs=24", "data.max_test_queries=12", "train.batch_size=8", "train.max_steps=2",
         "train.log_every=1", "eval.batch_size=16"]
@@ -54,8 +54,8 @@ def test_simcse_positive_is_the_anchor_encoded_again(tiny_bert):
     """With loss=simcse the positive column is never read: the anchor's second dropout pass is the positive."""
     cfg = _cfg(tiny_bert, ["loss=simcse"])
     from hydra.utils import instantiate
-    from embtune.batching import collate
-    from embtune.formats import Example
+    from embtune.data.batching import collate
+    from embtune.data.formats import Example
     import random
 
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).eval()  # no dropout: passes are equal

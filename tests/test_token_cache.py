@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from embtune.token_cache import TokenCache, tokenizer_fingerprint
+from embtune.data.token_cache import TokenCache, tokenizer_fingerprint
 
 TEXTS = ["def add(a, b): return a + b", "Return the sum.", "ünïcode ✓ text " * 40, "Return the sum."]
 

@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, DATA
-from embtune.logger import RunLogger
-from embtune.train import train
+from embtune.run.logger import RunLogger
+from embtune.recipes.finetune import train
 
 STDLIB_SMALL = ["data.max_train_pairs=24", "data.max_test_queries=12"]
 SMALL = ["train.batch_size=8", "train.max_steps=2",
@@ -146,7 +146,7 @@ def test_sts_evaluation_reports_spearman(tmp_path, tiny_bert):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    from embtune.train import lr_at
+    from embtune.recipes.finetune import lr_at
 
     # total 10, warm-up 2: 0, 0.5, then (10-s)/8 from step 2
     assert [lr_at(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
@@ -155,7 +155,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 def test_base_metrics_are_computed_once_and_reused(tmp_path, tiny_bert, monkeypatch):
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
     calls = []
-    import embtune.evaluators as evaluators
+    import embtune.eval.evaluators as evaluators
 
     real = evaluators.Retrieval.__call__
 
@@ -173,7 +173,7 @@ def test_base_metrics_are_computed_once_and_reused(tmp_path, tiny_bert, monkeypa
 
 
 def test_a_mistyped_local_model_path_is_named():
-    from embtune.model import resolve_model_path
+    from embtune.model.embedder import resolve_model_path
 
     with pytest.raises(FileNotFoundError, match=r"model './no/such/model': no such folder"):
         resolve_model_path("./no/such/model")

@@ -135,7 +135,7 @@ def make_examples(data, data_format, loss_fn, kind: str) -> tuple[list, Callable
     Raises:
         ValueError: a bad row (file, line, field), or no example left.
     """
-    from embtune.batching import as_labeled_texts
+    from embtune.data.batching import as_labeled_texts
 
     examples, origins = data_format.convert(data.rows, data.source, data.problems)
     if data_format.kind == "pair_scores":

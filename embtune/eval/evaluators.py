@@ -1,0 +1,77 @@
+"""Evaluators (``eval=``): what "better" means for a run. Each is called with the model and the loaded
+data and returns a flat dict of metrics; ``before``/``after`` pick when it runs, ``metric`` names the
+number that sweeps report and optimise."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from embtune.data import TrainingData
+from embtune.eval.metrics import evaluate_retrieval, sts_spearman
+from embtune.objectives.maxsim import evaluate_maxsim
+
+log = logging.getLogger(__name__)
+
+
+class Retrieval:
+    """NDCG@10, MRR@10, Recall@10 and Recall@100 on the data's held-out retrieval split, every test
+    document a candidate, at full size and at each Matryoshka dimension (``dim64/ndcg@10``). A
+    multi-vector model is ranked by exact MaxSim over its token vectors (``embtune.objectives.maxsim``).
+
+    Args:
+        batch_size: texts per encoding batch.
+        k: ranking depth (>= 100: Recall@100 is reported).
+    """
+
+    def __init__(self, batch_size: int = 64, k: int = 100, before: bool = True, after: bool = True,
+                 cache_base: bool = True, metric: str = "ndcg@10"):
+        if k < 100:
+            raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
+        self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
+        self.cache_base = cache_base  # read by the loop (embtune.recipes.finetune.base_metrics)
+
+    def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
+        test = data.test
+        if test is None:
+            return {}
+        qids, dids = list(test.qrels), list(test.corpus)
+        log.info("evaluating: encoding %d queries and %d documents", len(qids), len(dids))
+        q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size)
+        d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size)
+        if model.multi_vector:
+            return evaluate_maxsim(q, d, test, qids, dids, k=self.k, device=model.device)
+        return evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
+                                  k=self.k, dims=[x for x in dims if x < model.dim], normalize=model.normalize)
+
+
+class STS:
+    """Spearman correlation between cosine similarity and gold scores on a scored-pairs file (STS-B
+    style TSV/CSV/JSONL with ``text1``, ``text2``, ``score`` columns), reported as ``spearman``
+    (and ``dim64/spearman`` for Matryoshka dimensions). Both sides use the query max length.
+
+    Raises:
+        ValueError: from the file's loader and the ``scored_pairs`` format, naming file, row and field.
+    """
+
+    def __init__(self, path: str, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
+                 batch_size: int = 64, before: bool = True, after: bool = True, cache_base: bool = True,
+                 metric: str = "spearman"):
+        from embtune.data.files import load_jsonl
+        from embtune.data.formats import ScoredPairs
+
+        data = load_jsonl(path)
+        self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source)
+        self.batch_size, self.before, self.after, self.metric = batch_size, before, after, metric
+        self.cache_base = cache_base
+
+    def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
+        e1 = torch.from_numpy(model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size))
+        e2 = torch.from_numpy(model.encode([p.text2 for p in self.pairs], kind="query", batch_size=self.batch_size))
+        gold = [p.score for p in self.pairs]
+        out = {"spearman": sts_spearman(e1, e2, gold)}
+        for d in dims:
+            if d < e1.size(1):
+                out[f"dim{d}/spearman"] = sts_spearman(e1[:, :d], e2[:, :d], gold)
+        return out

@@ -1,0 +1,369 @@
+"""The training loop: one function, read top to bottom.
+
+``train(cfg, output_dir, logger)`` builds data, format, negatives and loss from the config, checks
+they fit together (``embtune.config``, before any model loads), evaluates the base model, fine-tunes
+with AdamW and a linear warm-up/decay schedule, evaluates again and saves the model and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from embtune.training import checkpoint, distributed
+
+from embtune.model import kernels
+from embtune.data.batching import make_loader
+from embtune.objectives.candidates import candidate_loss
+from embtune.data.checks import make_examples, text_report
+from embtune.model.cross_encoder import score_examples
+from embtune.training.grad_cache import grad_cache_backward
+from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
+from embtune.objectives.maxsim import maxsim_scores
+from embtune.training.numerics import finite_or_missing, skip_or_stop
+from embtune.config import check_run
+from embtune.run.redact import redact
+from embtune.run.progress import print_comparison, progress_bar
+from embtune.data.token_cache import TokenCache
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up from 0 over ``warmup`` steps, then linear decay to 0 at ``total``
+    (Goyal et al. 2017 warm-up; the schedule of HF's ``get_linear_schedule_with_warmup``)."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def param_groups(model, loss_fn, t: DictConfig) -> list[dict]:
+    """AdamW parameter groups.
+
+    - Layer-wise learning-rate decay for the encoder (Clark et al. 2020, ELECTRA, App. A): layer l of L
+      gets lr · decay^(L−l), embeddings decay^L; ``train.layerwise_lr_decay=1.0`` turns it off.
+    - No weight decay on biases and LayerNorm weights (Devlin et al. 2019's BERT recipe, as in HF Trainer).
+    - The loss's own parameters (a learnable temperature, ArcFace's class weights) at
+      lr · ``loss.weight_lr_multiplier`` (1 when the loss has none).
+    """
+    n_layers = model.encoder.config.num_hidden_layers
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = re.search(r"\.layers?\.(\d+)\.", name)
+        depth = int(layer.group(1)) + 1 if layer else (0 if "embed" in name else n_layers)
+        decay = 0.0 if p.dim() < 2 else t.weight_decay  # biases and norm weights are 1-D
+        groups.setdefault((t.lr * t.layerwise_lr_decay ** (n_layers - depth), decay), []).append(p)
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.setdefault((t.lr * getattr(loss_fn, "weight_lr_multiplier", 1.0), 0.0), []).extend(loss_params)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+@torch.no_grad()
+def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
+    """For classification losses (ArcFace): size the class-weight matrix, set per-class margins from
+    class frequencies, and start each class weight at the mean embedding of its texts."""
+    labels = torch.tensor([e.label for e in examples])
+    n_classes = int(labels.max()) + 1
+    emb = torch.from_numpy(model.encode([e.text for e in examples], batch_size=batch_size))
+    means = torch.zeros(n_classes, emb.size(1)).index_add_(0, labels, emb)
+    loss_fn.build(n_classes, emb.size(1))
+    loss_fn.set_class_counts(torch.bincount(labels, minlength=n_classes).float())
+    loss_fn.init_weights(F.normalize(means, dim=-1))
+
+
+def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]],
+                 embeddings: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
+    (Kusupati et al. 2022: truncate to d, re-normalise, score). Returns the loss and extra per-step
+    metrics (``train/candidates`` for candidate-scoring losses). ``model`` may be wrapped in DDP.
+    A multi-vector model's candidates are scored by MaxSim over token vectors instead
+    (``embtune.objectives.maxsim``; no Matryoshka there). ``embeddings`` ({column: [N,D]}), when given, are used
+    instead of encoding (GradCache, ``embtune.training.grad_cache``)."""
+    normalize = distributed.unwrap(model).normalize
+
+    def enc(column):  # queries (and STS's first texts) through the query tower, the rest the document tower
+        tower = "query" if column in ("query", "text1") else "document"
+        return embeddings[column] if embeddings is not None else model(**batch[column], kind=tower)
+
+    def cut(x, d):
+        return truncate(x, d, normalize)
+
+    if kind == "scores" and getattr(distributed.unwrap(model), "multi_vector", False):  # MaxSim scores [B,C]
+        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
+        n = model(**batch["negative"]) if "negative" in batch else None
+        scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
+        return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target), {}
+    if kind == "scores":
+        return candidate_loss(enc, batch, negatives, loss_fn, dims, cut)
+    if kind == "teacher_scores":  # distillation over each query's positive (column 0) and its negatives
+        q, p = enc("query"), enc("positive")
+        docs = torch.cat([p[:, None], enc("negative").view(q.size(0), -1, q.size(-1))], dim=1)
+        mask = torch.cat([torch.ones_like(batch["negative_mask"][:, :1]), batch["negative_mask"]], dim=1)
+        return sum(w * loss_fn(torch.einsum("bd,bcd->bc", cut(q, d), cut(docs, d)), batch["teacher"], mask)
+                   for d, w in dims), {}
+    if kind == "pair_scores":
+        e1, e2 = enc("text1"), enc("text2")
+        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"])
+                   for d, w in dims), {}
+    if kind == "list_scores":
+        q = enc("query")
+        docs = enc("documents").view(q.size(0), -1, q.size(-1))
+        scores = scores_per_dim(q, docs, [d for d, _ in dims], normalize)
+        return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims), {}
+    if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
+        return loss_fn(enc("text"), batch["label"]), {}
+    raise ValueError(f"unknown example kind {kind!r}")
+
+
+def cache_dir() -> Path:
+    """Where work shared between runs is kept: ``$EMBTUNE_CACHE``, default ``~/.cache/embtune``."""
+    return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune").expanduser()
+
+
+def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
+    """The base model's metrics, computed once per (model, pooling, held-out set, eval config, Matryoshka
+    dims) and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once;
+    the training rows are not in the key, so mined rows reuse the base metrics of the data they came from).
+    ``eval.cache_base=false`` always recomputes. The key includes the model folder's file times, so a
+    changed local model is evaluated again."""
+    if not cfg.eval.get("cache_base", True):
+        return evaluate()
+    from embtune.data import fingerprint
+    from embtune.model.embedder import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.model.name_or_path))
+    stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
+    parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
+    if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
+        parts["seed"] = cfg.train.seed
+    held_out = fingerprint([], data.test)
+    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()
+    path = cache_dir() / "base_eval" / f"{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            log.warning("unreadable base-metrics cache %s; recomputing", path)
+    metrics = evaluate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(metrics))
+    os.replace(tmp, path)  # atomic: parallel jobs never read half a file
+    return metrics
+
+
+def _build(cfg: DictConfig, group: str):
+    """``instantiate(cfg[group])``, but a loader's own error (naming file, row, field) is raised as it is,
+    not wrapped in Hydra's InstantiationException.
+
+    Raises:
+        ValueError: a ``bool`` parameter set to anything but true/false (``loss.symmetric=maybe`` would
+            otherwise count as true), named as ``group.key``.
+    """
+    node = cfg[group]
+    if node.get("_target_"):
+        params = inspect.signature(get_object(node._target_)).parameters
+        for key, value in node.items():
+            if key in params and params[key].annotation in (bool, "bool") and not isinstance(value, bool):
+                raise ValueError(f"{group}.{key} must be true or false, got {value!r}")
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError, TypeError)):
+            raise e.__cause__ from None
+        raise
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}
+
+
+def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = None, data=None) -> dict:
+    """Fine-tune the configured model; returns the summary written to ``output_dir/summary.json``.
+
+    ``base``: the metrics to report as the base model's when they are already known (the second stage
+    of a two-stage run reports the original model's); None evaluates the model before training.
+    ``data``: already loaded :class:`~embtune.data.TrainingData` (mining rounds pass their mined rows);
+    None loads ``cfg.data``.
+
+    With ``resume_from=RUN_DIR`` (or a checkpoint file) the run continues from that run's latest usable
+    checkpoint, under the checkpoint's config; the result equals an uninterrupted run's.
+
+    Under ``torchrun`` (``embtune.training.distributed``) every process trains its share of each batch; only
+    rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks)."""
+    output_dir = Path(output_dir)
+    state = resumed = None
+    if cfg.get("resume_from"):
+        state, resumed = checkpoint.load(cfg.resume_from)
+        cfg = OmegaConf.merge(OmegaConf.create(state["config"]), {"resume_from": str(cfg.resume_from)})
+        log.info("resuming %s at step %d", resumed, state["step"])
+    t = cfg.train
+    started = time.perf_counter()  # startup = data, model, base metrics: what a sweep's caches shorten
+    random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
+
+    # -- data, format, negatives, loss: cheap, and checked before any model loads
+    data = data if data is not None else _build(cfg, "data")
+    data_format, negatives, loss_fn = _build(cfg, "data_format"), _build(cfg, "negatives"), _build(cfg, "loss")
+    evaluator = _build(cfg, "eval")
+    teacher = _build(cfg, "teacher") if cfg.get("teacher") else None
+    kind = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)
+    examples, row_of = make_examples(data, data_format, loss_fn, kind)
+    if teacher is not None:
+        examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
+
+    # -- processes (torchrun) and model
+    device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    proc = distributed.setup(device.type)
+    if proc.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", proc.local_rank)
+        torch.cuda.set_device(device)
+    main = proc.main
+    model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
+    if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
+        from embtune.model.embedder import resolve_model_path
+
+        model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
+                                               data.fingerprint, cache_dir())
+    dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
+    eval_dims = [d for d, _ in dims]
+    if hasattr(loss_fn, "build"):
+        prepare_classes(loss_fn, examples, model, evaluator.batch_size)
+    loss_fn.to(device)
+    # summary.json's text counts: rank 0 writes the summary, so only it tokenises every text for them
+    texts = (text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length)
+             if main else None)
+
+    # -- base metrics
+    if state is not None:  # resumed: the base metrics were logged by the first run
+        base = state["base"]
+    elif base is None:
+        base = (finite_or_missing(base_metrics(cfg, data, lambda: evaluator(model, data, eval_dims)))
+                if evaluator.before and main else {})
+        if base:
+            logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
+
+    # -- optimiser and schedule
+    group_size = negatives.group_size if negatives.needs_negatives else 1
+    loader, sampler, rng = make_loader(examples, kind, t, proc, model, group_size)
+    trained = distributed.wrap(model, proc, device)  # DDP: gradients averaged over processes at backward
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
+    total = t.max_steps or t.epochs * len(loader)
+    warmup = min(math.ceil(t.warmup_ratio * total), total - 1)  # the first step at lr 0 must not be the only one
+    optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda"
+                              and torch.cuda.is_bf16_supported())
+
+    # -- the loop; one step counter drives schedule, logging and checkpoints
+    model.train()
+    step = epoch = done = seen = skipped = 0  # done: batches of this epoch trained on
+    if state is not None:
+        c = checkpoint.restore_training(state, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint)
+        step, epoch, done, seen, skipped = c["step"], c["epoch"], c["done"], c["seen"], c["skipped"]
+    startup = time.perf_counter() - started
+    start = time.perf_counter() - (state["seconds"] if state else 0.0)  # a resumed run's clock goes on
+    saved_config = redact(OmegaConf.to_container(cfg, resolve=True))
+    if main:
+        logger.log({"time/startup_s": startup}, step=step)
+
+    def save_checkpoint() -> Path:
+        return checkpoint.save(output_dir, checkpoint.training_state(
+            model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, negatives_rng=rng, step=step,
+            epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
+            fingerprint=data.fingerprint, config=saved_config))
+
+    with (progress_bar(total) as bar, checkpoint.StopOnSignal() as stop,
+          kernels.fast_dropout(model, t.fast_dropout and device.type == "cpu")):
+        while step < total:
+            sampler.set_epoch(epoch, start=done)
+            for idx, batch in loader:
+                batch = _to(batch, device)
+                if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations
+                    extra = {}
+                    loss = grad_cache_backward(trained, batch, lambda e: compute_loss(
+                        trained, batch, kind, negatives, loss_fn, dims, embeddings=e)[0], t.mini_batch_size, autocast)
+                else:
+                    with autocast:
+                        loss, extra = compute_loss(trained, batch, kind, negatives, loss_fn, dims)
+                    loss.backward()
+                distributed.average_gradients(loss_params, proc)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
+                if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                    optimizer.step()
+                else:  # the step still counts: schedule and data order stay those of the config
+                    skip_or_stop(t.on_nonfinite, step + 1, loss, grad_norm, [row_of(i) for i in idx])
+                    skipped += 1
+                    if main:
+                        logger.log({"train/skipped_steps": skipped}, step=step + 1)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, done = step + 1, done + 1
+                seen += len(idx) * proc.world
+                pairs_per_s = seen / (time.perf_counter() - start)
+                if main and (step % t.log_every == 0 or step == total):
+                    logger.log({"train/loss": loss.item(), "train/lr": lr,
+                                "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
+                                "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
+                                "train/epoch": step / len(loader), **extra}, step=step)
+                bar.update(step=step, loss=loss.item(), lr=lr, pairs_per_s=pairs_per_s)
+                every, path = t.checkpoint_every, None
+                if main and (stop.signum or (every is not None and (step == total or (every and step % every == 0)))):
+                    path = save_checkpoint()  # rank 0's: the weights are the same on every process
+                if stop.signum:
+                    raise checkpoint.stop_after_signal(stop.signum, step, path)
+                if step >= total:
+                    break
+            else:
+                epoch, done = epoch + 1, 0
+    train_seconds = time.perf_counter() - start
+    if not main:  # rank 0 evaluates and saves
+        distributed.barrier(proc)
+        return {"base": {}, "final": {}, "steps": step}
+    if skipped:
+        log.warning("%d of %d steps skipped: non-finite loss or gradient", skipped, step)
+
+    # -- final metrics, model, summary
+    final = finite_or_missing(evaluator(model, data, eval_dims)) if evaluator.after else {}
+    if model.token_cache is not None:
+        model.token_cache.save()
+    if final:
+        logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
+    model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
+    summary = redact({
+        "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
+        "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
+        "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
+        "temperature": loss_fn.temperature, "margin": loss_fn.margin,
+        "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
+    })
+    tmp = output_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, output_dir / "summary.json")  # a summary is whole or absent: sweeps read it as "done"
+    logger.summary(summary)
+    if base or final:
+        print_comparison(base, final)
+    distributed.barrier(proc)
+    return summary
