@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from harness import BUNDLED, pick_device, rss_gib, scifact_examples, seed_all, serve
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0
@@ -32,13 +31,14 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         from omegaconf import OmegaConf
 
         from embtune.data.batching import collate
-        from embtune.training.grad_cache import grad_cache_backward
-        from embtune.model.kernels import fast_dropout
         from embtune.losses.info_nce import InfoNCE
         from embtune.model.embedder import Embedder
-        from embtune.negatives.in_batch import InBatch
+        from embtune.model.kernels import fast_dropout
         from embtune.model.pooling import Mean
-        from embtune.recipes.finetune import compute_loss, param_groups
+        from embtune.negatives.in_batch import InBatch
+        from embtune.recipes.finetune import compute_loss
+        from embtune.training.grad_cache import grad_cache_backward
+        from embtune.training.optim import param_groups
 
         dev = pick_device(device)
         examples = scifact_examples(data, pairs)

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's embtune
-from harness import (Side, alternate, batch_plan, matmul_peak, median, pick_device, scifact_examples,  # noqa: E402
-                     train_flops)
+from harness import Side, alternate, batch_plan, matmul_peak, median, pick_device, scifact_examples, train_flops  # noqa: E402
 from sides import embtune_side, st_side  # noqa: E402
 
 

@@ -17,9 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-# conf/ beside the package in a source checkout; the packaged copy in an installed wheel.
-_REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
-CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").is_file() else "pkg://embtune.conf"
+from embtune.config import CONFIG_PATH
 
 log = logging.getLogger("embtune")
 
@@ -106,9 +104,9 @@ def main(cfg: DictConfig) -> float | None:
     failed). A single run exits after recording it: with ``Error: <message>`` for bad input or settings
     (``USER_ERRORS``), else with the exception.
     """
-    from embtune.training.distributed import teardown
-    from embtune.run.redact import install_log_filter, redact, redact_text, redact_yaml_file
     from embtune.recipes.two_stage import run
+    from embtune.run.redact import install_log_filter, redact, redact_text, redact_yaml_file
+    from embtune.training.distributed import teardown
 
     install_log_filter()  # before anything is logged: no API key or token in the console or cli.log
     hc = HydraConfig.get()

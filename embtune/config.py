@@ -1,15 +1,25 @@
-"""Pre-flight checks: everything about a run's config that can be judged before any model loads.
+"""A run's config: where it lives, how a group is built, and every pre-flight check that can be judged
+before any model loads.
 
 A clash between options is named by both options; a setting that would train nothing names its key.
 """
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 from embtune.model.cross_encoder import check_distillation
-from embtune.objectives.matryoshka import matryoshka_dims
 from embtune.model.multi_vector import check_multi_vector
+from embtune.objectives.matryoshka import matryoshka_dims
+
+# conf/ beside the package in a source checkout; the packaged copy in an installed wheel.
+_REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").is_file() else "pkg://embtune.conf"
 
 
 def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teacher) -> str:
@@ -81,3 +91,25 @@ def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> N
     if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
+
+
+def build(cfg: DictConfig, group: str):
+    """``instantiate(cfg[group])``, but a loader's own error (naming file, row, field) is raised as it is,
+    not wrapped in Hydra's InstantiationException.
+
+    Raises:
+        ValueError: a ``bool`` parameter set to anything but true/false (``loss.symmetric=maybe`` would
+            otherwise count as true), named as ``group.key``.
+    """
+    node = cfg[group]
+    if node.get("_target_"):
+        params = inspect.signature(get_object(node._target_)).parameters
+        for key, value in node.items():
+            if key in params and params[key].annotation in (bool, "bool") and not isinstance(value, bool):
+                raise ValueError(f"{group}.{key} must be true or false, got {value!r}")
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError, TypeError)):
+            raise e.__cause__ from None
+        raise

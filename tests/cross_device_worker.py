@@ -11,14 +11,14 @@ import sys
 
 import torch
 
-from embtune.training import distributed
 from embtune.data.batching import collate
 from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
 from embtune.model.embedder import Embedder
-from embtune.negatives.in_batch import Hard
 from embtune.model.pooling import Mean
+from embtune.negatives.in_batch import Hard
 from embtune.recipes.finetune import compute_loss
+from embtune.training import distributed
 
 EXAMPLES = [
     Example("how to sort a list", "sorted(xs) returns a new list", ("open a file", "join two paths")),

@@ -5,9 +5,9 @@ counted in summary.json."""
 import json
 
 import pytest
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
 from embtune.data.beir import load_beir
 from embtune.data.checks import check_label_range
 from embtune.data.files import load_hf, load_jsonl
@@ -182,8 +182,8 @@ AWKWARD = [
 
 
 def test_awkward_text_trains_evaluates_and_is_counted(tmp_path, tiny_bert):
-    from embtune.run.logger import RunLogger
     from embtune.recipes.finetune import train
+    from embtune.run.logger import RunLogger
 
     path = _file(tmp_path, "awkward.jsonl", _jsonl(AWKWARD))
     corpus = [{"_id": "d1", "text": ""}, {"_id": "d2", "text": "🚀 launch"}, {"_id": "d3", "text": "機器"},

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from embtune.data.batching import collate, text_key
-from embtune.objectives.candidates import candidate_loss
-from embtune.negatives.cross_batch import CrossBatch
 from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
+from embtune.negatives.cross_batch import CrossBatch
+from embtune.objectives.candidates import candidate_loss
 
 
 def _emb(*rows):

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
+
+from embtune.data.sampler import NoDuplicatesBatchSampler
 from embtune.training import distributed
 from embtune.training.distributed import ShardedBatchSampler
-from embtune.data.sampler import NoDuplicatesBatchSampler
 
 WORKER = REPO / "tests" / "cross_device_worker.py"
 

@@ -6,9 +6,7 @@ import gzip
 import inspect
 import json
 import logging
-import os
 from pathlib import Path
-
 
 import pytest
 from hydra.utils import instantiate

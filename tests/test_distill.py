@@ -6,14 +6,14 @@ import random
 
 import pytest
 import torch
+from conftest import DATA
 from hydra.utils import instantiate
 
-from conftest import DATA
 from embtune.data.batching import collate
-from embtune.model.cross_encoder import CrossEncoderTeacher, check_distillation, score_examples
 from embtune.data.formats import Example, MultiNegative, Triplet
 from embtune.losses.distill_kl import DistillKL
 from embtune.losses.margin_mse import MarginMSE
+from embtune.model.cross_encoder import CrossEncoderTeacher, check_distillation, score_examples
 from embtune.negatives.in_batch import Hard, InBatch
 
 NLI = DATA / "triplets" / "flagembedding_nli_example.jsonl"
@@ -167,9 +167,9 @@ def test_distillation_from_scores_in_the_data_runs_end_to_end(tmp_path, tiny_ber
 
 
 def test_a_distillation_loss_without_scores_fails_before_the_model_loads(tmp_path):
+    from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
     from embtune.recipes.finetune import train
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -18,14 +18,14 @@ import textwrap
 
 import pytest
 import torch
+from conftest import CONF, DATA, REPO
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import embtune.recipes.finetune as train_module
-from conftest import CONF, DATA, REPO
+from embtune.run.logger import RunLogger
 from embtune.training import checkpoint
 from embtune.training.numerics import finite_or_missing
-from embtune.run.logger import RunLogger
 
 TOY = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"  # 10 rows, 1-8 negatives each
 N, EVERY = 8, 2

@@ -9,12 +9,12 @@ from torch import nn
 
 import embtune.model.kernels as K
 from embtune.data.batching import collate
-from embtune.training.grad_cache import grad_cache_backward
 from embtune.losses.info_nce import InfoNCE
 from embtune.model.embedder import Embedder
-from embtune.negatives.in_batch import Hard
 from embtune.model.pooling import Mean
+from embtune.negatives.in_batch import Hard
 from embtune.recipes.finetune import compute_loss
+from embtune.training.grad_cache import grad_cache_backward
 
 
 def test_the_drop_rate_is_p_rounded_to_a_multiple_of_2_to_the_minus_16_and_seeded():

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
 from embtune.model import pooling
-from embtune.model.llm import append_eos, enable_gradient_checkpointing
-from embtune.run.logger import RunLogger
 from embtune.model.embedder import Embedder, load_encoder
+from embtune.model.llm import append_eos, enable_gradient_checkpointing
 from embtune.recipes.finetune import train
+from embtune.run.logger import RunLogger
 
 POOLINGS = {"mean": pooling.Mean, "weighted_mean": pooling.WeightedMean, "max": pooling.Max,
             "cls": pooling.CLS, "last_token": pooling.LastToken}

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-from conftest import CONF
 from embtune.losses.arcface import ArcFace
 from embtune.losses.cosent import CoSENT
 from embtune.losses.info_nce import InfoNCE

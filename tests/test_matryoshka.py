@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import CONF
 from embtune.data import RetrievalSet
 from embtune.eval.metrics import evaluate_retrieval
-from embtune.run.logger import RunLogger
 from embtune.losses.info_nce import InfoNCE
-from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.negatives.in_batch import InBatch
+from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.recipes.finetune import compute_loss, train
+from embtune.run.logger import RunLogger
 
 
 def test_truncate_then_renormalise_by_hand():

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import CONF, DATA
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import CONF, DATA
-from embtune.run.logger import RunLogger
-from embtune.objectives.maxsim import TokenVectors, maxsim, maxsim_scores, search_maxsim
 from embtune.negatives.in_batch import Hard, InBatch
+from embtune.objectives.maxsim import TokenVectors, maxsim, maxsim_scores, search_maxsim
 from embtune.recipes.finetune import train
+from embtune.run.logger import RunLogger
 
 PAD = [1.0, 0.0]  # a padding vector that would win a max (or count in a mean) if the mask were ignored
 # query A left-padded (2 real tokens), query B right-padded (1 real token)

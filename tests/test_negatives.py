@@ -56,11 +56,11 @@ def test_copies_of_the_positive_are_masked_as_false_negatives():
 
 def test_symmetric_step_masks_anchors_that_share_the_query_or_the_positive(tiny_bert):
     from embtune.data.batching import collate
-    from embtune.objectives.candidates import candidate_loss
     from embtune.data.formats import Example
     from embtune.losses.info_nce import InfoNCE
     from embtune.model.embedder import Embedder
     from embtune.model.pooling import Mean
+    from embtune.objectives.candidates import candidate_loss
 
     model = Embedder.from_pretrained(tiny_bert, pooling=Mean()).eval()
     examples = [Example("q a", "doc x"), Example("q a", "doc y"),  # one query, two positives

@@ -2,8 +2,6 @@
 temperature 0.05) on the same model and batch: the loss and every parameter gradient."""
 
 import pytest
-import torch
-
 from conftest import DATA
 
 SCIFACT = DATA / "scifact"

@@ -5,7 +5,6 @@ within 0.01 shows that tokenisation, pooling, normalisation, search and the metr
 """
 
 import pytest
-
 from conftest import DATA
 
 SCIFACT = DATA / "scifact"

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
 from embtune.data.formats import RawTexts
-from embtune.run.logger import RunLogger
 from embtune.model.embedder import load
-from embtune.recipes.two_stage import run, stage_configs
 from embtune.recipes.finetune import compute_loss
+from embtune.recipes.two_stage import run, stage_configs
+from embtune.run.logger import RunLogger
 
 TINY = ["data.max_train_pairs=24", "data.max_test_queries=12", "train.batch_size=8", "train.max_steps=2",
         "train.log_every=1", "eval.batch_size=16"]
@@ -53,10 +53,12 @@ def test_a_mistyped_stage_one_key_is_named(tiny_bert):
 def test_simcse_positive_is_the_anchor_encoded_again(tiny_bert):
     """With loss=simcse the positive column is never read: the anchor's second dropout pass is the positive."""
     cfg = _cfg(tiny_bert, ["loss=simcse"])
+    import random
+
     from hydra.utils import instantiate
+
     from embtune.data.batching import collate
     from embtune.data.formats import Example
-    import random
 
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).eval()  # no dropout: passes are equal
     loss_fn, negatives = instantiate(cfg.loss), instantiate(cfg.negatives)

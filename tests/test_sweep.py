@@ -11,10 +11,11 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from embtune.run.progress import console
-from embtune.run.sweep_report import job_rows, main as report_main, plot_sweep, sweep_table
+from embtune.run.sweep_report import job_rows, plot_sweep, sweep_table
+from embtune.run.sweep_report import main as report_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["data.max_train_pairs=16", "data.max_test_queries=8", "train.batch_size=8", "train.max_steps=2",

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
 import embtune
-from conftest import CONF
-from embtune.run.logger import RunLogger
 from embtune.model.embedder import Embedder
 from embtune.model.pooling import LastToken, Mean, WeightedMean
 from embtune.recipes.finetune import train
+from embtune.run.logger import RunLogger
 
 QUERIES = ["how do I join paths?", "sum of two numbers"]
 DOCS = ["def join(a, *p): return a + '/'.join(p)", "def add(a, b): return a + b"]

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CONF, DATA
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, DATA
-from embtune.run.logger import RunLogger
 from embtune.recipes.finetune import train
+from embtune.run.logger import RunLogger
 
 STDLIB_SMALL = ["data.max_train_pairs=24", "data.max_test_queries=12"]
 SMALL = ["train.batch_size=8", "train.max_steps=2",
@@ -146,7 +146,7 @@ def test_sts_evaluation_reports_spearman(tmp_path, tiny_bert):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    from embtune.recipes.finetune import lr_at
+    from embtune.training.optim import lr_at
 
     # total 10, warm-up 2: 0, 0.5, then (10-s)/8 from step 2
     assert [lr_at(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]

@@ -13,9 +13,9 @@ import random
 import torch
 from omegaconf import DictConfig
 
-from embtune.training import distributed
 from embtune.data.formats import Example, LabeledText
 from embtune.data.sampler import NoDuplicatesBatchSampler, ShuffledBatchSampler
+from embtune.training import distributed
 
 
 def collate(model, examples: list, kind: str, group_size: int = 1, rng: random.Random | None = None) -> dict:

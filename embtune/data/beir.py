@@ -18,8 +18,8 @@ import gzip
 import json
 import logging
 import random
+from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Hashable, Iterator
 
 from huggingface_hub import snapshot_download
 

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 from embtune.data import RetrievalSet, TrainingData
+from embtune.data.cache import cache_dir as default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def load_stdlib(test_fraction: float = 0.15, min_query_words: int = 4, min_doc_c
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
     root = Path(sysconfig.get_paths()["stdlib"])
-    cache = Path(cache_dir or os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     pairs = _cached_pairs(root, cache.expanduser(), min_query_words, min_doc_chars)
     if not pairs:
         raise ValueError(f"no stdlib pairs found under {root} with min_query_words={min_query_words}, "

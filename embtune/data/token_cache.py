@@ -55,7 +55,7 @@ class TokenCache:
                 self.ids = {}
 
     @classmethod
-    def for_run(cls, model_dir: str | Path, tokenizer, data_fingerprint: str, cache_root: str | Path) -> "TokenCache":
+    def for_run(cls, model_dir: str | Path, tokenizer, data_fingerprint: str, cache_root: str | Path) -> TokenCache:
         """The cache of this tokenizer and data set, in ``cache_root/tokens/``."""
         key = hashlib.sha256(f"{tokenizer_fingerprint(model_dir, tokenizer)} {data_fingerprint}".encode()).hexdigest()
         return cls(Path(cache_root) / "tokens" / f"{key}.pt")

@@ -30,7 +30,7 @@ class Retrieval:
         if k < 100:
             raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
-        self.cache_base = cache_base  # read by the loop (embtune.recipes.finetune.base_metrics)
+        self.cache_base = cache_base  # read by the loop (embtune.eval.base_cache.base_metrics)
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
         test = data.test

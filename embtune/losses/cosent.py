@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from embtune.losses.checks import positive
 from torch import Tensor, nn
+
+from embtune.losses.checks import positive
 
 
 class CoSENT(nn.Module):

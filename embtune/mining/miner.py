@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from embtune.mining.pool import CandidatePool, Query, group_queries, normalise
 from embtune.data import TrainingData
 from embtune.eval.metrics import search
+from embtune.mining.pool import CandidatePool, Query, group_queries, normalise
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from embtune.model import kernels
-from embtune.model.llm import apply_lora, enable_gradient_checkpointing, ensure_pad_token, position_ids, weight_dtype
 from embtune.model.llm import append_eos as _append_eos
+from embtune.model.llm import apply_lora, enable_gradient_checkpointing, ensure_pad_token, position_ids, weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Embedder(nn.Module):
                         query_prompt: str = "", document_prompt: str = "", append_eos: bool = False,
                         shared_weights: bool = True, dtype: str = "float32", lora=None,
                         gradient_checkpointing: bool = False, multi_vector: bool = False,
-                        multi_vector_dim: int = 128) -> "Embedder":
+                        multi_vector_dim: int = 128) -> Embedder:
         """Load an encoder or decoder LLM by local path or hub name (see :func:`resolve_model_path`).
 
         ``pooling=None`` takes the pooling stored with the model (embtune.json or sentence-transformers'
@@ -138,7 +138,6 @@ class Embedder(nn.Module):
         """
         from transformers import AutoTokenizer
 
-        from embtune.model.io import stored_pooling
 
         path = resolve_model_path(name_or_path)
         if pooling is None:

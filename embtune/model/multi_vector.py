@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from embtune.objectives.maxsim import TokenVectors
 from embtune.model.embedder import Embedder
 from embtune.model.io import _write_json
+from embtune.objectives.maxsim import TokenVectors
 
 DENSE = "1_Dense"
 

@@ -3,7 +3,7 @@ mask false negatives, select hard ones, and score them with the loss at each Mat
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -92,7 +92,7 @@ class TokenVectors:
         return sum(len(rows) for rows, _, _ in self.chunks)
 
     @classmethod
-    def from_padded(cls, vectors: Tensor, mask: Tensor, chunk_size: int = 64) -> "TokenVectors":
+    def from_padded(cls, vectors: Tensor, mask: Tensor, chunk_size: int = 64) -> TokenVectors:
         """Split a padded [N,T,D] tensor and its mask [N,T] into length-sorted chunks of ``chunk_size``
         texts, each trimmed to its longest text. Left-padded rows are moved to right padding first, so
         a chunk is as wide as its longest text whatever the padding side."""

@@ -7,73 +7,39 @@ with AdamW and a linear warm-up/decay schedule, evaluates again and saves the mo
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import logging
 import math
 import os
 import random
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune.training import checkpoint, distributed
-
-from embtune.model import kernels
+from embtune.config import build, check_run
 from embtune.data.batching import make_loader
-from embtune.objectives.candidates import candidate_loss
+from embtune.data.cache import cache_dir
 from embtune.data.checks import make_examples, text_report
+from embtune.data.token_cache import TokenCache
+from embtune.eval.base_cache import base_metrics
+from embtune.model import kernels
 from embtune.model.cross_encoder import score_examples
-from embtune.training.grad_cache import grad_cache_backward
+from embtune.objectives.candidates import candidate_loss
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.objectives.maxsim import maxsim_scores
-from embtune.training.numerics import finite_or_missing, skip_or_stop
-from embtune.config import check_run
-from embtune.run.redact import redact
 from embtune.run.progress import print_comparison, progress_bar
-from embtune.data.token_cache import TokenCache
+from embtune.run.redact import redact
+from embtune.training import checkpoint, distributed
+from embtune.training.grad_cache import grad_cache_backward
+from embtune.training.numerics import finite_or_missing, skip_or_stop
+from embtune.training.optim import lr_at, param_groups
 
 log = logging.getLogger(__name__)
-
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warm-up from 0 over ``warmup`` steps, then linear decay to 0 at ``total``
-    (Goyal et al. 2017 warm-up; the schedule of HF's ``get_linear_schedule_with_warmup``)."""
-    if step < warmup:
-        return step / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def param_groups(model, loss_fn, t: DictConfig) -> list[dict]:
-    """AdamW parameter groups.
-
-    - Layer-wise learning-rate decay for the encoder (Clark et al. 2020, ELECTRA, App. A): layer l of L
-      gets lr · decay^(L−l), embeddings decay^L; ``train.layerwise_lr_decay=1.0`` turns it off.
-    - No weight decay on biases and LayerNorm weights (Devlin et al. 2019's BERT recipe, as in HF Trainer).
-    - The loss's own parameters (a learnable temperature, ArcFace's class weights) at
-      lr · ``loss.weight_lr_multiplier`` (1 when the loss has none).
-    """
-    n_layers = model.encoder.config.num_hidden_layers
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = re.search(r"\.layers?\.(\d+)\.", name)
-        depth = int(layer.group(1)) + 1 if layer else (0 if "embed" in name else n_layers)
-        decay = 0.0 if p.dim() < 2 else t.weight_decay  # biases and norm weights are 1-D
-        groups.setdefault((t.lr * t.layerwise_lr_decay ** (n_layers - depth), decay), []).append(p)
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    if loss_params:
-        groups.setdefault((t.lr * getattr(loss_fn, "weight_lr_multiplier", 1.0), 0.0), []).extend(loss_params)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
 @torch.no_grad()
@@ -133,66 +99,6 @@ def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[t
     raise ValueError(f"unknown example kind {kind!r}")
 
 
-def cache_dir() -> Path:
-    """Where work shared between runs is kept: ``$EMBTUNE_CACHE``, default ``~/.cache/embtune``."""
-    return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune").expanduser()
-
-
-def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
-    """The base model's metrics, computed once per (model, pooling, held-out set, eval config, Matryoshka
-    dims) and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once;
-    the training rows are not in the key, so mined rows reuse the base metrics of the data they came from).
-    ``eval.cache_base=false`` always recomputes. The key includes the model folder's file times, so a
-    changed local model is evaluated again."""
-    if not cfg.eval.get("cache_base", True):
-        return evaluate()
-    from embtune.data import fingerprint
-    from embtune.model.embedder import resolve_model_path
-
-    folder = Path(resolve_model_path(cfg.model.name_or_path))
-    stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
-    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
-    parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("before", "after", "cache_base")}
-    if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
-        parts["seed"] = cfg.train.seed
-    held_out = fingerprint([], data.test)
-    key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()
-    path = cache_dir() / "base_eval" / f"{key}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            log.warning("unreadable base-metrics cache %s; recomputing", path)
-    metrics = evaluate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(metrics))
-    os.replace(tmp, path)  # atomic: parallel jobs never read half a file
-    return metrics
-
-
-def _build(cfg: DictConfig, group: str):
-    """``instantiate(cfg[group])``, but a loader's own error (naming file, row, field) is raised as it is,
-    not wrapped in Hydra's InstantiationException.
-
-    Raises:
-        ValueError: a ``bool`` parameter set to anything but true/false (``loss.symmetric=maybe`` would
-            otherwise count as true), named as ``group.key``.
-    """
-    node = cfg[group]
-    if node.get("_target_"):
-        params = inspect.signature(get_object(node._target_)).parameters
-        for key, value in node.items():
-            if key in params and params[key].annotation in (bool, "bool") and not isinstance(value, bool):
-                raise ValueError(f"{group}.{key} must be true or false, got {value!r}")
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, (ValueError, FileNotFoundError, TypeError)):
-            raise e.__cause__ from None
-        raise
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: ({n: x.to(device) for n, x in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
@@ -222,10 +128,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
-    data = data if data is not None else _build(cfg, "data")
-    data_format, negatives, loss_fn = _build(cfg, "data_format"), _build(cfg, "negatives"), _build(cfg, "loss")
-    evaluator = _build(cfg, "eval")
-    teacher = _build(cfg, "teacher") if cfg.get("teacher") else None
+    data = data if data is not None else build(cfg, "data")
+    data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
+    evaluator = build(cfg, "eval")
+    teacher = build(cfg, "teacher") if cfg.get("teacher") else None
     kind = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)
     examples, row_of = make_examples(data, data_format, loss_fn, kind)
     if teacher is not None:

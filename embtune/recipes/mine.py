@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune.cli import CONFIG_PATH
+from embtune.config import CONFIG_PATH, build
 
 log = logging.getLogger("embtune")
 
@@ -31,12 +31,11 @@ def run_mining(cfg: DictConfig, output_dir: str | Path) -> dict:
         FileExistsError: the output or its settings file exists (checked before the model loads).
         ValueError: a miner setting out of range, or a data error naming file, row and field.
     """
-    from embtune.mining.miner import refuse_existing, mine_to_file
-    from embtune.recipes.finetune import _build
+    from embtune.mining.miner import mine_to_file, refuse_existing
 
     out = Path(cfg.output) if cfg.output else Path(output_dir) / "negatives.jsonl"
     refuse_existing(out)
-    miner, data, data_format = _build(cfg, "miner"), _build(cfg, "data"), _build(cfg, "data_format")
+    miner, data, data_format = build(cfg, "miner"), build(cfg, "data"), build(cfg, "data_format")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     return mine_to_file(miner, model, cfg.model.name_or_path, data, data_format, out)

@@ -19,12 +19,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from embtune.config import build, check_compatible
 from embtune.data import TrainingData
 from embtune.data.formats import MultiNegative
 from embtune.mining.miner import mine_to_file
-from embtune.config import check_compatible
+from embtune.recipes.finetune import train
 from embtune.recipes.two_stage import StageLogger
-from embtune.recipes.finetune import _build, train
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     output_dir = Path(output_dir)
     if cfg.train.rounds < 1:
         raise ValueError(f"train.rounds={cfg.train.rounds}: must be >= 1 here (0 trains once, without mining)")
-    negatives, loss = _build(cfg, "negatives"), _build(cfg, "loss")
+    negatives, loss = build(cfg, "negatives"), build(cfg, "loss")
     check_compatible(MultiNegative(), negatives, loss)
     if not negatives.needs_negatives:
         raise ValueError(f"train.rounds={cfg.train.rounds} mines hard negatives, but negatives={negatives.name} "
                          "ignores them: use negatives=hard (negatives.group_size=K+1)")
-    miner, data, data_format = _build(cfg, "miner"), _build(cfg, "data"), _build(cfg, "data_format")
+    miner, data, data_format = build(cfg, "miner"), build(cfg, "data"), build(cfg, "data_format")
     t = cfg.train
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path, offset, rounds = cfg.model.name_or_path, 0, []

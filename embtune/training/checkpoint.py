@@ -178,7 +178,7 @@ class StopOnSignal:
         self.signum: int | None = None
         self._old: dict = {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self

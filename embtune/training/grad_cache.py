@@ -22,8 +22,7 @@ depend on the other rows).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
