@@ -13,8 +13,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
+from embtune.eval.evaluators import Retrieval
 from embtune.model.cross_encoder import check_distillation
-from embtune.model.multi_vector import check_multi_vector
 from embtune.objectives.matryoshka import matryoshka_dims
 
 # conf/ beside the package in a source checkout; the packaged copy in an installed wheel.
@@ -39,6 +39,32 @@ def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teach
         raise ValueError("train.grad_cache=true with model.multi_vector=true: GradCache caches one vector per text, "
                          "not token vectors; train a multi-vector model without grad_cache")
     return kind
+
+
+def check_multi_vector(model_cfg, kind: str, negatives, matryoshka_dims, evaluator) -> None:
+    """Refuse, before the model loads, what a multi-vector model cannot do (yet).
+
+    Raises:
+        ValueError: a loss over pairs/lists/classes instead of candidates, negatives other than
+            ``in_batch``/``hard``, Matryoshka dims, an evaluation other than retrieval, or a dim < 1.
+    """
+    if not model_cfg.get("multi_vector"):
+        return
+    if kind != "scores":
+        raise ValueError(f"model.multi_vector=true trains with losses over candidates (info_nce, hinge, ...); "
+                         f"this loss takes {kind} examples")
+    if negatives.name not in ("in_batch", "hard"):
+        raise ValueError(f"model.multi_vector=true supports negatives=in_batch and hard, not {negatives.name}")
+    if matryoshka_dims:
+        raise ValueError("model.multi_vector=true with matryoshka.dims: Matryoshka token vectors are not "
+                         "supported; use matryoshka=off")
+    if not isinstance(evaluator, Retrieval):
+        raise ValueError("model.multi_vector=true is evaluated by MaxSim retrieval (eval=retrieval) only")
+    if not model_cfg.get("shared_weights", True):
+        raise ValueError("model.multi_vector=true with model.shared_weights=false: two towers are not supported "
+                         "for multi-vector models")
+    if model_cfg.get("multi_vector_dim", 1) < 1:
+        raise ValueError(f"model.multi_vector_dim must be >= 1, got {model_cfg.multi_vector_dim}")
 
 
 def check_compatible(data_format, negatives, loss) -> None:
