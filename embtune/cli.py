@@ -2,97 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune.config import CONFIG_PATH
+from embtune.run.outputs import clear_run, rank, record_failure, refuse_if_used
 
 log = logging.getLogger("embtune")
 
 # errors whose message is the whole story (bad input, bad settings, missing files): shown as one line
 USER_ERRORS = (ValueError, OSError)
-RUN_FILES = ("summary.json", "metrics.jsonl")  # present once a run has started: never overwrite
-# what a run writes; `overwrite=true` removes these before the new run (Hydra rewrites .hydra/ itself)
-RUN_OUTPUTS = (*RUN_FILES, "model", "model.tmp", "checkpoints")
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise): only rank 0 checks, logs and writes the run."""
-    return int(os.environ.get("RANK", "0"))
-
-
-class NeverOverwrite(Callback):
-    """Hydra callback: refuse to start when the run folder (or a job folder of the sweep folder) already
-    holds a run. It runs before Hydra writes ``.hydra/`` into the folder, so nothing there is touched.
-    It exits with SystemExit: Hydra turns a callback's exceptions into warnings. ``overwrite=true``
-    turns the check off (each job then clears its own folder, see :func:`clear_run`)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if not config.get("overwrite"):
-            self._check([Path(config.hydra.run.dir)])
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if config.get("overwrite"):
-            return
-        sweep = Path(config.hydra.sweep.dir)
-        self._check(sorted(sweep.iterdir()) if sweep.is_dir() else [])
-
-    @staticmethod
-    def _check(folders: list[Path]) -> None:
-        if _rank() > 0:  # rank 0 may already have started the run in the same folder
-            return
-        try:
-            for folder in folders:
-                _refuse_if_used(folder)
-        except FileExistsError as e:
-            raise SystemExit(f"Error: {e}") from None
-
-
-def _refuse_if_used(folder: Path) -> None:
-    used = [f for f in RUN_FILES if (folder / f).exists()]
-    if used:
-        raise FileExistsError(f"{folder} already holds a run ({', '.join(used)}); embtune never overwrites one: "
-                              "choose another hydra.run.dir / hydra.sweep.dir, or pass overwrite=true")
-
-
-def clear_run(folder: Path) -> None:
-    """Remove a previous run's outputs from ``folder`` (``overwrite=true``); other files stay."""
-    for name in RUN_OUTPUTS:
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def record_failure(folder: Path, error: BaseException) -> None:
-    """Mark the run in ``folder`` as failed: ``summary.json`` gets ``status: failed``, the error and its
-    traceback (keeping whatever the run had already written there), so a sweep's report shows it."""
-    path = folder / "summary.json"
-    try:
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        summary = {}
-    from embtune.run.redact import redact_text
-
-    summary.update(status="failed", error=redact_text(f"{type(error).__name__}: {error}"),
-                   traceback=redact_text("".join(traceback.format_exception(error))))
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
@@ -104,20 +31,20 @@ def main(cfg: DictConfig) -> float | None:
     failed). A single run exits after recording it: with ``Error: <message>`` for bad input or settings
     (``USER_ERRORS``), else with the exception.
     """
-    from embtune.recipes.two_stage import run
+    from embtune.recipes import run
     from embtune.run.redact import install_log_filter, redact, redact_text, redact_yaml_file
     from embtune.training.distributed import teardown
 
     install_log_filter()  # before anything is logged: no API key or token in the console or cli.log
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
-    if _rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
+    if rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
         run(cfg, output_dir, logger=None)
         teardown()
         return None
     if cfg.overwrite:
         clear_run(output_dir)
-    _refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
+    refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml") if hc.output_subdir else ():
         redact_yaml_file(output_dir / hc.output_subdir / name)  # what Hydra saved before this job started
     run_config = OmegaConf.to_container(cfg, resolve=True)

@@ -239,7 +239,7 @@ def test_two_rounds_mine_train_remine_train_and_log_both_rounds(tmp_path, tiny_b
     from embtune.run.logger import RunLogger
 
     cfg = _compose("config", [f"model.name_or_path={tiny_bert}", "data.max_train_pairs=24", "data.max_test_queries=8",
-                              "train.rounds=2", "train.max_steps=2", "train.batch_size=8", "train.log_every=1",
+                              "recipe=mining_rounds", "recipe.rounds=2", "train.max_steps=2", "train.batch_size=8", "train.log_every=1",
                               "negatives=hard", "negatives.group_size=3", "eval.batch_size=16", "eval.cache_base=false",
                               "miner.range_min=0", "miner.range_max=6", "miner.num_negatives=2"])
     logger = RunLogger(tmp_path, wandb=False)
@@ -267,7 +267,7 @@ def test_two_rounds_mine_train_remine_train_and_log_both_rounds(tmp_path, tiny_b
 def test_rounds_with_in_batch_negatives_are_refused_before_the_model_loads(tmp_path):
     from embtune.recipes.mining_rounds import train_rounds
 
-    cfg = _compose("config", ["model.name_or_path=/nonexistent/model", "train.rounds=1"])
+    cfg = _compose("config", ["model.name_or_path=/nonexistent/model", "recipe=mining_rounds", "recipe.rounds=1"])
     with pytest.raises(ValueError, match="negatives=hard"):
         train_rounds(cfg, tmp_path, None)
 

@@ -1,4 +1,4 @@
-"""Two-stage runs (experiment=pretrain_finetune) and unsupervised SimCSE on raw texts."""
+"""Two-stage runs (recipe=two_stage) and unsupervised SimCSE on raw texts."""
 
 import json
 
@@ -35,7 +35,7 @@ def test_raw_texts_gives_each_distinct_text_once_as_its_own_positive():
 
 
 def test_stage_one_replaces_losses_and_merges_settings(tiny_bert):
-    cfg = _cfg(tiny_bert, ["experiment=pretrain_finetune", "pretrain.train.max_steps=3"])
+    cfg = _cfg(tiny_bert, ["recipe=two_stage", "pretrain.train.max_steps=3"])
     first, second = stage_configs(cfg, "/runs/x/pretrain/model")
     assert first.loss._target_.endswith("SimCSE") and first.data_format._target_.endswith("RawTexts")
     assert first.train.max_steps == 3 and first.train.batch_size == 8      # merged over the run's
@@ -45,7 +45,7 @@ def test_stage_one_replaces_losses_and_merges_settings(tiny_bert):
 
 
 def test_a_mistyped_stage_one_key_is_named(tiny_bert):
-    cfg = _cfg(tiny_bert, ["experiment=pretrain_finetune", "+pretrain.modle={}"])
+    cfg = _cfg(tiny_bert, ["recipe=two_stage", "+pretrain.modle={}"])
     with pytest.raises(ValueError, match=r"pretrain.modle: not a stage-1 setting"):
         stage_configs(cfg, "m")
 
@@ -72,7 +72,7 @@ def test_simcse_positive_is_the_anchor_encoded_again(tiny_bert):
 
 
 def test_pretrain_finetune_runs_both_stages_and_logs_each(tmp_path, tiny_bert):
-    cfg = _cfg(tiny_bert, ["experiment=pretrain_finetune", "pretrain.train.max_steps=3"])
+    cfg = _cfg(tiny_bert, ["recipe=two_stage", "pretrain.train.max_steps=3"])
     logger = RunLogger(tmp_path, wandb=False)
     try:
         summary = run(cfg, tmp_path, logger)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from embtune.data import RetrievalSet, TrainingData
 from embtune.data.checks import DataProblems
+from embtune.data.dataset import RetrievalSet, TrainingData
 
 log = logging.getLogger(__name__)
 

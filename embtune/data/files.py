@@ -11,9 +11,9 @@ import csv
 import json
 from pathlib import Path
 
-from embtune.data import RetrievalSet, TrainingData
 from embtune.data.beir import load_beir_test, read_json_objects, read_lines, subsample
 from embtune.data.checks import DataProblems
+from embtune.data.dataset import RetrievalSet, TrainingData
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv")
 _HF_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}

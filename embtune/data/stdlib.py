@@ -28,8 +28,8 @@ import tokenize
 import warnings
 from pathlib import Path
 
-from embtune.data import RetrievalSet, TrainingData
 from embtune.data.cache import cache_dir as default_cache_dir
+from embtune.data.dataset import RetrievalSet, TrainingData
 
 log = logging.getLogger(__name__)
 

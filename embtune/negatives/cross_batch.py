@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from embtune.negatives.in_batch import Hard, InBatch
+from embtune.negatives.hard import Hard
+from embtune.negatives.in_batch import InBatch
 
 
 class CrossBatch(nn.Module):

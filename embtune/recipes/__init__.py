@@ -1,0 +1,33 @@
+"""Recipes: what a run does, one file a mode (torchtune's recipes). ``recipe=`` picks one.
+
+- ``finetune``: one fine-tuning run, the loop (:func:`embtune.recipes.finetune.train`).
+- ``two_stage``: unsupervised SimCSE, then the supervised run from its model (:mod:`embtune.recipes.two_stage`).
+- ``mining_rounds``: mine hard negatives with the current model, fine-tune, repeat (:mod:`embtune.recipes.mining_rounds`).
+
+``embtune-mine`` (:mod:`embtune.recipes.mine`) is a recipe with a command of its own. Recipes compose the
+fine-tuning loop; they never copy it and never import each other's private names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from embtune.recipes import finetune, mining_rounds, two_stage
+
+RECIPES = {"finetune": finetune.train, "two_stage": two_stage.run, "mining_rounds": mining_rounds.train_rounds}
+
+
+def run(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
+    """Run the recipe ``cfg.recipe.name`` names; returns the run's summary (also in ``summary.json``).
+
+    Raises:
+        ValueError: an unknown recipe name, or a ``pretrain`` stage outside ``recipe=two_stage``.
+    """
+    name = cfg.recipe.name
+    if name not in RECIPES:
+        raise ValueError(f"recipe.name={name!r}: not a recipe; choose one of {', '.join(RECIPES)}")
+    if cfg.get("pretrain") is not None and name != "two_stage":
+        raise ValueError(f"a pretrain stage is set, but recipe={name}: stages run with recipe=two_stage")
+    return RECIPES[name](cfg, output_dir, logger)

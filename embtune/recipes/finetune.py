@@ -7,10 +7,8 @@ with AdamW and a linear warm-up/decay schedule, evaluates again and saves the mo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from embtune.model.cross_encoder import score_examples
 from embtune.objectives.candidates import candidate_loss
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.objectives.maxsim import maxsim_scores
+from embtune.run.outputs import write_json
 from embtune.run.progress import print_comparison, progress_bar
 from embtune.run.redact import redact
 from embtune.training import checkpoint, distributed
@@ -265,9 +264,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
     })
-    tmp = output_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, output_dir / "summary.json")  # a summary is whole or absent: sweeps read it as "done"
+    write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)

@@ -1,6 +1,6 @@
 """Two-stage training in one run: an unsupervised stage, then the supervised stage from its model.
 
-``experiment=pretrain_finetune`` fills the config's ``pretrain`` node. Stage 1 (SimCSE on the data's
+``recipe=two_stage`` fills the config's ``pretrain`` node. Stage 1 (SimCSE on the data's
 raw texts, Gao et al. 2021 §3) trains into ``RUN_DIR/pretrain/``; stage 2 (the run's own data format,
 loss and negatives) starts from the stage-1 model and writes the run's model and ``summary.json``.
 Both stages log to the run's one ``metrics.jsonl`` / wandb run: stage 1 under ``pretrain/``, stage 2
@@ -9,30 +9,17 @@ under the usual names, its steps counted on from stage 1's so every step number 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embtune.recipes.finetune import train
+from embtune.run.logger import StageLogger
+from embtune.run.outputs import write_json
 
 # Nodes that name what they build (replaced whole in stage 1) vs settings (merged key by key).
 _REPLACED = ("data_format", "loss", "negatives")
 _MERGED = ("train", "eval")
-
-
-class StageLogger:
-    """A run logger seen through a stage: metric names get ``prefix``, steps get ``step_offset``."""
-
-    def __init__(self, logger, prefix: str = "", step_offset: int = 0):
-        self.logger, self.prefix, self.step_offset = logger, prefix, step_offset
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.logger.log({self.prefix + k: v for k, v in metrics.items()}, step=step + self.step_offset)
-
-    def summary(self, values: dict) -> None:
-        self.logger.summary({self.prefix.rstrip("/"): values} if self.prefix else values)
 
 
 def stage_configs(cfg: DictConfig, pretrained_model: str) -> tuple[DictConfig, DictConfig]:
@@ -50,6 +37,7 @@ def stage_configs(cfg: DictConfig, pretrained_model: str) -> tuple[DictConfig, D
         raise ValueError(f"pretrain.{sorted(extra)[0]}: not a stage-1 setting; pretrain takes "
                          f"{', '.join(_REPLACED + _MERGED)}")
     first = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "pretrain"])
+    first.recipe = OmegaConf.create({"name": "finetune"})  # each stage is one fine-tuning run
     second = first.copy()
     with open_dict(first), open_dict(second):
         for key in _REPLACED:
@@ -63,29 +51,16 @@ def stage_configs(cfg: DictConfig, pretrained_model: str) -> tuple[DictConfig, D
 
 
 def run(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
-    """Train one run: ``train`` itself, both stages when ``cfg.pretrain`` is set, or mining rounds
-    (:func:`embtune.recipes.mining_rounds.train_rounds`) when ``train.rounds`` > 0.
+    """Both stages: stage 1 into ``output_dir/pretrain/``, stage 2 from its model into ``output_dir``.
 
-    A two-stage run's ``summary.json`` holds the original model's metrics as ``base``, the stage-2
-    model's as ``final``, and stage 1's summary under ``pretrain``.
+    The run's ``summary.json`` holds the original model's metrics as ``base``, the stage-2 model's as
+    ``final``, and stage 1's summary under ``pretrain``.
     """
     output_dir = Path(output_dir)
-    if cfg.train.get("rounds"):
-        if cfg.get("pretrain") is not None:
-            raise ValueError("train.rounds with a pretrain stage is not supported: run the stages, then mine "
-                             "with the stage-2 model (train.rounds from model.name_or_path=RUN_DIR/model)")
-        from embtune.recipes.mining_rounds import train_rounds
-
-        return train_rounds(cfg, output_dir, logger)
-    if cfg.get("pretrain") is None:
-        return train(cfg, output_dir, logger)
     first, second = stage_configs(cfg, str(output_dir / "pretrain" / "model"))
     pre = train(first, output_dir / "pretrain", StageLogger(logger, prefix="pretrain/"))
     summary = train(second, output_dir, StageLogger(logger, step_offset=pre["steps"]), base=pre["base"])
     summary["pretrain"] = pre
-    path = output_dir / "summary.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(output_dir / "summary.json", summary)
     logger.summary({"pretrain": pre})
     return summary

@@ -70,3 +70,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+class StageLogger:
+    """A run logger seen through a stage: metric names get ``prefix``, steps get ``step_offset``."""
+
+    def __init__(self, logger, prefix: str = "", step_offset: int = 0):
+        self.logger, self.prefix, self.step_offset = logger, prefix, step_offset
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.logger.log({self.prefix + k: v for k, v in metrics.items()}, step=step + self.step_offset)
+
+    def summary(self, values: dict) -> None:
+        self.logger.summary({self.prefix.rstrip("/"): values} if self.prefix else values)

@@ -31,6 +31,23 @@ FOLDER = "checkpoints"
 LAST, PREV = "ckpt-last.pt", "ckpt-prev.pt"
 _MAGIC = b"EMBTUNE-SHA256:"  # then the 32-byte digest of everything before it
 
+# 2: public ``_target_`` paths (``embtune.losses.InfoNCE``) and a ``recipe`` node; 1: the flat layout's
+# module paths (``embtune.losses.info_nce.InfoNCE``, ``embtune.formats.Pairwise``), ``train.rounds``.
+FORMAT = 2
+# format-1 ``_target_`` -> format 2, whole names first, then module prefixes
+_TARGETS_V1 = {
+    "embtune.model.Embedder.from_pretrained": "embtune.model.from_pretrained",
+    "embtune.distill.CrossEncoderTeacher": "embtune.model.CrossEncoderTeacher",
+    "embtune.mining.HardNegativeMiner": "embtune.mining.HardNegativeMiner",
+}
+_PREFIXES_V1 = {
+    "embtune.pooling.": "embtune.model.", "embtune.formats.": "embtune.data.", "embtune.data.beir.": "embtune.data.",
+    "embtune.data.files.": "embtune.data.", "embtune.data.stdlib.": "embtune.data.",
+    "embtune.negatives.": "embtune.negatives.", "embtune.online_hard.": "embtune.negatives.",
+    "embtune.cross_batch.": "embtune.negatives.", "embtune.evaluators.": "embtune.eval.",
+    "embtune.logger.": "embtune.run.",
+}
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (truncated, damaged, or not an embtune checkpoint)."""
@@ -99,7 +116,7 @@ def load(where: str | Path) -> tuple[dict, Path]:
     """
     where = Path(where).expanduser()
     if where.is_file():
-        return read(where), where
+        return _current(read(where)), where
     folder = where / FOLDER if (where / FOLDER).is_dir() else where
     candidates = [folder / LAST, folder / PREV]
     if not any(p.exists() for p in candidates):
@@ -117,8 +134,53 @@ def load(where: str | Path) -> tuple[dict, Path]:
         if problems:
             log.warning("%s; resuming from the previous checkpoint %s (step %d)", "; ".join(problems), path,
                         state["step"])
-        return state, path
+        return _current(state), path
     raise CheckpointError(f"{where}: no usable checkpoint: {'; '.join(problems)}")
+
+
+def upgrade_config(config: dict, version: int) -> dict:
+    """A checkpoint's config of format ``version`` as today's layout reads it (a new dict).
+
+    Format 1 -> 2: every ``_target_`` moves to its public name (``embtune.losses.info_nce.InfoNCE`` ->
+    ``embtune.losses.InfoNCE``), and the mode moves from ``train.rounds`` / a ``pretrain`` node to ``recipe.name``.
+    """
+    if version >= FORMAT:
+        return config
+
+    def target(name: str) -> str:
+        if name in _TARGETS_V1:
+            return _TARGETS_V1[name]
+        if name.startswith("embtune.losses."):  # embtune.losses.<module>.<Class>
+            return "embtune.losses." + name.rsplit(".", 1)[1]
+        for old, new in _PREFIXES_V1.items():
+            if name.startswith(old):
+                return new + name.rsplit(".", 1)[1]
+        return name
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: target(v) if k == "_target_" and isinstance(v, str) else walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    out = walk(config)
+    train = dict(out.get("train") or {})
+    rounds = train.pop("rounds", 0) or 0
+    out["train"] = train
+    if out.get("pretrain") is not None:
+        out["recipe"] = {"name": "two_stage"}
+    elif rounds:
+        out["recipe"] = {"name": "mining_rounds", "rounds": rounds}
+    else:
+        out["recipe"] = {"name": "finetune"}
+    return out
+
+
+def _current(state: dict) -> dict:
+    """``state`` with its config in today's format (see :func:`upgrade_config`)."""
+    version = state.get("format", 1)
+    if version > FORMAT:
+        raise CheckpointError(f"checkpoint format {version} is newer than this embtune reads ({FORMAT}); upgrade embtune")
+    return {**state, "config": upgrade_config(state["config"], version), "format": FORMAT}
 
 
 def rng_state(negatives: random.Random) -> dict:
@@ -203,7 +265,7 @@ def training_state(*, model, optimizer, scheduler, loss_fn, negatives_rng: rando
     optimiser and scheduler state, the position in the data (``epoch``, ``done`` = batches of that epoch
     already trained on), counters, every random state, the base metrics, the data's fingerprint and the
     config. Read it back with :func:`restore_training`."""
-    return {"format": 1, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+    return {"format": FORMAT, "model": model.state_dict(), "loss": loss_fn.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
             "epoch": epoch, "done": done, "seen": seen, "skipped": skipped, "seconds": seconds,
             "rng": rng_state(negatives_rng), "base": base, "fingerprint": fingerprint, "config": config}

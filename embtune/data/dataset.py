@@ -1,0 +1,73 @@
+"""What every loader returns: training rows and an optional held-out retrieval set."""
+
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from embtune.data.checks import DataProblems
+
+
+@dataclass
+class RetrievalSet:
+    """A retrieval test collection.
+
+    Attributes:
+        queries: query id -> query text.
+        corpus: document id -> document text. Every document is a ranking candidate.
+        qrels: query id -> {document id -> relevance grade (int, > 0 is relevant)}.
+    """
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.qrels)
+
+
+@dataclass
+class TrainingData:
+    """What a loader returns.
+
+    Attributes:
+        rows: training rows, each a dict of column -> value (``data_format`` reads them).
+        test: held-out retrieval set for evaluation, or None when the data has none.
+        name: a short description of the source (path or hub name).
+        fingerprint: sha256 hex digest of the rows and the test set (see :func:`fingerprint`).
+        source: where each row came from, for error messages: ``(file, row number)`` per row.
+        problems: bad rows and warnings met so far; the data format adds its own (same drop policy).
+    """
+
+    rows: list[dict]
+    test: RetrievalSet | None
+    name: str
+    fingerprint: str = ""
+    source: list[tuple[str, int]] = field(default_factory=list)
+    problems: DataProblems = field(default_factory=DataProblems)
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = fingerprint(self.rows, self.test)
+
+    def summary(self) -> dict:
+        """Size, fingerprint and problems (warnings, dropped rows), as recorded in a run's summary.json."""
+        out = {"name": self.name, "train_rows": len(self.rows), "fingerprint": self.fingerprint,
+               "problems": self.problems.summary()}
+        if self.test is not None:
+            out.update(test_queries=len(self.test.qrels), test_corpus=len(self.test.corpus))
+        return out
+
+
+def fingerprint(rows: list[dict], test: RetrievalSet | None) -> str:
+    """sha256 over a canonical JSON dump of the rows and the test set: equal data, equal digest."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    if test is not None:
+        for part in (test.queries, test.corpus, test.qrels):
+            h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()

@@ -1,0 +1,89 @@
+"""The run folder: never overwrite a run, clear one on request, record a failure, write JSON atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import traceback
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from embtune.run.redact import redact_text
+
+RUN_FILES = ("summary.json", "metrics.jsonl")  # present once a run has started: never overwrite
+# what a run writes; `overwrite=true` removes these before the new run (Hydra rewrites .hydra/ itself)
+RUN_OUTPUTS = (*RUN_FILES, "model", "model.tmp", "checkpoints")
+
+
+class NeverOverwrite(Callback):
+    """Hydra callback: refuse to start when the run folder (or a job folder of the sweep folder) already
+    holds a run. It runs before Hydra writes ``.hydra/`` into the folder, so nothing there is touched.
+    It exits with SystemExit: Hydra turns a callback's exceptions into warnings. ``overwrite=true``
+    turns the check off (each job then clears its own folder, see :func:`clear_run`)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not config.get("overwrite"):
+            self._check([Path(config.hydra.run.dir)])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("overwrite"):
+            return
+        sweep = Path(config.hydra.sweep.dir)
+        self._check(sorted(sweep.iterdir()) if sweep.is_dir() else [])
+
+    @staticmethod
+    def _check(folders: list[Path]) -> None:
+        if rank() > 0:  # rank 0 may already have started the run in the same folder
+            return
+        try:
+            for folder in folders:
+                refuse_if_used(folder)
+        except FileExistsError as e:
+            raise SystemExit(f"Error: {e}") from None
+
+
+def refuse_if_used(folder: Path) -> None:
+    used = [f for f in RUN_FILES if (folder / f).exists()]
+    if used:
+        raise FileExistsError(f"{folder} already holds a run ({', '.join(used)}); embtune never overwrites one: "
+                              "choose another hydra.run.dir / hydra.sweep.dir, or pass overwrite=true")
+
+
+def clear_run(folder: Path) -> None:
+    """Remove a previous run's outputs from ``folder`` (``overwrite=true``); other files stay."""
+    for name in RUN_OUTPUTS:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def record_failure(folder: Path, error: BaseException) -> None:
+    """Mark the run in ``folder`` as failed: ``summary.json`` gets ``status: failed``, the error and its
+    traceback (keeping whatever the run had already written there), so a sweep's report shows it."""
+    path = folder / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        summary = {}
+    summary.update(status="failed", error=redact_text(f"{type(error).__name__}: {error}"),
+                   traceback=redact_text("".join(traceback.format_exception(error))))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(path, summary)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON through a temporary file and a rename: a reader (a sweep's report,
+    a parallel job) sees the whole file or none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 checks, logs and writes the run."""
+    return int(os.environ.get("RANK", "0"))
