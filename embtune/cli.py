@@ -22,6 +22,25 @@ log = logging.getLogger("embtune")
 USER_ERRORS = (ValueError, OSError)
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' own noise out of a run's output: the download/load/save bars of transformers,
+    huggingface_hub and datasets, and their deprecation warnings (FutureWarning, DeprecationWarning).
+    Their errors and real warnings still show."""
+    import warnings
+
+    for module in ("transformers", "huggingface_hub", "datasets", "torch", "sentence_transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
+    from huggingface_hub.utils import disable_progress_bars as hub_quiet
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    hub_quiet()
+    datasets_quiet()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises).
@@ -36,6 +55,7 @@ def main(cfg: DictConfig) -> float | None:
     from embtune.training.distributed import teardown
 
     install_log_filter()  # before anything is logged: no API key or token in the console or cli.log
+    quiet_libraries()
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     if rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
@@ -51,7 +71,10 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.get("resume_from"):
         run_config = _resume_config(cfg, hc.overrides.task)
     run_config = redact(run_config)
-    log.info("config:\n%s", OmegaConf.to_yaml(run_config))
+    if cfg.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(run_config))
+    log.info("run folder %s (its config: %s)", output_dir,
+             output_dir / hc.output_subdir / "config.yaml" if hc.output_subdir else "not saved")
     multirun = hc.mode == RunMode.MULTIRUN
     logger = None
     try:
@@ -81,6 +104,9 @@ def main(cfg: DictConfig) -> float | None:
         raise
     logger.finish()
     teardown()
+    if (output_dir / "model").is_dir():
+        log.info("model saved to %s", output_dir / "model")
+    log.info("run folder: %s (summary.json, metrics.jsonl, cli.log)", output_dir)
     return summary["final"].get(cfg.eval.metric)
 
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:

@@ -79,3 +79,24 @@ def test_a_one_step_run_trains_at_a_nonzero_learning_rate(tmp_path, tiny_bert):
     assert out.returncode == 0, out.stderr[-3000:]
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/lr" in x]
     assert logged[0]["step"] == 1 and logged[0]["train/lr"] == 2e-5  # no warm-up step at lr 0 when it is the only one
+
+
+def test_a_piped_run_logs_progress_lines_the_table_and_where_the_model_went(tmp_path, tiny_bert):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "logger=none",
+           "data.max_train_pairs=40", "data.max_test_queries=8", "train.batch_size=4", "train.max_steps=6",
+           "train.log_every=2", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # stdout is a pipe
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = (out.stdout + out.stderr).splitlines()
+    for text in (out.stdout, (run_dir / "cli.log").read_text()):  # the screen and the run's log file
+        steps = [line.split("step ")[1].split()[0] for line in text.splitlines() if "embtune.progress" in line
+                 and " step " in line]
+        assert steps == ["2/6", "4/6", "6/6"]  # one plain line per train.log_every steps
+        assert "retrieval metrics: base vs fine-tuned" in text and "ndcg@10" in text
+        assert f"model saved to {run_dir / 'model'}" in text
+    assert not any(line.startswith("config:") or "_target_" in line for line in printed)  # the config is in .hydra/
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not any("Writing model shards" in line or "Loading weights" in line for line in printed)
+    before_training = next(i for i, line in enumerate(printed) if " step " in line)
+    assert before_training < 40

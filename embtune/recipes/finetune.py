@@ -199,7 +199,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
             fingerprint=data.fingerprint, config=saved_config))
 
-    with (progress_bar(total) as bar, checkpoint.StopOnSignal() as stop,
+    with (progress_bar(total, len(loader), t.log_every, show=main) as bar, checkpoint.StopOnSignal() as stop,
           kernels.fast_dropout(model, t.fast_dropout and device.type == "cpu")):
         while step < total:
             sampler.set_epoch(epoch, start=done)
@@ -228,12 +228,13 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                 step, done = step + 1, done + 1
                 seen += len(idx) * proc.world
                 pairs_per_s = seen / (time.perf_counter() - start)
+                loss_value = distributed.mean_over_processes(loss, proc)  # every process's share of the batch
                 if main and (step % t.log_every == 0 or step == total):
-                    logger.log({"train/loss": loss.item(), "train/lr": lr,
+                    logger.log({"train/loss": loss_value, "train/lr": lr,
                                 "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
                                 "train/epoch": step / len(loader), **extra}, step=step)
-                bar.update(step=step, loss=loss.item(), lr=lr, pairs_per_s=pairs_per_s)
+                bar.update(step=step, loss=loss_value, lr=lr, pairs_per_s=pairs_per_s)
                 every, path = t.checkpoint_every, None
                 if main and (stop.signum or (every is not None and (step == total or (every and step % every == 0)))):
                     path = save_checkpoint()  # rank 0's: the weights are the same on every process

@@ -1,45 +1,101 @@
-"""What a person reads during a run: the progress bar and the base-vs-fine-tuned table (a sweep's
-table and plots: ``embtune.run.sweep_report``)."""
+"""What a person reads during a run: the training progress and the base-vs-fine-tuned table (a sweep's
+table and plots: ``embtune.run.sweep_report``).
+
+On a terminal the progress is a rich bar (step, epoch, loss, lr, pairs/s, elapsed, ETA). Anywhere else (a
+batch job, ``nohup``, ``| tee``, ``> log.txt``) a bar prints once, at the end, so instead one plain line is
+logged every ``train.log_every`` steps. Both go to the run's ``cli.log`` (Hydra's file handler): on a
+terminal the plain lines are marked file-only, so the screen shows the bar and the file the lines.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+log = logging.getLogger("embtune.progress")
+
 console = Console()
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 160  # rich wraps at 80 columns in logs and pipes; sweep tables are wider
 
+FILE_ONLY = {"file_only": True}  # `extra=` of a record the screen already shows another way
 
-class _Bar:
-    def __init__(self, progress: Progress, task):
-        self.progress, self.task = progress, task
+
+class ScreenFilter(logging.Filter):
+    """Drops file-only records from a console handler (the rich bar or table shows them there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+def keep_file_only_records_off_the_screen() -> None:
+    """Install :class:`ScreenFilter` on the root logger's stream handlers (not on its file handlers)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if not any(isinstance(f, ScreenFilter) for f in handler.filters):
+                handler.addFilter(ScreenFilter())
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """One run's progress: a rich bar on a terminal, plain log lines every ``log_every`` steps (always in
+    the log file; on the screen too when it is not a terminal). ``show=False`` (torchrun ranks > 0) is silent."""
+
+    def __init__(self, total: int, steps_per_epoch: int, log_every: int, bar: Progress | None, show: bool):
+        self.total, self.steps_per_epoch, self.log_every = total, max(steps_per_epoch, 1), max(log_every, 1)
+        self.bar, self.show, self.started = bar, show, time.perf_counter()
+        self.task = bar.add_task("train", total=total, loss=float("nan"), lr=0.0, pps=0.0, epoch=0.0) if bar else None
+        self.first_step: int | None = None
 
     def update(self, step: int, loss: float, lr: float, pairs_per_s: float) -> None:
-        self.progress.update(self.task, completed=step, loss=loss, lr=lr, pps=pairs_per_s)
+        if not self.show:
+            return
+        epoch = step / self.steps_per_epoch
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, lr=lr, pps=pairs_per_s, epoch=epoch)
+        if self.first_step is None:  # a resumed run's clock starts at its first step
+            self.first_step, self.started = step - 1, time.perf_counter()
+        if step % self.log_every == 0 or step == self.total:
+            done = step - self.first_step
+            eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f pairs/s  ETA %s", step, self.total, epoch,
+                     loss, lr, pairs_per_s, _eta(eta), extra=FILE_ONLY if self.bar is not None else None)
 
 
 @contextmanager
-def progress_bar(total: int):
-    """A rich progress bar showing step, loss, learning rate and pairs per second."""
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[pps]:.1f} pairs/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-    with progress:
-        yield _Bar(progress, progress.add_task("train", total=total, loss=float("nan"), lr=0.0, pps=0.0))
+def progress_bar(total: int, steps_per_epoch: int = 1, log_every: int = 10, show: bool = True):
+    """Training progress for ``total`` steps (see the module docstring); yields an object with
+    ``update(step, loss, lr, pairs_per_s)``."""
+    if show and console.is_terminal:
+        keep_file_only_records_off_the_screen()
+        bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]:.2f}  loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
+                       "{task.fields[pps]:.1f} pairs/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        with bar:
+            yield _Progress(total, steps_per_epoch, log_every, bar, show)
+    else:
+        yield _Progress(total, steps_per_epoch, log_every, None, show)
 
 
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
-def print_comparison(base: dict[str, float], final: dict[str, float]) -> None:
-    """Print base and fine-tuned metrics side by side, with the difference."""
+def comparison_table(base: dict[str, float], final: dict[str, float]) -> Table:
+    """Base and fine-tuned metrics side by side, with the difference."""
     table = Table(title="retrieval metrics: base vs fine-tuned")
     for col in ("metric", "base", "fine-tuned", "Δ"):
         table.add_column(col, justify="left" if col == "metric" else "right")
@@ -47,4 +103,16 @@ def print_comparison(base: dict[str, float], final: dict[str, float]) -> None:
         b, f = base.get(name), final.get(name)
         delta = f - b if b is not None and f is not None else None
         table.add_row(name, _fmt(b), _fmt(f), ("+" if delta and delta > 0 else "") + _fmt(delta))
-    console.print(table)
+    return table
+
+
+def print_comparison(base: dict[str, float], final: dict[str, float]) -> None:
+    """Show :func:`comparison_table`: drawn by rich on a terminal, and logged as plain text (so it is in
+    ``cli.log`` and in a piped log)."""
+    table = comparison_table(base, final)
+    text = io.StringIO()
+    Console(file=text, width=120, color_system=None).print(table)
+    if console.is_terminal:
+        keep_file_only_records_off_the_screen()
+        console.print(table)
+    log.info("\n%s", text.getvalue().rstrip(), extra=FILE_ONLY if console.is_terminal else None)

@@ -92,6 +92,16 @@ def average_gradients(params: list[Tensor], d: Dist) -> None:
             p.grad /= d.world
 
 
+def mean_over_processes(x: Tensor, d: Dist) -> float:
+    """The mean of a scalar tensor over all processes (one all-reduce), as a float; ``x`` itself on one
+    process. Every process must call it at the same step."""
+    if d.world == 1:
+        return x.item()
+    total = x.detach().float().reshape(1).clone()
+    dist.all_reduce(total)
+    return total.item() / d.world
+
+
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside a process group."""
     if dist.is_available() and dist.is_initialized():
