@@ -28,6 +28,9 @@ def test_format_1_targets_map_to_public_names():
                        "eval": "embtune.eval.Retrieval", "miner": "embtune.mining.HardNegativeMiner",
                        "logger": "embtune.run.RunLogger"}
     assert config["recipe"] == {"name": "finetune"} and "rounds" not in config["train"]
+    assert "multi_vector" not in config["model"] and "multi_vector_dim" not in config["model"]
+    multi = dict(state["config"], model={**state["config"]["model"], "multi_vector": True})
+    assert checkpoint.upgrade_config(multi, 1)["model"]["_target_"] == "embtune.model.from_pretrained_multi_vector"
     # every mapped target composes with today's config groups: same keys as the group's yaml
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         today = OmegaConf.to_container(compose("config", overrides=["data=jsonl", "data.path=x", "logger=none"]))

@@ -142,7 +142,8 @@ def upgrade_config(config: dict, version: int) -> dict:
     """A checkpoint's config of format ``version`` as today's layout reads it (a new dict).
 
     Format 1 -> 2: every ``_target_`` moves to its public name (``embtune.losses.info_nce.InfoNCE`` ->
-    ``embtune.losses.InfoNCE``), and the mode moves from ``train.rounds`` / a ``pretrain`` node to ``recipe.name``.
+    ``embtune.losses.InfoNCE``), ``model.multi_vector: true`` becomes ``embtune.model.from_pretrained_multi_vector``
+    (``model=multi_vector``), and the mode moves from ``train.rounds`` / a ``pretrain`` node to ``recipe.name``.
     """
     if version >= FORMAT:
         return config
@@ -163,6 +164,13 @@ def upgrade_config(config: dict, version: int) -> dict:
         return [walk(v) for v in node] if isinstance(node, list) else node
 
     out = walk(config)
+    model = dict(out.get("model") or {})
+    if model.pop("multi_vector", False):  # the multi-vector model is a model option of its own now
+        model["_target_"] = "embtune.model.from_pretrained_multi_vector"
+        model.pop("shared_weights", None)
+    else:
+        model.pop("multi_vector_dim", None)
+    out["model"] = model
     train = dict(out.get("train") or {})
     rounds = train.pop("rounds", 0) or 0
     out["train"] = train
