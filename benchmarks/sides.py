@@ -35,7 +35,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         from embtune.model.embedder import Embedder
         from embtune.model.kernels import fast_dropout
         from embtune.model.pooling import Mean
-        from embtune.negatives.in_batch import InBatch
+        from embtune.negatives import InBatch
         from embtune.recipes.finetune import compute_loss
         from embtune.training.grad_cache import grad_cache_backward
         from embtune.training.optim import param_groups

@@ -16,7 +16,7 @@ from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
 from embtune.model.embedder import Embedder
 from embtune.model.pooling import Mean
-from embtune.negatives.in_batch import Hard
+from embtune.negatives import Hard
 from embtune.recipes.finetune import compute_loss
 from embtune.training import distributed
 

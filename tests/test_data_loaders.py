@@ -284,7 +284,11 @@ CONFIGS = [("beir", load_beir, "path"), ("jsonl", load_jsonl, "path"), ("hf", lo
 @pytest.mark.parametrize("name,func,mandatory", CONFIGS)
 def test_configs_list_every_argument_and_instantiate(hf_cache, name, func, mandatory):
     cfg = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
-    assert cfg._target_ == f"{func.__module__}.{func.__name__}" and OmegaConf.is_missing(cfg, mandatory)
+    import embtune.data
+
+    # the public name, and the function it names
+    assert cfg._target_ == f"embtune.data.{func.__name__}" and getattr(embtune.data, func.__name__) is func
+    assert OmegaConf.is_missing(cfg, mandatory)
     params = inspect.signature(func).parameters
     assert set(cfg) - {"_target_"} == set(params)
     assert all(cfg[k] == p.default for k, p in params.items() if k != mandatory)

@@ -14,7 +14,7 @@ from embtune.data.formats import Example, MultiNegative, Triplet
 from embtune.losses.distill_kl import DistillKL
 from embtune.losses.margin_mse import MarginMSE
 from embtune.model.cross_encoder import CrossEncoderTeacher, check_distillation, score_examples
-from embtune.negatives.in_batch import Hard, InBatch
+from embtune.negatives import Hard, InBatch
 
 NLI = DATA / "triplets" / "flagembedding_nli_example.jsonl"
 

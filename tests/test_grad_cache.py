@@ -13,7 +13,7 @@ from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
 from embtune.model.embedder import Embedder
 from embtune.model.pooling import Mean
-from embtune.negatives.in_batch import Hard, InBatch
+from embtune.negatives import Hard, InBatch
 from embtune.recipes.finetune import compute_loss
 
 TEXTS = ["a short one", "a somewhat longer text about proteins and cells", "x",

@@ -12,7 +12,7 @@ from embtune.data.batching import collate
 from embtune.losses.info_nce import InfoNCE
 from embtune.model.embedder import Embedder
 from embtune.model.pooling import Mean
-from embtune.negatives.in_batch import Hard
+from embtune.negatives import Hard
 from embtune.recipes.finetune import compute_loss
 from embtune.training.grad_cache import grad_cache_backward
 

@@ -16,7 +16,7 @@ from torch import nn
 from embtune.data import RetrievalSet
 from embtune.eval.metrics import evaluate_retrieval
 from embtune.losses.info_nce import InfoNCE
-from embtune.negatives.in_batch import InBatch
+from embtune.negatives import InBatch
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.recipes.finetune import compute_loss, train
 from embtune.run.logger import RunLogger

@@ -10,7 +10,7 @@ from conftest import CONF, DATA
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from embtune.negatives.in_batch import Hard, InBatch
+from embtune.negatives import Hard, InBatch
 from embtune.objectives.maxsim import TokenVectors, maxsim, maxsim_scores, search_maxsim
 from embtune.recipes.finetune import train
 from embtune.run.logger import RunLogger

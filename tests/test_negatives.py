@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from embtune.negatives.in_batch import Hard, InBatch
+from embtune.negatives import Hard, InBatch
 
 A = torch.tensor([[1., 0.], [0., 1.]])        # anchors
 P = torch.tensor([[0.6, 0.8], [0.8, 0.6]])    # positives

@@ -16,7 +16,7 @@ def test_one_step_matches_sentence_transformers_mnrl():
     import embtune
     from embtune.data.beir import load_beir
     from embtune.losses.info_nce import InfoNCE
-    from embtune.negatives.in_batch import InBatch
+    from embtune.negatives import InBatch
 
     rows = load_beir(str(SCIFACT), max_train_pairs=6).rows
     queries, docs = [r["query"] for r in rows], [r["positive"] for r in rows]
