@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -266,6 +267,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
     })
     write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"
+    if not t.get("keep_checkpoint", False):  # completed: model/ holds the weights; the optimiser state is ~2x them
+        shutil.rmtree(output_dir / checkpoint.FOLDER, ignore_errors=True)
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)
