@@ -66,8 +66,16 @@ def _assert_same_result(run_dir, reference):
 def straight(tiny_bert, tmp_path_factory):
     """The uninterrupted run: its folder (losses, checkpoints at steps 6 and 8, final model)."""
     run_dir = tmp_path_factory.mktemp("straight")
-    _train(_cfg(tiny_bert), run_dir)
+    _train(_cfg(tiny_bert, ["train.keep_checkpoint=true"]), run_dir)  # later tests resume from its checkpoints
     return run_dir
+
+
+def test_a_completed_run_drops_its_checkpoints_unless_asked_to_keep_them(tiny_bert, straight, tmp_path):
+    assert checkpoint.load(straight)[0]["step"] == N  # train.keep_checkpoint=true
+    _train(_cfg(tiny_bert), tmp_path / "default")
+    assert not (tmp_path / "default" / checkpoint.FOLDER).exists()
+    assert (tmp_path / "default" / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "default" / "summary.json").read_text())["status"] == "completed"
 
 
 def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straight, tmp_path, monkeypatch):

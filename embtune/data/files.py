@@ -1,8 +1,13 @@
-"""Training rows from a local file (JSON Lines, JSON, CSV, TSV) or a ``datasets`` data set.
+"""Training rows from a local file (JSON Lines, JSON, CSV, TSV, Parquet, Arrow), a ``save_to_disk`` folder or
+a ``datasets`` data set.
 
 Rows are kept as they are, one dict of columns each (for instance FlagEmbedding's
 ``{"query", "pos": [...], "neg": [...]}``); the ``data_format`` decides which columns to read. Evaluation,
 when wanted, comes from a BEIR folder (``test_path``) read by :mod:`embtune.data.beir`.
+
+Text files (JSON Lines, JSON, CSV, TSV) are read here line by line rather than by ``datasets``' builders,
+so that every error names ``file:line`` and CSV cells stay strings; the binary forms (Parquet, Arrow,
+``save_to_disk`` folders) are read by ``datasets``, their rows numbered from 1.
 """
 
 from __future__ import annotations
@@ -16,18 +21,21 @@ from embtune.data.checks import DataProblems
 from embtune.data.dataset import RetrievalSet, TrainingData
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv")
-_HF_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+_BINARY = (".parquet", ".arrow")  # read by datasets
+_HF_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+                ".arrow": "arrow"}
 
 
 def load_jsonl(
     path: str,
+    split: str = "train",
     test_path: str | None = None,
     test_split: str = "test",
     max_train_pairs: int | None = None,
     seed: int = 0,
     drop_bad_rows: bool = False,
 ) -> TrainingData:
-    """Load training rows from a local file, chosen by suffix.
+    """Load training rows from a local file, chosen by suffix, or a ``save_to_disk`` folder.
 
     - ``.jsonl`` (or ``.jsonl.gz``): one JSON object a line; blank lines are skipped.
     - ``.json``: a JSON list of objects (a ``.json`` file holding JSON Lines is read as ``.jsonl``).
@@ -37,11 +45,15 @@ def load_jsonl(
       contains unbalanced quotes. A TSV whose rows only split right with double-quote quoting (as
       pandas and ``csv`` write fields holding a TAB or a newline) is read with that quoting instead.
       CSV uses the standard double-quote quoting, so quoted fields may hold commas and newlines.
-    - Every file is decoded line by line as UTF-8 (a BOM is dropped): a byte that is not UTF-8 is
+    - Every text file is decoded line by line as UTF-8 (a BOM is dropped): a byte that is not UTF-8 is
       reported with its line.
+    - ``.parquet`` / ``.arrow`` (Arrow stream or file, as ``datasets`` writes), or a folder written by
+      ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``split`` picks the DatasetDict's split):
+      read with ``datasets``; rows are numbered from 1 in messages.
 
     Args:
-        path: the training file.
+        path: the training file or ``save_to_disk`` folder.
+        split: the split of a ``DatasetDict`` folder (ignored for a file or a ``Dataset`` folder).
         test_path: a BEIR folder or hub name to evaluate on, or None for no evaluation.
         test_split: the qrels split of ``test_path`` to read (``qrels/{test_split}.tsv``).
         max_train_pairs: keep at most this many rows (deterministic sample, file order kept), None for all.
@@ -55,14 +67,23 @@ def load_jsonl(
 
     Raises:
         FileNotFoundError: ``path`` (or the ``test_path`` test split) does not exist.
-        ValueError: unsupported suffix, a file with no rows, a bad CSV/TSV header, and (unless
+        ValueError: unsupported suffix, a folder that is not a ``save_to_disk`` folder (a BEIR folder is named
+            as one: ``data=beir``), a DatasetDict without ``split``, a file with no rows, a bad CSV/TSV header,
+            and (unless
             ``drop_bad_rows``) a line that is not UTF-8, bad JSON or not an object, or a CSV/TSV row with
             the wrong number of fields, each naming ``file:line``.
     """
     file = Path(path).expanduser()
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"{path}: no such training file")
     problems = DataProblems(drop_bad_rows)
+    if file.is_dir() or file.name.lower().endswith(_BINARY):
+        rows, where = read_with_datasets(file, split)
+        if not rows:
+            raise ValueError(f"{path}: no rows")
+        rows, source = _sample(rows, [(where, i) for i in range(1, len(rows) + 1)], max_train_pairs, seed)
+        return TrainingData(rows=rows, test=_test_set(test_path, test_split, problems), name=str(path),
+                            source=source, problems=problems)
     rows, lines = read_rows(file, problems)
     if not rows:
         raise ValueError(f"{path}: empty training file (no rows)")
@@ -82,7 +103,44 @@ def read_rows(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]
         return _read_json(file, problems)
     if name.endswith((".csv", ".tsv")):
         return _read_table(file, "\t" if name.endswith(".tsv") else ",", problems)
-    raise ValueError(f"{file}: unsupported training file type; expected one of {', '.join(_SUFFIXES)}")
+    raise ValueError(f"{file}: unsupported training file type; expected one of {', '.join(_SUFFIXES + _BINARY)} "
+                     "or a save_to_disk folder")
+
+
+def read_with_datasets(path: Path, split: str) -> tuple[list[dict], str]:
+    """Rows of a ``.parquet`` / ``.arrow`` file or a ``save_to_disk`` folder, read with ``datasets``, and the
+    name that messages give them (``path``, or ``path[split]`` for a DatasetDict).
+
+    Raises:
+        ValueError: a folder that ``save_to_disk`` did not write (a BEIR folder is named as such), or a
+            DatasetDict without ``split`` (naming the splits it has).
+    """
+    import datasets  # heavy import; only these forms need it
+
+    if path.is_dir():
+        if (path / "corpus.jsonl").is_file() and (path / "qrels").is_dir():
+            raise ValueError(f"{path}: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/): use data=beir "
+                             f"data.path={path}")
+        if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            raise ValueError(f"{path}: not a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk "
+                             "(no dataset_dict.json or state.json); for a folder of data files use data=hf")
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path}: a DatasetDict with splits {sorted(ds)}, not {split!r}: pick one with "
+                                 "data.split=<split>")
+            return ds[split].to_list(), f"{path}[{split}]"
+        return ds.to_list(), str(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.name.lower().endswith(".parquet"):  # read in place: datasets' parquet builder would copy it to its cache
+        return pq.read_table(path).to_pylist(), str(path)
+    try:  # the Arrow stream format, as save_to_disk and datasets' cache write it
+        return datasets.Dataset.from_file(str(path), in_memory=True).to_list(), str(path)
+    except pa.ArrowInvalid:  # the Arrow IPC file format (pyarrow.feather, pandas.to_feather)
+        with pa.memory_map(str(path)) as f:
+            return pa.ipc.open_file(f).read_all().to_pylist(), str(path)
 
 
 def load_hf(
@@ -97,9 +155,10 @@ def load_hf(
     """Load training rows with ``datasets.load_dataset``.
 
     Args:
-        name: a hub data set (``sentence-transformers/all-nli``), a local folder that ``datasets`` can read,
-            or a local ``.jsonl``/``.json``/``.csv``/``.tsv`` file (read and checked line by line as in
-            :func:`load_jsonl`, so errors name the line) or ``.parquet`` file, exposed as ``split``.
+        name: a hub data set (``sentence-transformers/all-nli``), a local folder that ``datasets`` can read
+            (one of data files, or one written by ``save_to_disk``), or a local ``.jsonl``/``.json``/``.csv``/
+            ``.tsv`` file (read and checked line by line as in :func:`load_jsonl`, so errors name the line) or
+            ``.parquet``/``.arrow`` file, exposed as ``split``.
         split: the split to read.
         subset: the configuration name (``triplet`` for all-nli), or None.
         test_path: a BEIR folder or hub name to evaluate on (its ``test`` qrels), or None.
@@ -127,6 +186,16 @@ def load_hf(
         if not rows:
             raise ValueError(f"{name}: empty training file (no rows)")
         rows, source = _sample(rows, [(str(local), line) for line in lines], max_train_pairs, seed)
+        return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
+                            problems=problems)
+    saved = local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file())
+    if saved or (local.is_file() and local.name.lower().endswith(_BINARY)):
+        if subset is not None:
+            raise ValueError(f"{name}: 'subset' ({subset!r}) applies to hub data sets, not to a local file")
+        rows, where = read_with_datasets(local, split)
+        if not rows:
+            raise ValueError(f"{name}: no rows")
+        rows, source = _sample(rows, [(where, i) for i in range(1, len(rows) + 1)], max_train_pairs, seed)
         return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
                             problems=problems)
     if local.is_file():

@@ -9,15 +9,39 @@ Each format has a ``kind``, the kind of example it yields, which must match the 
 - ``list_scores``: :class:`RankedList` ``(query, documents, scores)`` (``listwise``).
 - ``embeddings``: :class:`LabeledText` ``(text, label)`` (``pointwise``).
 
-Column names are configurable. A missing or wrong-typed column raises a ``ValueError`` naming the
-file, the row and the field; given a :class:`~embtune.data.checks.DataProblems` that allows it
-(``data.drop_bad_rows=true``), the row is dropped with a warning instead.
+Column names are configurable; a column left ``null`` is recognised from the names the common
+conventions give that role (:data:`COLUMN_NAMES`: embtune's and FlagEmbedding's ``query``/``pos``/``neg``,
+sentence-transformers' ``anchor``/``positive``/``negative``, ``negative_1..n``, ``sentence1``/``sentence2``/``score``
+and ``question``/``answer``), and the mapping used is logged in one line. A role that no row has is one error
+naming the ``data_format.<role>=<column>`` override. A column missing or wrong-typed in some rows raises a
+``ValueError`` naming the file, the row and the field; given a :class:`~embtune.data.checks.DataProblems` that
+allows it (``data.drop_bad_rows=true``), the row is dropped with a warning instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+
+# The column names each role goes by, tried in this order when the role's column is null: embtune and
+# FlagEmbedding (query/pos/neg), sentence-transformers (anchor/positive/negative, sentence1/sentence2/score,
+# question/answer pairs), and the text1/text2 of scored-pair sets.
+COLUMN_NAMES = {
+    "query": ("query", "anchor", "question", "sentence1", "text1"),
+    "positive": ("positive", "pos", "answer", "sentence2", "text2", "document"),
+    "negative": ("negative", "neg", "negative_1"),
+    "negatives": ("neg", "negatives", "negative"),
+    "text1": ("sentence1", "text1", "query", "anchor"),
+    "text2": ("sentence2", "text2", "positive", "pos"),
+    "score": ("score", "label", "similarity"),
+    "documents": ("documents", "docs", "passages"),
+    "scores": ("scores", "labels"),
+}
+_NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)$")  # sentence-transformers' (anchor, positive, negative_1..n)
 
 
 class Example(NamedTuple):
@@ -79,14 +103,61 @@ def _number(value, col: str, where: str) -> float:
 
 class _RowFormat:
     """The loop every format shares: rows -> examples one row at a time (``_row``), so that each bad row
-    is raised or dropped on its own and every example knows the row it came from."""
+    is raised or dropped on its own and every example knows the row it came from.
+
+    ``roles`` names the attributes that hold one column each; ``_row`` reads the columns resolved for
+    them (``self.columns``: role -> column, see :meth:`resolve_columns`).
+    """
+
+    roles: tuple[str, ...] = ()
+    columns: dict = {}
+
+    def resolve_columns(self, rows: list[dict]) -> dict:
+        """Role -> column for these rows: the configured column, or for a null one the first name of
+        :data:`COLUMN_NAMES` that some row has (and no other role took). Logs the mapping in one line.
+
+        Raises:
+            ValueError: a role with no column in any row (configured or recognised), naming the
+                ``data_format.<role>=<column>`` override and the columns the rows have.
+        """
+        present = list(dict.fromkeys(k for row in rows for k in row))
+        columns: dict = {}
+        for role in self.roles:
+            col = getattr(self, role)
+            if col is None:
+                taken = set(columns.values())
+                col = next((c for c in COLUMN_NAMES[role] if c in present and c not in taken), None)
+                if col is None and role == "negatives":
+                    numbered = sorted((int(m[1]), c) for c in present if (m := _NUMBERED_NEGATIVE.match(c)))
+                    col = [c for _, c in numbered] or None
+                if col is None:
+                    raise ValueError(f"data_format={self.name}: no column for {role!r} among the data's columns "
+                                     f"{present} (recognised: {', '.join(COLUMN_NAMES[role])}); name it with "
+                                     f"data_format.{role}=<column>")
+            elif col not in present:
+                raise ValueError(f"data_format={self.name}: column {col!r} ({role}) is in no row; the data's "
+                                 f"columns are {present}: name the right one with data_format.{role}=<column>")
+            columns[role] = col
+        used = {c for v in columns.values() for c in (v if isinstance(v, list) else [v])} | self._extra_columns()
+        unread = [c for c in present if c not in used]
+        log.info("data_format=%s columns: %s%s", self.name,
+                 ", ".join(f"{r} <- {'+'.join(c) if isinstance(c, list) else c}" for r, c in columns.items()),
+                 f" (not read: {', '.join(unread)})" if unread else "")
+        return columns
+
+    def _extra_columns(self) -> set:
+        """Columns read besides the roles' (labels, teacher scores)."""
+        return set()
 
     def convert(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> tuple[list, list[int]]:
         """Returns ``(examples, origins)``: ``origins[j]`` is the index in ``rows`` of example j.
 
         Raises:
-            ValueError: a bad row (``file:line: field ...``), unless ``problems`` allows dropping it.
+            ValueError: a role no row has (see :meth:`resolve_columns`), or a bad row (``file:line: field ...``),
+                unless ``problems`` allows dropping it.
         """
+        if rows and self.roles:
+            self.columns = self.resolve_columns(rows)
         out, origins, source = [], [], list(source)
         for i, row in enumerate(rows):
             try:
@@ -111,25 +182,30 @@ class Pairwise(_RowFormat):
     With a label (binary 0/1 or graded): one :class:`ScoredPair` per row, kind ``pair_scores``.
 
     Args:
-        query, positive: column names.
+        query, positive: column names, or None to recognise them (:data:`COLUMN_NAMES`).
         label: column name of the label, or None.
     """
 
     name = "pairwise"
     has_negatives = False
+    roles = ("query", "positive")
 
-    def __init__(self, query: str = "query", positive: str = "positive", label: str | None = None):
+    def __init__(self, query: str | None = None, positive: str | None = None, label: str | None = None):
         self.query, self.positive, self.label = query, positive, label
         self.kind = "scores" if label is None else "pair_scores"
 
     def _row(self, row: dict, where: str) -> list:
-        q = _texts(row, self.query, where, allow_list=False)[0]
+        c = self.columns
+        q = _texts(row, c["query"], where, allow_list=False)[0]
         if self.label is None:
-            return [Example(q, p) for p in _texts(row, self.positive, where)]
-        d = _texts(row, self.positive, where, allow_list=False)[0]
+            return [Example(q, p) for p in _texts(row, c["positive"], where)]
+        d = _texts(row, c["positive"], where, allow_list=False)[0]
         if self.label not in row:
             raise ValueError(f"{where}: missing field {self.label!r} (row has {sorted(row)})")
         return [ScoredPair(q, d, _number(row[self.label], self.label, where))]
+
+    def _extra_columns(self) -> set:
+        return {self.label}
 
 
 def _scores(row: dict, col: str | None, n: int, what: str, where: str) -> list[float] | None:
@@ -158,16 +234,21 @@ class Triplet(_RowFormat):
     name = "triplet"
     kind = "scores"
     has_negatives = True
+    roles = ("query", "positive", "negative")
 
-    def __init__(self, query: str = "query", positive: str = "positive", negative: str = "negative",
+    def __init__(self, query: str | None = None, positive: str | None = None, negative: str | None = None,
                  positive_scores: str | None = None, negative_scores: str | None = None):
         self.query, self.positive, self.negative = query, positive, negative
         self.positive_scores, self.negative_scores = positive_scores, negative_scores
         self.has_scores = positive_scores is not None and negative_scores is not None
 
+    def _extra_columns(self) -> set:
+        return {self.positive_scores, self.negative_scores}
+
     def _row(self, row: dict, where: str) -> list[Example]:
-        q = _texts(row, self.query, where, allow_list=False)[0]
-        negs, pos = _texts(row, self.negative, where), _texts(row, self.positive, where)
+        c = self.columns
+        q = _texts(row, c["query"], where, allow_list=False)[0]
+        negs, pos = _texts(row, c["negative"], where), _texts(row, c["positive"], where)
         ps = _scores(row, self.positive_scores, len(pos), "positive", where)
         ns = _scores(row, self.negative_scores, len(negs), "negative", where)
         return [Example(q, p, (negs[j % len(negs)],), ps and ps[j], (ns[j % len(negs)],) if ns else ())
@@ -186,17 +267,23 @@ class MultiNegative(_RowFormat):
     name = "multi_negative"
     kind = "scores"
     has_negatives = True
+    roles = ("query", "positive", "negatives")
 
-    def __init__(self, query: str = "query", positive: str = "pos", negatives: str = "neg",
+    def __init__(self, query: str | None = None, positive: str | None = None, negatives: str | list[str] | None = None,
                  positive_scores: str | None = None, negative_scores: str | None = None):
         self.query, self.positive, self.negatives = query, positive, negatives
         self.positive_scores, self.negative_scores = positive_scores, negative_scores
         self.has_scores = positive_scores is not None and negative_scores is not None
 
+    def _extra_columns(self) -> set:
+        return {self.positive_scores, self.negative_scores}
+
     def _row(self, row: dict, where: str) -> list[Example]:
-        q = _texts(row, self.query, where, allow_list=False)[0]
-        negs = tuple(_texts(row, self.negatives, where, allow_empty_list=True))
-        pos = _texts(row, self.positive, where)
+        c = self.columns
+        q = _texts(row, c["query"], where, allow_list=False)[0]
+        cols = c["negatives"] if isinstance(c["negatives"], list) else [c["negatives"]]
+        negs = tuple(t for col in cols for t in _texts(row, col, where, allow_empty_list=True))
+        pos = _texts(row, c["positive"], where)
         ps = _scores(row, self.positive_scores, len(pos), "positive", where)
         ns = _scores(row, self.negative_scores, len(negs), "negative", where)
         return [Example(q, p, negs, ps and ps[j], tuple(ns or ())) for j, p in enumerate(pos)]
@@ -211,41 +298,46 @@ class Listwise(_RowFormat):
     name = "listwise"
     kind = "list_scores"
     has_negatives = False
+    roles = ("query", "documents", "scores")
 
-    def __init__(self, query: str = "query", documents: str = "documents", scores: str = "scores"):
+    def __init__(self, query: str | None = None, documents: str | None = None, scores: str | None = None):
         self.query, self.documents, self.scores = query, documents, scores
 
     def _row(self, row: dict, where: str) -> list[RankedList]:
-        q = _texts(row, self.query, where, allow_list=False)[0]
-        docs = _texts(row, self.documents, where)
-        scores = row.get(self.scores)
+        c = self.columns
+        q = _texts(row, c["query"], where, allow_list=False)[0]
+        docs = _texts(row, c["documents"], where)
+        scores = row.get(c["scores"])
         if not isinstance(scores, (list, tuple)) or len(scores) != len(docs):
-            raise ValueError(f"{where}: field {self.scores!r} must be a list of {len(docs)} numbers "
+            raise ValueError(f"{where}: field {c['scores']!r} must be a list of {len(docs)} numbers "
                              f"(one per document), got {str(scores)[:80]!r}")
-        return [RankedList(q, tuple(docs), tuple(_number(s, self.scores, where) for s in scores))]
+        return [RankedList(q, tuple(docs), tuple(_number(s, c["scores"], where) for s in scores))]
 
 
 class ScoredPairs(_RowFormat):
     """``(sentence1, sentence2, score)`` rows as in STS-B, kind ``pair_scores``.
 
     Args:
+        text1, text2, score: column names, or None to recognise them (``sentence1``, ``sentence2``, ``score``, ...).
         score_scale: divide scores by this (e.g. 5 for STS-B's 0–5 scale), or None.
     """
 
     name = "scored_pairs"
     kind = "pair_scores"
     has_negatives = False
+    roles = ("text1", "text2", "score")
 
-    def __init__(self, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
+    def __init__(self, text1: str | None = None, text2: str | None = None, score: str | None = None,
                  score_scale: float | None = None):
         self.text1, self.text2, self.score, self.score_scale = text1, text2, score, score_scale
 
     def _row(self, row: dict, where: str) -> list[ScoredPair]:
-        if self.score not in row:
-            raise ValueError(f"{where}: missing field {self.score!r} (row has {sorted(row)})")
-        s = _number(row[self.score], self.score, where)
-        return [ScoredPair(_texts(row, self.text1, where, allow_list=False)[0],
-                           _texts(row, self.text2, where, allow_list=False)[0],
+        c = self.columns
+        if c["score"] not in row:
+            raise ValueError(f"{where}: missing field {c['score']!r} (row has {sorted(row)})")
+        s = _number(row[c["score"]], c["score"], where)
+        return [ScoredPair(_texts(row, c["text1"], where, allow_list=False)[0],
+                           _texts(row, c["text2"], where, allow_list=False)[0],
                            s / self.score_scale if self.score_scale else s)]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from embtune.data.checks import make_examples, text_report
 from embtune.data.token_cache import TokenCache
 from embtune.eval.base_cache import base_metrics
 from embtune.model import kernels
+from embtune.model.card import model_card
 from embtune.model.cross_encoder import score_examples
 from embtune.objectives.candidates import candidate_loss
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
@@ -266,6 +268,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
     })
     write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"
+    (output_dir / "model" / "README.md").write_text(model_card(summary, saved_config), encoding="utf-8")
+    if not t.get("keep_checkpoint", False):  # completed: model/ holds the weights; the optimiser state is ~2x them
+        shutil.rmtree(output_dir / checkpoint.FOLDER, ignore_errors=True)
     logger.summary(summary)
     if base or final:
         print_comparison(base, final)

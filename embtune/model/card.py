@@ -1,0 +1,143 @@
+"""The model card: a ``README.md`` for a saved model folder, in the layout of sentence-transformers' cards
+(YAML front matter with ``base_model``, ``library_name``, ``tags``; then what was trained, on what, how,
+the base -> final metrics, the command that reproduces it, the library versions and how to use it).
+
+:func:`model_card` is pure: it reads a run's summary and its resolved config (plain dicts) and returns the
+text; the training loop writes it into ``RUN_DIR/model/README.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
+from pathlib import Path
+
+from embtune.config import CONFIG_PATH
+
+_LIBRARIES = ("embtune", "torch", "transformers", "sentence-transformers", "datasets")
+_TRAIN_KEYS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+               "seed", "grad_cache", "bf16")
+
+
+def _option(group: str, target: str | None) -> str | None:
+    """The option of config group ``group`` whose file builds ``target`` (``embtune.losses.InfoNCE`` ->
+    ``info_nce``), or the target's last name when no option file does."""
+    if not target:
+        return None
+    conf = files("embtune.conf") if CONFIG_PATH.startswith("pkg://") else Path(CONFIG_PATH)
+    for file in sorted((f for f in (conf / group).iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name):
+        if re.search(rf"^_target_:\s*{re.escape(target)}\s*$", file.read_text(encoding="utf-8"), re.M):
+            return file.name.removesuffix(".yaml")
+    return target.rsplit(".", 1)[-1]
+
+
+def _hub_id(name_or_path: str) -> str | None:
+    """``org/name`` when the base model was named by its hub id (a name that is not a local path)."""
+    if Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", "./", "../", "~")):
+        return None
+    return name_or_path if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) else None
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for lib in _LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _metrics_table(base: dict, final: dict) -> list[str]:
+    names = sorted(set(base) | set(final), key=lambda k: (k.count("/"), k))
+    if not names:
+        return ["No evaluation was run (no test set, or `eval.after=false`)."]
+    rows = ["| metric | base | final |", "|---|---|---|"]
+    for k in names:
+        cell = [f"{d[k]:.4f}" if isinstance(d.get(k), (int, float)) else "–" for d in (base, final)]
+        rows.append(f"| {k} | {cell[0]} | {cell[1]} |")
+    return rows
+
+
+def _command(config: dict) -> str:
+    """An ``embtune`` command that composes the same run: the chosen options and the key values."""
+    parts = ["python -m embtune.cli"]
+    model, data = config.get("model", {}), config.get("data", {})
+    parts.append(f"model.name_or_path={model.get('name_or_path')}")
+    for group in ("data", "data_format", "loss", "negatives"):
+        option = _option(group, config.get(group, {}).get("_target_"))
+        if option:
+            parts.append(f"{group}={option}")
+    for key in ("path", "name", "subset", "test_path", "max_train_pairs"):
+        if data.get(key) is not None:
+            parts.append(f"data.{key}={data[key]}")
+    for key, value in config.get("data_format", {}).items():
+        if key != "_target_" and value is not None:
+            parts.append(f"data_format.{key}={value}")
+    for key in ("temperature", "margin"):
+        if config.get("loss", {}).get(key) is not None:
+            parts.append(f"loss.{key}={config['loss'][key]}")
+    if (config.get("matryoshka") or {}).get("dims"):
+        parts.append("matryoshka=on")
+    train = config.get("train", {})
+    parts += [f"train.{k}={train[k]}" for k in _TRAIN_KEYS if train.get(k) is not None]
+    return " \\\n  ".join(parts)
+
+
+def model_card(summary: dict, config: dict) -> str:
+    """The README.md text of a model trained by embtune.
+
+    Args:
+        summary: the run's ``summary.json`` content (``base``, ``final``, ``steps``, ``temperature``,
+            ``margin``, ``data`` with ``name``, ``train_rows``, ``fingerprint``, ``examples``).
+        config: the run's resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
+
+    Returns:
+        Markdown with YAML front matter (``base_model`` only when the hub id is known).
+    """
+    model, data = config.get("model", {}), summary.get("data", {})
+    base_name = str(model.get("name_or_path", "?"))
+    hub = _hub_id(base_name)
+    loss, negatives = config.get("loss", {}), config.get("negatives", {})
+    dims = (config.get("matryoshka") or {}).get("dims")
+    front = ["---", "library_name: sentence-transformers",
+             "tags: [sentence-transformers, sentence-similarity, feature-extraction, embtune]",
+             "pipeline_tag: sentence-similarity"]
+    if hub:
+        front.append(f"base_model: {hub}")
+    front.append("---")
+    loss_line = f"`{_option('loss', loss.get('_target_'))}`"
+    knobs = [f"temperature τ = {summary['temperature']:g}" if summary.get("temperature") is not None else None,
+             f"margin = {summary['margin']:g}" if summary.get("margin") is not None else None]
+    knobs = [k for k in knobs if k]
+    if knobs:
+        loss_line += " (" + ", ".join(knobs) + ")"
+    train = config.get("train", {})
+    lines = [
+        *front, "",
+        f"# Fine-tuned {hub or Path(base_name).name}", "",
+        "A sentence-embedding model fine-tuned with embtune.", "",
+        "## Training", "",
+        f"- Base model: {f'[{hub}](https://huggingface.co/{hub})' if hub else f'`{base_name}` (local)'}",
+        f"- Pooling: `{_option('pooling', (config.get('pooling') or {}).get('_target_'))}`, "
+        f"normalised: {model.get('normalize')}",
+        f"- Training data: `{data.get('name')}`, {data.get('train_rows')} rows -> {summary.get('examples')} "
+        f"examples, fingerprint `{str(data.get('fingerprint', ''))[:16]}`",
+        f"- Data format: `{_option('data_format', (config.get('data_format') or {}).get('_target_'))}`",
+        f"- Loss: {loss_line}",
+        f"- Negatives: `{_option('negatives', negatives.get('_target_'))}`"
+        + (f", group size {negatives['group_size']}" if negatives.get("group_size") else ""),
+        f"- Matryoshka dimensions: {dims if dims else 'off'}",
+        f"- Steps: {summary.get('steps')}; "
+        + ", ".join(f"{k} {train[k]}" for k in _TRAIN_KEYS if train.get(k) is not None), "",
+        "## Evaluation", "", *_metrics_table(summary.get("base") or {}, summary.get("final") or {}), "",
+        "## Reproduce", "", "```bash", _command(config), "```", "",
+        "## Library versions", "", *[f"- {k}: {v}" for k, v in _versions().items()], "",
+        "## Usage", "", "```python", "import embtune", "", 'model = embtune.load("path/to/model")',
+        'embeddings = model.encode(["A query", "A document"])', "```", "", "```python",
+        "from sentence_transformers import SentenceTransformer", "",
+        'model = SentenceTransformer("path/to/model")', 'embeddings = model.encode(["A query", "A document"])',
+        "```", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""The model card every saved model gets (embtune.model.card)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from embtune.model.card import model_card
+from embtune.recipes.finetune import train
+from embtune.run.logger import RunLogger
+
+
+def _config(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_the_card_names_hub_base_data_loss_and_metrics():
+    config = OmegaConf.to_container(_config(["loss.temperature=0.07", "matryoshka=on"]), resolve=True)
+    summary = {"base": {"ndcg@10": 0.5}, "final": {"ndcg@10": 0.625, "dim64/ndcg@10": 0.25}, "steps": 3,
+               "temperature": 0.07, "margin": None, "examples": 9,
+               "data": {"name": "train.jsonl", "train_rows": 9, "fingerprint": "ab" * 32}}
+    card = model_card(summary, config)
+    front = card.split("---")[1]
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in front
+    assert "| ndcg@10 | 0.5000 | 0.6250 |" in card and "| dim64/ndcg@10 | – | 0.2500 |" in card
+    assert "`info_nce` (temperature τ = 0.07)" in card and "margin" not in card.split("## Evaluation")[0]
+    assert "`train.jsonl`, 9 rows -> 9 examples, fingerprint `abababababababab`" in card
+    assert f"Matryoshka dimensions: {config['matryoshka']['dims']}" in card
+    assert "loss=info_nce" in card and "negatives=in_batch" in card and "matryoshka=on" in card
+
+
+def test_a_local_base_model_has_no_hub_id(tiny_bert):
+    config = OmegaConf.to_container(_config([f"model.name_or_path={tiny_bert}"]), resolve=True)
+    card = model_card({"base": {}, "final": {}, "data": {}}, config)
+    assert "base_model:" not in card and f"`{tiny_bert}` (local)" in card and "No evaluation was run" in card
+
+
+def test_a_trained_model_folder_has_the_card_and_still_loads_in_sentence_transformers(tmp_path, tiny_bert):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = _config([f"model.name_or_path={tiny_bert}", "train.batch_size=8", "train.max_steps=1",
+                   "data.max_train_pairs=16", "data.max_test_queries=8", "eval.before=false", "eval.after=false"])
+    logger = RunLogger(tmp_path, wandb=False)
+    try:
+        train(cfg, tmp_path, logger)
+    finally:
+        logger.finish()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"{summary['data']['train_rows']} rows" in card and summary["data"]["fingerprint"][:16] in card
+    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    assert model.encode(["a text"]).shape == (1, 32)
