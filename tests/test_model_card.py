@@ -1,4 +1,4 @@
-"""The model card every saved model gets (embtune.model.card)."""
+"""The model card every saved model gets (embtune.recipes.model_card)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from embtune.model.card import model_card
 from embtune.recipes.finetune import train
+from embtune.recipes.model_card import model_card
 from embtune.run.logger import RunLogger
 
 

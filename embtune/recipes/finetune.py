@@ -27,11 +27,11 @@ from embtune.data.checks import make_examples, text_report
 from embtune.data.token_cache import TokenCache
 from embtune.eval.base_cache import base_metrics
 from embtune.model import kernels
-from embtune.model.card import model_card
 from embtune.model.cross_encoder import score_examples
 from embtune.objectives.candidates import candidate_loss
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.objectives.maxsim import maxsim_scores
+from embtune.recipes.model_card import model_card
 from embtune.run.outputs import write_json
 from embtune.run.progress import print_comparison, progress_bar
 from embtune.run.redact import redact
