@@ -90,7 +90,7 @@ def _train(tmp_path, tiny_bert, overrides):
     data = _jsonl(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
-    _run(out, tiny_bert, ["data=jsonl", f"data.path={data}", "train.batch_size=4", "train.max_steps=4",
+    _run(out, tiny_bert, ["data=jsonl", f"data.path={data}", "data.dev_queries=0", "train.batch_size=4", "train.max_steps=4",
                           "eval.before=false", "eval.after=false", *overrides])
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     return events, out
@@ -119,7 +119,8 @@ def test_cross_batch_with_hard_negatives_and_matryoshka_trains(tmp_path, tiny_be
     from test_train import _run
 
     toy = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"
-    summary = _run(tmp_path, tiny_bert, ["data=jsonl", f"data.path={toy}", "data_format=multi_negative",
+    summary = _run(tmp_path, tiny_bert, ["data=jsonl", f"data.path={toy}", "data.dev_queries=0",
+                                         "data_format=multi_negative",
                                          "negatives=cross_batch", "negatives.group_size=3", "negatives.warmup_steps=0",
                                          "matryoshka=on", "matryoshka.dims=[32,16]", "matryoshka.weights=[1,1]",
                                          "train.max_steps=3"])

@@ -29,7 +29,7 @@ from embtune.training.numerics import finite_or_missing
 
 TOY = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"  # 10 rows, 1-8 negatives each
 N, EVERY = 8, 2
-SETTINGS = ["data=jsonl", f"data.path={TOY}", "data_format=multi_negative", "data_format.positive=pos",
+SETTINGS = ["data=jsonl", f"data.path={TOY}", "data.dev_queries=0", "data_format=multi_negative", "data_format.positive=pos",
             "data_format.negatives=neg", "negatives=hard", "negatives.group_size=3", "loss.learnable=true",
             "train.batch_size=4", f"train.max_steps={N}", f"train.checkpoint_every={EVERY}", "train.log_every=1",
             "train.lr=1e-3", "eval.before=false", "eval.after=false"]  # 10 rows / 4 = 3 batches an epoch

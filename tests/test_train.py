@@ -62,7 +62,7 @@ def test_matryoshka_dim_larger_than_the_model_is_a_clear_error(tmp_path, tiny_be
 
 def test_hard_negatives_from_a_triplet_file(tmp_path, tiny_bert):
     toy = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"
-    summary = _run(tmp_path, tiny_bert, ["data=jsonl", f"data.path={toy}", "data_format=triplet",
+    summary = _run(tmp_path, tiny_bert, ["data=jsonl", f"data.path={toy}", "data.dev_queries=0", "data_format=triplet",
                                          "data_format.positive=pos", "data_format.negative=neg", "negatives=hard"])
     assert summary["steps"] == 2 and summary["base"] == {} and summary["examples"] == 10
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from embtune.data.checks import DataProblems
+
+if TYPE_CHECKING:
+    from embtune.data.dev_split import DevSplit
 
 
 @dataclass
@@ -39,6 +43,9 @@ class TrainingData:
         fingerprint: sha256 hex digest of the rows and the test set (see :func:`fingerprint`).
         source: where each row came from, for error messages: ``(file, row number)`` per row.
         problems: bad rows and warnings met so far; the data format adds its own (same drop policy).
+        dev: the dev split a loader was asked for when the data has no test set (made once the data
+            format is known, :func:`embtune.data.dev_split.hold_out_dev`), or None.
+        held_out: the record of the dev split made (sizes, seed), also in ``summary()``, or None.
     """
 
     rows: list[dict]
@@ -47,6 +54,8 @@ class TrainingData:
     fingerprint: str = ""
     source: list[tuple[str, int]] = field(default_factory=list)
     problems: DataProblems = field(default_factory=DataProblems)
+    dev: DevSplit | None = None
+    held_out: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -58,6 +67,8 @@ class TrainingData:
                "problems": self.problems.summary()}
         if self.test is not None:
             out.update(test_queries=len(self.test.qrels), test_corpus=len(self.test.corpus))
+        if self.held_out is not None:
+            out["dev_split"] = self.held_out
         return out
 
 

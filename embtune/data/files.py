@@ -19,6 +19,7 @@ from pathlib import Path
 from embtune.data.beir import load_beir_test, read_json_objects, read_lines, subsample
 from embtune.data.checks import DataProblems
 from embtune.data.dataset import RetrievalSet, TrainingData
+from embtune.data.dev_split import DevSplit
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv")
 _BINARY = (".parquet", ".arrow")  # read by datasets
@@ -34,6 +35,8 @@ def load_jsonl(
     max_train_pairs: int | None = None,
     seed: int = 0,
     drop_bad_rows: bool = False,
+    dev_queries: int | None = None,
+    dev_ratio: float = 0.1,
 ) -> TrainingData:
     """Load training rows from a local file, chosen by suffix, or a ``save_to_disk`` folder.
 
@@ -60,6 +63,9 @@ def load_jsonl(
         seed: seed of that sample.
         drop_bad_rows: drop a bad row (not UTF-8, bad JSON, wrong field count) with a warning instead of
             failing; the data format drops rows with missing or wrong-typed fields under the same switch.
+        dev_queries, dev_ratio: without ``test_path``, the dev split to hold out of the rows (by query,
+            seeded by ``seed``; see :class:`embtune.data.dev_split.DevSplit`; 0: none). It is made once the
+            data format names the query and positive columns, in the training recipe.
 
     Returns:
         TrainingData with the rows as dicts, ``source`` = ``(path, line number)`` per row (the element
@@ -73,6 +79,7 @@ def load_jsonl(
             ``drop_bad_rows``) a line that is not UTF-8, bad JSON or not an object, or a CSV/TSV row with
             the wrong number of fields, each naming ``file:line``.
     """
+    dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     file = Path(path).expanduser()
     if not file.exists():
         raise FileNotFoundError(f"{path}: no such training file")
@@ -83,14 +90,14 @@ def load_jsonl(
             raise ValueError(f"{path}: no rows")
         rows, source = _sample(rows, [(where, i) for i in range(1, len(rows) + 1)], max_train_pairs, seed)
         return TrainingData(rows=rows, test=_test_set(test_path, test_split, problems), name=str(path),
-                            source=source, problems=problems)
+                            source=source, problems=problems, dev=dev)
     rows, lines = read_rows(file, problems)
     if not rows:
         raise ValueError(f"{path}: empty training file (no rows)")
     source = [(str(file), line) for line in lines]
     rows, source = _sample(rows, source, max_train_pairs, seed)
     return TrainingData(rows=rows, test=_test_set(test_path, test_split, problems), name=str(path), source=source,
-                        problems=problems)
+                        problems=problems, dev=dev)
 
 
 def read_rows(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
@@ -151,6 +158,8 @@ def load_hf(
     max_train_pairs: int | None = None,
     seed: int = 0,
     drop_bad_rows: bool = False,
+    dev_queries: int | None = None,
+    dev_ratio: float = 0.1,
 ) -> TrainingData:
     """Load training rows with ``datasets.load_dataset``.
 
@@ -165,6 +174,7 @@ def load_hf(
         max_train_pairs: keep at most this many rows (deterministic sample, order kept), None for all.
         seed: seed of that sample.
         drop_bad_rows: drop bad rows with a warning instead of failing (see :func:`load_jsonl`).
+        dev_queries, dev_ratio: without ``test_path``, the dev split to hold out (see :func:`load_jsonl`).
 
     Returns:
         TrainingData with the rows as dicts and ``source`` = ``(name[split], row number from 1)``, or
@@ -177,6 +187,7 @@ def load_hf(
     """
     import datasets  # heavy import; only this loader needs it
 
+    dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     local = Path(name).expanduser()
     problems = DataProblems(drop_bad_rows)
     if local.is_file() and local.name.lower().endswith(_SUFFIXES):
@@ -187,7 +198,7 @@ def load_hf(
             raise ValueError(f"{name}: empty training file (no rows)")
         rows, source = _sample(rows, [(str(local), line) for line in lines], max_train_pairs, seed)
         return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
-                            problems=problems)
+                            problems=problems, dev=dev)
     saved = local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file())
     if saved or (local.is_file() and local.name.lower().endswith(_BINARY)):
         if subset is not None:
@@ -197,7 +208,7 @@ def load_hf(
             raise ValueError(f"{name}: no rows")
         rows, source = _sample(rows, [(where, i) for i in range(1, len(rows) + 1)], max_train_pairs, seed)
         return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
-                            problems=problems)
+                            problems=problems, dev=dev)
     if local.is_file():
         builder = next((b for s, b in _HF_BUILDERS.items() if local.name.lower().endswith(s)), None)
         if builder is None:
@@ -215,7 +226,7 @@ def load_hf(
     source = [(f"{name}[{split}]", i) for i in range(1, len(rows) + 1)]
     rows, source = _sample(rows, source, max_train_pairs, seed)
     return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
-                        problems=problems)
+                        problems=problems, dev=dev)
 
 
 def _read_jsonl(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
@@ -298,6 +309,21 @@ def _parse_table(file: Path, lines: list[tuple[int, str]], delimiter: str, quoti
 def _sample(rows: list[dict], source: list, k: int | None, seed: int) -> tuple[list[dict], list]:
     keep = subsample(list(range(len(rows))), k, seed)
     return [r for i, r in enumerate(rows) if i in keep], [s for i, s in enumerate(source) if i in keep]
+
+
+def _dev_split(test_path: str | None, dev_queries: int | None, dev_ratio: float, seed: int) -> DevSplit | None:
+    """The dev split asked for, None when ``test_path`` brings the test set.
+
+    Raises:
+        ValueError: ``dev_queries`` > 0 together with ``test_path``, or a bad ``dev_queries``/``dev_ratio``.
+    """
+    dev = DevSplit(dev_queries, dev_ratio, seed)  # checks both values
+    if test_path is None:
+        return dev
+    if dev_queries:
+        raise ValueError(f"data.dev_queries={dev_queries} with data.test_path={test_path}: the run evaluates on the "
+                         "test set; drop one of them")
+    return None
 
 
 def _test_set(test_path: str | None, split: str, problems: DataProblems) -> RetrievalSet | None:

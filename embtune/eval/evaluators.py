@@ -26,11 +26,13 @@ class Retrieval:
     """
 
     def __init__(self, batch_size: int = 64, k: int = 100, before: bool = True, after: bool = True,
-                 cache_base: bool = True, metric: str = "ndcg@10"):
+                 cache_base: bool = True, metric: str = "ndcg@10", every_steps: int | None = None,
+                 keep: str = "best"):
         if k < 100:
             raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
         self.cache_base = cache_base  # read by the loop (embtune.eval.base_cache.base_metrics)
+        self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
         test = data.test
@@ -57,7 +59,7 @@ class STS:
 
     def __init__(self, path: str, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
                  batch_size: int = 64, before: bool = True, after: bool = True, cache_base: bool = True,
-                 metric: str = "spearman"):
+                 metric: str = "spearman", every_steps: int | None = None, keep: str = "best"):
         from embtune.data.files import load_jsonl
         from embtune.data.formats import ScoredPairs
 
@@ -65,6 +67,7 @@ class STS:
         self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source)
         self.batch_size, self.before, self.after, self.metric = batch_size, before, after, metric
         self.cache_base = cache_base
+        self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
         e1 = torch.from_numpy(model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size))

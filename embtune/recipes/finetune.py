@@ -24,8 +24,10 @@ from embtune.config import build, check_run
 from embtune.data.batching import make_loader
 from embtune.data.cache import cache_dir
 from embtune.data.checks import make_examples, text_report
+from embtune.data.dev_split import describe_held_out, hold_out_dev
 from embtune.data.token_cache import TokenCache
 from embtune.eval.base_cache import base_metrics
+from embtune.eval.evaluators import Retrieval
 from embtune.model import kernels
 from embtune.model.cross_encoder import score_examples
 from embtune.objectives.candidates import candidate_loss
@@ -39,6 +41,7 @@ from embtune.training import checkpoint, distributed
 from embtune.training.grad_cache import grad_cache_backward
 from embtune.training.numerics import finite_or_missing, skip_or_stop
 from embtune.training.optim import lr_at, param_groups
+from embtune.training.selection import Best, check_selection, evaluate_and_select
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     data = data if data is not None else build(cfg, "data")
     data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
     evaluator = build(cfg, "eval")
+    if isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
+        data = hold_out_dev(data, data_format)
+    patience = t.get("early_stopping_patience")
+    check_selection(evaluator.every_steps, evaluator.keep, patience)
+    best = Best(evaluator.metric, evaluator.keep, patience)  # the best evaluation during training and its weights
     teacher = build(cfg, "teacher") if cfg.get("teacher") else None
     kind = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)
     examples, row_of = make_examples(data, data_format, loss_fn, kind)
@@ -145,6 +153,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         device = torch.device("cuda", proc.local_rank)
         torch.cuda.set_device(device)
     main = proc.main
+    if main:
+        log.info(describe_held_out(data, evaluator))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
         from embtune.model.embedder import resolve_model_path
@@ -189,6 +199,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         c = checkpoint.restore_training(state, model=model, optimizer=optimizer, scheduler=scheduler,
                                         loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint)
         step, epoch, done, seen, skipped = c["step"], c["epoch"], c["done"], c["seen"], c["skipped"]
+        best.load_state_dict(state.get("selection"))
     startup = time.perf_counter() - started
     start = time.perf_counter() - (state["seconds"] if state else 0.0)  # a resumed run's clock goes on
     saved_config = redact(OmegaConf.to_container(cfg, resolve=True))
@@ -196,14 +207,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         logger.log({"time/startup_s": startup}, step=step)
 
     def save_checkpoint() -> Path:
-        return checkpoint.save(output_dir, checkpoint.training_state(
+        return checkpoint.save(output_dir, {**checkpoint.training_state(
             model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, negatives_rng=rng, step=step,
             epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
-            fingerprint=data.fingerprint, config=saved_config))
+            fingerprint=data.fingerprint, config=saved_config), "selection": best.state_dict()})
+
+    every_eval, last, stopped = evaluator.every_steps, None, False  # last: the latest evaluation's metrics
 
     with (progress_bar(total, len(loader), t.log_every, show=main) as bar, checkpoint.StopOnSignal() as stop,
           kernels.fast_dropout(model, t.fast_dropout and device.type == "cpu")):
-        while step < total:
+        while step < total and not stopped:
             sampler.set_epoch(epoch, start=done)
             for idx, batch in loader:
                 batch = _to(batch, device)
@@ -237,12 +250,18 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
                                 "train/epoch": step / len(loader), **extra}, step=step)
                 bar.update(step=step, loss=loss_value, lr=lr, pairs_per_s=pairs_per_s)
+                if every_eval and (step % every_eval == 0 or step == total):
+                    last = evaluate_and_select(evaluator, model, data, eval_dims, best, step, proc)
+                    if main:
+                        logger.log({f"eval/{k}": v for k, v in last.items()}, step=step)
+                    stopped = best.should_stop
                 every, path = t.checkpoint_every, None
-                if main and (stop.signum or (every is not None and (step == total or (every and step % every == 0)))):
+                if main and (stop.signum or (every is not None and (step == total or stopped
+                                                                    or (every and step % every == 0)))):
                     path = save_checkpoint()  # rank 0's: the weights are the same on every process
                 if stop.signum:
                     raise checkpoint.stop_after_signal(stop.signum, step, path)
-                if step >= total:
+                if step >= total or stopped:
                     break
             else:
                 epoch, done = epoch + 1, 0
@@ -254,10 +273,17 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         log.warning("%d of %d steps skipped: non-finite loss or gradient", skipped, step)
 
     # -- final metrics, model, summary
-    final = finite_or_missing(evaluator(model, data, eval_dims)) if evaluator.after else {}
+    if stopped:
+        log.info("early stopping after step %d: %d evaluations without a better %s", step, best.since_best, best.metric)
+    if best.evaluations and last is None:  # resumed at the last step: evaluate the last model again
+        last = finite_or_missing(evaluator(model, data, eval_dims))
+    if best.evaluations:  # evaluated during training: the saved model is the best (eval.keep=best) or the last
+        final = best.metrics if best.restore(model) else last
+    else:
+        final = finite_or_missing(evaluator(model, data, eval_dims)) if evaluator.after else {}
     if model.token_cache is not None:
         model.token_cache.save()
-    if final:
+    if final and not best.evaluations:  # evaluations during training are logged at their steps
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
     summary = redact({
@@ -266,6 +292,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
+        **({"selection": best.summary(), "last": last} if best.evaluations else {}),
     })
     write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"
     (output_dir / "model" / "README.md").write_text(model_card(summary, saved_config), encoding="utf-8")

@@ -60,6 +60,15 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj, d: Dist):
+    """Rank 0's ``obj`` (picklable, e.g. a metrics dict) on every process; ``obj`` itself in a world of one."""
+    if d.world == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def teardown() -> None:
     """Leave the process group, if any, once the command is done (a two-stage run trains twice in it)."""
     if dist.is_available() and dist.is_initialized():
