@@ -152,10 +152,14 @@ def hold_out_dev(data: TrainingData, data_format) -> TrainingData:
     spec = data.dev
     if data.test is not None or spec is None or spec.off or getattr(data_format, "kind", None) != "scores":
         return data
-    q_col, p_col = getattr(data_format, "query", None), getattr(data_format, "positive", None)
+    # the format's columns as it will read them: configured, or recognised from the rows' names
+    roles = data_format.resolve_columns(data.rows) if getattr(data_format, "roles", ()) else {}
+    q_col, p_col = roles.get("query"), roles.get("positive")
     if not isinstance(q_col, str) or not isinstance(p_col, str):
         return data
-    n_col = getattr(data_format, "negatives", getattr(data_format, "negative", None))
+    n_col = roles.get("negatives", roles.get("negative"))
+    if not isinstance(n_col, str):  # sentence-transformers' negative_1..n columns: not candidates here
+        n_col = None
     columns = {"query": q_col, "positive": p_col, "negatives": n_col}
     n_queries = len(distinct_queries(data.rows, columns))
     n = spec.size(n_queries)
