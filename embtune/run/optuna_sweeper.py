@@ -288,8 +288,10 @@ class OptunaSweeper(Sweeper):
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         keys = list(dict.fromkeys(k for t in trials for k in t.params))
+        failed = len(finished_trials(study)) - len(done)
+        interrupted = sum(t.state == TrialState.FAIL for t in trials) - failed
         table = Table(title=f"study {study.study_name} ({self._where()}): {len(trials)} trials, {len(done)} "
-                            f"completed, {len(finished_trials(study)) - len(done)} failed")
+                            f"completed, {failed} failed, {interrupted} interrupted")
         for col in ("trial", *keys, "value", "state", "job folder"):
             table.add_column(col, overflow="fold", justify="right" if col in ("trial", "value") else "left")
         for t in trials:
