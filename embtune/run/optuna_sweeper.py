@@ -74,7 +74,7 @@ def search_space(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
         if isinstance(value, IntervalSweep):
             space[key] = FloatDistribution(value.start, value.end, log="log" in value.tags)
         elif isinstance(value, RangeSweep):
-            values = list(override.sweep_iterator())
+            values = list(value.range())  # in order (the sweep iterator shuffles a shuffle(range(...)))
             if not values:
                 raise ValueError(f"hydra.sweeper.params: {typed}: the range holds no value")
             if value.shuffle:
@@ -117,6 +117,17 @@ def finished_trials(study) -> list:
 
     return [t for t in study.get_trials(deepcopy=False)
             if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and FAILURE in t.user_attrs)]
+
+
+def _job_error(job_dir: str | None) -> str:
+    """``": <error>"`` from a failed embtune job's ``summary.json``, else ``""``."""
+    import json
+
+    try:
+        error = json.loads((Path(job_dir) / "summary.json").read_text()).get("error") if job_dir else None
+    except (OSError, ValueError):
+        error = None
+    return f": {error}" if error else ""
 
 
 def _process_alive(pid: int) -> bool:
@@ -265,6 +276,7 @@ class OptunaSweeper(Sweeper):
             for t, ret in zip(trials, returns):
                 value, why = objective_value(ret)
                 if value is None:
+                    why += _job_error(ret.working_dir)
                     t.set_user_attr(FAILURE, why)
                     study.tell(t, state=TrialState.FAIL)
                     log.warning("trial %d failed: %s", t.number, why)
