@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from packaging.version import Version
 from test_sweep import TINY
 
-from embtune.run.optuna_sweeper import FAILURE, OptunaSweeper, choice_strings, objective_value, search_space
+from embtune.run.optuna_sweeper import FAILURE, OptunaSweeper, objective_value
+from embtune.run.search_space import choice_strings, search_space
 
 
 def test_installed_optuna_is_4_or_newer():
