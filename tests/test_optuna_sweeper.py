@@ -119,7 +119,7 @@ def test_an_interrupted_study_resumes_with_only_the_missing_trials(tmp_path):
 
 
 def test_nan_and_none_are_failed_trials_and_an_all_failed_study_is_a_clear_error(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = f"sqlite:///{tmp_path / 'new folder' / 'study.db'}"  # the folder is made
     returns = iter([math.nan, None])
     with pytest.raises(SystemExit, match="all 2 finished trials of study 's' failed, so there is no best value"):
         _sweeper(tmp_path, FakeLauncher(lambda o: next(returns)), n_trials=2, storage=storage).sweep([])

@@ -136,6 +136,8 @@ class OptunaSweeper(Sweeper):
         import optuna
         from hydra.utils import instantiate
 
+        if self.storage and self.storage.startswith("sqlite:///") and self.storage != "sqlite:///:memory:":
+            Path(self.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)  # sqlite won't
         sampler = None
         if self.sampler is not None:
             seed = self.sampler.get("seed")
