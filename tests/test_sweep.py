@@ -108,6 +108,40 @@ def test_plot_lines_per_other_swept_value(tmp_path, monkeypatch):
     assert ax.get_xscale() == "log"
 
 
+def test_plot_labels_the_swept_values_and_draws_the_base_score(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    sweep = tmp_path / "sweep"
+    for i, (t, final) in enumerate([(0.02, 0.5), (0.05, 0.6), (0.1, 0.55)]):
+        _job(sweep, i, [f"loss.temperature={t}", "train.max_steps=2"], {"temperature": t}, _done(0.42, final))
+    axes = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **kw: axes.append(self.axes[0]))
+    plot_sweep(sweep, "ndcg@10")
+    (ax,) = axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.02", "0.05", "0.1"]
+    assert list(ax.get_xticks()) == [0.02, 0.05, 0.1]
+    (base,) = ax.collections  # one dashed line across the axes at the base model's NDCG@10
+    (segment,) = base.get_segments()
+    assert segment[:, 1].tolist() == [0.42, 0.42] and base.get_label() == "base model 0.4200"
+    # one line: train.max_steps is the same in every job, so it names no line
+    assert [line.get_label() for line in ax.get_lines()] == ["ndcg@10"]
+
+
+def test_plot_draws_one_base_line_per_line_when_the_bases_differ(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    sweep = tmp_path / "sweep"
+    for i, (t, pooling, base) in enumerate([(0.01, "mean", 0.3), (0.1, "mean", 0.3), (0.01, "cls", 0.2),
+                                            (0.1, "cls", 0.2)]):
+        _job(sweep, i, [f"loss.temperature={t}", f"pooling={pooling}"], {"temperature": t}, _done(base, 0.5))
+    axes = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **kw: axes.append(self.axes[0]))
+    plot_sweep(sweep, "ndcg@10")
+    (ax,) = axes
+    bases = {c.get_label(): c.get_segments()[0][0, 1] for c in ax.collections}
+    assert bases == {"base model, pooling=mean": 0.3, "base model, pooling=cls": 0.2}
+
+
 def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert report_main([str(tmp_path / "nope")]) == 2
     assert "not a sweep folder" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from rich.table import Table
 from embtune.run.progress import console
 
 STATUS_ORDER = {"completed": 0, "running": 1, "failed": 2}
+MAX_TICKS = 12  # swept values labelled one by one on a plot's x axis
 
 
 def _metric_key(metric: str) -> str:
@@ -127,32 +128,53 @@ def sweep_table(sweep_dir: str | Path, metric: str = "eval/ndcg@10") -> Table:
 def plot_sweep(sweep_dir: str | Path, metric: str = "eval/ndcg@10", out_dir: str | Path | None = None) -> list[Path]:
     """PNG plots of the final ``metric`` against temperature (log x) and against margin, one line per
     value of the other swept overrides; only completed jobs are plotted. A plot is skipped when no
-    completed job has that hyperparameter. Returns the files written (in ``out_dir``, default the
-    sweep folder): ``<metric>_vs_temperature.png``, ``<metric>_vs_margin.png``."""
+    completed job has that hyperparameter. Up to ``MAX_TICKS`` swept values are each a labelled tick of
+    the x axis; the base model's ``metric`` (``summary.json``'s ``base``) is a dashed horizontal line,
+    one per line of the plot when the base differs between them (e.g. a swept pooling). Returns the files
+    written (in ``out_dir``, default the sweep folder): ``<metric>_vs_temperature.png``,
+    ``<metric>_vs_margin.png``."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and in sweeps
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = [r for r in job_rows(sweep_dir, metric) if r["status"] == "completed" and r["final"] is not None]
-    keys = swept_keys(rows) if rows else []
     out_dir = Path(out_dir or sweep_dir)
     written = []
     for x in ("temperature", "margin"):
         points = [r for r in rows if r[x] is not None]
         if not points:
             continue
+        keys = [k for k in swept_keys(points) if len({r["overrides"].get(k) for r in points}) > 1]
         others = [k for k in keys if not k.endswith(f".{x}") and not (x == "temperature" and k.endswith(".scale"))]
         lines: dict[str, list[tuple[float, float]]] = {}
+        bases: dict[str, float | None] = {}
         for r in points:
             label = ", ".join(f"{k}={r['overrides'].get(k, '')}" for k in others) or metric
             lines.setdefault(label, []).append((r[x], r["final"]))
+            bases.setdefault(label, r["base"])
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        colors = {}
         for label, xy in lines.items():
             xy.sort()
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=label)
+            (line,) = ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=label)
+            colors[label] = line.get_color()
+        # the base model's score: a line across the axes (hlines, so ax.get_lines() holds the sweep's lines only)
+        known = {label: b for label, b in bases.items() if b is not None}
+        if len(set(known.values())) == 1:
+            ax.hlines(next(iter(known.values())), 0, 1, transform=ax.get_yaxis_transform(), linestyles="--",
+                      linewidth=1, colors="gray", label=f"base model {next(iter(known.values())):.4f}")
+        else:
+            for label, base in known.items():
+                ax.hlines(base, 0, 1, transform=ax.get_yaxis_transform(), linestyles="--", linewidth=1,
+                          colors=colors[label], label=f"base model, {label}")
         if x == "temperature" and all(p[0] > 0 for xy in lines.values() for p in xy):
             ax.set_xscale("log")
+        values = sorted({p[0] for xy in lines.values() for p in xy})
+        if len(values) <= MAX_TICKS:  # each swept value labelled (more would overlap: the axis keeps its own)
+            ax.set_xticks(values, [f"{v:.3g}" for v in values], rotation=45, fontsize=7)
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{x} (τ, logits = cos/τ)" if x == "temperature" else x)
         ax.set_ylabel(f"final {metric}")
         ax.set_title(f"{Path(sweep_dir).name}: {metric} vs {x}")
