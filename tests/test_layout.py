@@ -94,3 +94,11 @@ def test_the_checks_see_a_circle_and_a_private_import(tmp_path, monkeypatch):
     assert graph["embtune.a.x"] == {"embtune.a.y"} and graph["embtune.a.y"] == {"embtune.a.x"}
     modules = _modules()
     assert _imports(modules["embtune.a.x"], modules) == [("embtune.a.y", ["_helper"])]
+
+
+def test_the_package_list_names_every_folder():
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert folders <= listed and "embtune.conf" in listed
