@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from embtune.config import check_compatible
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
-OVERLAYS = {"hparams_search"}  # `# @package _global_` files: they change other groups, build nothing
+# `# @package _global_` files: they change other groups, build nothing (experiments: tests/test_docs.py)
+OVERLAYS = {"hparams_search", "experiment"}
 OPTIONS = [(g, f.stem) for g in sorted(set(GROUPS) - OVERLAYS) for f in sorted((CONF / g).glob("*.yaml"))]
 # options whose mandatory keys (???) need a value
 NEEDS = {
