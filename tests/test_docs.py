@@ -152,8 +152,23 @@ def test_the_docs_show_commands_and_every_experiment():
     assert len(COMMANDS) >= 40
     missing = [name for name in EXPERIMENTS if name != "pretrain_finetune" and f"experiment={name}" not in text]
     assert not missing, f"experiments no doc shows: {missing}"
-    links = re.findall(r"\]\((docs/[\w.]+\.md|[\w]+\.md)\)", text)
-    assert links and all((REPO / link).is_file() or (REPO / "docs" / link).is_file() for link in links)
+
+
+
+def _anchors(path) -> set[str]:
+    """The heading anchors of a Markdown file, as GitHub makes them."""
+    heads = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_link_between_the_docs_lands_on_a_file_and_heading():
+    bad = []
+    for path in DOC_FILES:
+        for target, anchor in re.findall(r"\]\(([\w/.]*\.(?:md|png))?(?:#([\w-]+))?\)", path.read_text()):
+            dest = (path.parent / target) if target else path
+            if not dest.is_file() or (anchor and anchor not in _anchors(dest)):
+                bad.append(f"{path.name}: ({target}#{anchor})")
+    assert not bad
 
 
 # -- experiments
