@@ -244,6 +244,8 @@ def _shrunk(cmd: str, run_dir, tiny_bert: str, tiny_cross_encoder: str) -> list[
         shrink["teacher.name_or_path"] = tiny_cross_encoder
     if cfg.get("pretrain") is not None:
         shrink["pretrain.train.max_steps"] = "1"
+    if cfg.matryoshka.dims:  # the tiny model's embeddings have 32 dims
+        shrink.update({"matryoshka.dims": "[32,16]", "matryoshka.weights": "[1,1]"})
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in shrink]
     return [*kept, *(f"{k}={v}" for k, v in shrink.items())]
 
