@@ -176,6 +176,18 @@ def test_every_link_between_the_docs_lands_on_a_file_and_heading():
     assert not bad
 
 
+def test_the_readme_tree_names_every_package_folder_and_module():
+    readme = (REPO / "README.md").read_text()
+    tree = readme[readme.index("## Where things live"):readme.index("## Outputs")]
+    missing = []
+    for folder in sorted(p for p in (REPO / "embtune").iterdir() if (p / "__init__.py").is_file()):
+        if f"  {folder.name}/" not in tree:
+            missing.append(f"{folder.name}/")
+        modules = [] if folder.name == "losses" else sorted(folder.glob("[!_]*.py"))  # losses: one file per loss
+        missing += [f"{folder.name}/{m.name}" for m in modules if not re.search(rf"\b{m.name}\b", tree)]
+    assert not missing, f"README's tree leaves out {missing}"
+
+
 # -- experiments
 
 
