@@ -275,7 +275,8 @@ def _run(args: list[str], run_dir) -> dict:
 
 
 def _check_summary(summary: dict, cfg) -> None:
-    assert summary["status"] == "completed"
+    # mining rounds: each round's summary says how it ended
+    assert all(part["status"] == "completed" for part in summary.get("rounds", [summary]))
     # stdlib and beir bring a test split, data=jsonl|hf a test_path or a dev split of their rows, eval=sts a file
     held_out = cfg.eval.get("path") or cfg.data.get("dev_queries") != 0 and cfg.data.get("dev_ratio") != 0
     # evaluated after training, under the metric sweeps report; no held-out set: nothing to evaluate
