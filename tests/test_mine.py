@@ -260,6 +260,7 @@ def test_two_rounds_mine_train_remine_train_and_log_both_rounds(tmp_path, tiny_b
     assert sum("round1/eval/ndcg@10" in e for e in events) == 2  # base and after round 1
     assert sum("round2/eval/ndcg@10" in e for e in events) == 1  # round 2's base is round 1's final
     assert summary["final"] == summary["rounds"][1]["final"] and summary["steps"] == 4
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"  # sweeps read it as done
     assert summary["rounds"][1]["base"] == summary["rounds"][0]["final"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 

@@ -77,7 +77,8 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         rounds.append({**summary, "mining": record})
         offset += summary["steps"]
         model_path = str(round_dir / "model")
-    summary = {"base": rounds[0]["base"], "final": rounds[-1]["final"], "steps": offset, "rounds": rounds}
+    summary = {"status": "completed", "base": rounds[0]["base"], "final": rounds[-1]["final"], "steps": offset,
+               "rounds": rounds}
     write_json(output_dir / "summary.json", summary)
     logger.summary({"base": summary["base"], "final": summary["final"], "steps": offset})
     return summary
