@@ -32,7 +32,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
 
         from embtune.data.batching import collate
         from embtune.losses.info_nce import InfoNCE
-        from embtune.model.embedder import Embedder
+        from embtune.model import from_pretrained
         from embtune.model.kernels import fast_dropout
         from embtune.model.pooling import Mean
         from embtune.negatives import InBatch
@@ -43,7 +43,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         dev = pick_device(device)
         examples = scifact_examples(data, pairs)
         seed_all(seed)
-        model = Embedder.from_pretrained(BUNDLED, pooling=Mean(), query_max_length=64,
+        model = from_pretrained(BUNDLED, pooling=Mean(), query_max_length=64,
                                          document_max_length=256).to(dev).train()
         negatives, loss_fn, dims = InBatch(), InfoNCE(temperature=0.05, symmetric=False), [(model.dim, 1.0)]
         t = OmegaConf.create({"lr": LR, "weight_decay": WEIGHT_DECAY, "layerwise_lr_decay": 1.0})

@@ -14,6 +14,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 from embtune.eval.evaluators import Retrieval
+from embtune.model import builds_multi_vector
 from embtune.model.cross_encoder import check_distillation
 from embtune.objectives.matryoshka import matryoshka_dims
 
@@ -35,8 +36,8 @@ def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teach
     check_train_settings(t, kind, negatives, loss_fn)
     matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
     check_multi_vector(cfg.model, kind, negatives, cfg.matryoshka.dims, evaluator)
-    if t.grad_cache and cfg.model.get("multi_vector"):
-        raise ValueError("train.grad_cache=true with model.multi_vector=true: GradCache caches one vector per text, "
+    if t.grad_cache and builds_multi_vector(cfg.model):
+        raise ValueError("train.grad_cache=true with model=multi_vector: GradCache caches one vector per text, "
                          "not token vectors; train a multi-vector model without grad_cache")
     return kind
 
@@ -48,21 +49,18 @@ def check_multi_vector(model_cfg, kind: str, negatives, matryoshka_dims, evaluat
         ValueError: a loss over pairs/lists/classes instead of candidates, negatives other than
             ``in_batch``/``hard``, Matryoshka dims, an evaluation other than retrieval, or a dim < 1.
     """
-    if not model_cfg.get("multi_vector"):
+    if not builds_multi_vector(model_cfg):
         return
     if kind != "scores":
-        raise ValueError(f"model.multi_vector=true trains with losses over candidates (info_nce, hinge, ...); "
+        raise ValueError(f"model=multi_vector trains with losses over candidates (info_nce, hinge, ...); "
                          f"this loss takes {kind} examples")
     if negatives.name not in ("in_batch", "hard"):
-        raise ValueError(f"model.multi_vector=true supports negatives=in_batch and hard, not {negatives.name}")
+        raise ValueError(f"model=multi_vector supports negatives=in_batch and hard, not {negatives.name}")
     if matryoshka_dims:
-        raise ValueError("model.multi_vector=true with matryoshka.dims: Matryoshka token vectors are not "
+        raise ValueError("model=multi_vector with matryoshka.dims: Matryoshka token vectors are not "
                          "supported; use matryoshka=off")
     if not isinstance(evaluator, Retrieval):
-        raise ValueError("model.multi_vector=true is evaluated by MaxSim retrieval (eval=retrieval) only")
-    if not model_cfg.get("shared_weights", True):
-        raise ValueError("model.multi_vector=true with model.shared_weights=false: two towers are not supported "
-                         "for multi-vector models")
+        raise ValueError("model=multi_vector is evaluated by MaxSim retrieval (eval=retrieval) only")
     if model_cfg.get("multi_vector_dim", 1) < 1:
         raise ValueError(f"model.multi_vector_dim must be >= 1, got {model_cfg.multi_vector_dim}")
 

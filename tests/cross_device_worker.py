@@ -14,7 +14,7 @@ import torch
 from embtune.data.batching import collate
 from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
-from embtune.model.embedder import Embedder
+from embtune.model import from_pretrained
 from embtune.model.pooling import Mean
 from embtune.negatives import Hard
 from embtune.recipes.finetune import compute_loss
@@ -32,7 +32,7 @@ EXAMPLES = [
 def main(model_dir: str, out: str, symmetric: str) -> None:
     d = distributed.setup("cpu")
     torch.manual_seed(0)
-    model = Embedder.from_pretrained(model_dir, pooling=Mean()).eval()  # eval: no dropout, same maths everywhere
+    model = from_pretrained(model_dir, pooling=Mean()).eval()  # eval: no dropout, same maths everywhere
     loss_fn = InfoNCE(temperature=0.05, learnable=True, symmetric=symmetric == "1")
     per = len(EXAMPLES) // d.world
     mine = EXAMPLES[d.rank * per:(d.rank + 1) * per]

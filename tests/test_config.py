@@ -118,11 +118,11 @@ def test_incompatible_combination_fails_before_the_model_loads(tmp_path):
 
 def test_llm_defaults_to_last_token_pooling_with_lora_and_eos():
     cfg = _compose(["model=llm", "model.name_or_path=some/llm"])
-    assert cfg.pooling._target_ == "embtune.model.pooling.LastToken"
+    assert cfg.pooling._target_ == "embtune.model.LastToken"
     assert cfg.model.append_eos is True and cfg.model.lora.r == 16 and cfg.model.gradient_checkpointing is True
-    assert _compose(["pooling=mean", "model=llm", "model.name_or_path=x"]).pooling._target_ == "embtune.model.pooling.Mean"
+    assert _compose(["pooling=mean", "model=llm", "model.name_or_path=x"]).pooling._target_ == "embtune.model.Mean"
     assert _compose(["model=llm", "model.name_or_path=x", "model.lora=null"]).model.lora is None
-    assert _compose([]).pooling._target_ == "embtune.model.pooling.Mean"  # the encoder keeps mean pooling
+    assert _compose([]).pooling._target_ == "embtune.model.Mean"  # the encoder keeps mean pooling
 
 
 def test_llm_needs_a_model_name():

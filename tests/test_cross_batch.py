@@ -50,10 +50,10 @@ def test_bad_settings_are_refused(kwargs):
 
 
 def test_memory_scores_join_the_candidates_and_copies_of_the_positive_are_masked(tiny_bert):
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained
     from embtune.model.pooling import Mean
 
-    model = Embedder.from_pretrained(tiny_bert, pooling=Mean()).eval()
+    model = from_pretrained(tiny_bert, pooling=Mean()).eval()
     xbm, loss_fn = CrossBatch(queue_size=10, warmup_steps=0), InfoNCE(symmetric=False)
     first = [Example("q0", "doc zero"), Example("q1", "doc one")]
     second = [Example("q2", "doc zero"), Example("q3", "doc three")]  # q2's positive is in the memory

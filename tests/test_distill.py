@@ -91,10 +91,10 @@ def test_scores_of_the_wrong_length_name_file_row_and_field():
 
 
 def test_sampled_negatives_carry_their_own_teacher_scores(tiny_bert):
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained
     from embtune.model.pooling import Mean
 
-    model = Embedder.from_pretrained(tiny_bert, pooling=Mean())
+    model = from_pretrained(tiny_bert, pooling=Mean())
     examples = [Example("q", "p", ("n1", "n2", "n3"), 9.0, (1.0, 2.0, 3.0)),
                 Example("r", "s", ("m1",), 8.0, (5.0,))]  # one negative: the second slot is padding
     batch = collate(model, examples, "teacher_scores", group_size=3, rng=random.Random(1))

@@ -241,8 +241,10 @@ def test_disk_full_while_saving_the_model_leaves_no_half_folder(tiny_bert, tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(model.encoder, "save_pretrained", full)
+    from embtune.model import save
+
     with pytest.raises(OSError, match="No space left"):
-        model.save(tmp_path / "model")
+        save(model, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -379,6 +381,6 @@ def test_remote_code_is_off_by_default():
     assert cfg.model.trust_remote_code is False
     import inspect
 
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained
 
-    assert inspect.signature(Embedder.from_pretrained).parameters["trust_remote_code"].default is False
+    assert inspect.signature(from_pretrained).parameters["trust_remote_code"].default is False

@@ -11,7 +11,7 @@ import embtune.training.grad_cache as gc
 from embtune.data.batching import collate
 from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
-from embtune.model.embedder import Embedder
+from embtune.model import from_pretrained
 from embtune.model.pooling import Mean
 from embtune.negatives import Hard, InBatch
 from embtune.recipes.finetune import compute_loss
@@ -24,7 +24,7 @@ TEXTS = ["a short one", "a somewhat longer text about proteins and cells", "x",
 @pytest.fixture
 def model(tiny_bert):
     torch.manual_seed(0)
-    m = Embedder.from_pretrained(tiny_bert, pooling=Mean(), query_max_length=16, document_max_length=24)
+    m = from_pretrained(tiny_bert, pooling=Mean(), query_max_length=16, document_max_length=24)
     return m.train()  # dropout on (BERT's 0.1 on hidden states and attention probabilities)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 import embtune.model.kernels as K
 from embtune.data.batching import collate
 from embtune.losses.info_nce import InfoNCE
-from embtune.model.embedder import Embedder
+from embtune.model import from_pretrained
 from embtune.model.pooling import Mean
 from embtune.negatives import Hard
 from embtune.recipes.finetune import compute_loss
@@ -100,7 +100,7 @@ def test_dropout_equals_the_formula_and_sends_gradients_through_kept_entries_onl
 @pytest.fixture
 def model(tiny_bert):
     torch.manual_seed(0)
-    return Embedder.from_pretrained(tiny_bert, pooling=Mean(), query_max_length=16, document_max_length=24)
+    return from_pretrained(tiny_bert, pooling=Mean(), query_max_length=16, document_max_length=24)
 
 
 def test_fast_dropout_switches_the_model_and_puts_it_back_even_on_error(model):

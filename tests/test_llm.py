@@ -9,8 +9,8 @@ import torch
 from conftest import CONF
 from hydra import compose, initialize_config_dir
 
-from embtune.model import pooling
-from embtune.model.embedder import Embedder, load_encoder
+from embtune.model import Embedder, from_pretrained, pooling, save
+from embtune.model.io import load_encoder
 from embtune.model.llm import append_eos, enable_gradient_checkpointing
 from embtune.recipes.finetune import train
 from embtune.run.logger import RunLogger
@@ -26,7 +26,7 @@ def tiny_llm(request):
 
 
 def _llm(path, pool="last_token", **kwargs) -> Embedder:
-    return Embedder.from_pretrained(path, pooling=POOLINGS[pool](), append_eos=True, **kwargs)
+    return from_pretrained(path, pooling=POOLINGS[pool](), append_eos=True, **kwargs)
 
 
 # -- EOS and pad token
@@ -164,7 +164,7 @@ def test_llm_trains_with_last_token_pooling(tmp_path, tiny_llm, lora, checkpoint
     summary, cfg = _run(tmp_path, tiny_llm, [f"model.gradient_checkpointing={checkpointing}",
                                              *([] if lora else ["model.lora=null"])])
     assert summary["steps"] == 3 and all(np.isfinite(_losses(tmp_path)))
-    assert cfg.pooling._target_ == "embtune.model.pooling.LastToken"  # model=llm's default pooling
+    assert cfg.pooling._target_ == "embtune.model.LastToken"  # model=llm's default pooling
     saved = tmp_path / "model"
     assert json.loads((saved / "embtune.json").read_text())["append_eos"] is True
     assert not (saved / "adapter_config.json").exists()  # LoRA merged: a plain model folder
@@ -191,7 +191,7 @@ def test_lora_trains_only_the_adapters_and_a_merged_save_equals_the_adapter_mode
             if "lora_B" in n:
                 p.normal_(std=0.5)
     before = model.encode(TEXTS, kind="query")
-    model.save(tmp_path / "merged")
+    save(model, tmp_path / "merged")
     assert np.abs(embtune.load(str(tmp_path / "merged")).encode(TEXTS, kind="query") - before).max() < 1e-5
 
 
@@ -205,7 +205,7 @@ def test_lora_adapter_save_loads_with_its_base(tiny_qwen2, tmp_path):
             if "lora_B" in n:
                 p.normal_(std=0.5)
     before = model.encode(TEXTS)
-    model.save(tmp_path / "adapter")
+    save(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     assert np.abs(embtune.load(str(tmp_path / "adapter")).encode(TEXTS) - before).max() < 1e-5

@@ -107,9 +107,9 @@ def test_a_teachers_scores_per_dim_by_hand():
 
 def test_saved_dims_and_truncation_on_load(tmp_path, tiny_bert, caplog):
     import embtune
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained, save
 
-    Embedder.from_pretrained(tiny_bert).save(tmp_path / "model", matryoshka_dims=[32, 16, 8])
+    save(from_pretrained(tiny_bert), tmp_path / "model", matryoshka_dims=[32, 16, 8])
     assert json.loads((tmp_path / "model" / "embtune.json").read_text())["matryoshka_dims"] == [32, 16, 8]
     texts = ["def add(a, b): return a + b", "Return the sum of two numbers."]
     full = embtune.load(str(tmp_path / "model")).encode(texts)
@@ -128,11 +128,11 @@ def test_saved_dims_and_truncation_on_load(tmp_path, tiny_bert, caplog):
 
 def test_a_truncated_model_saved_again_stays_truncated(tmp_path, tiny_bert):
     import embtune
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained, save
 
-    Embedder.from_pretrained(tiny_bert).save(tmp_path / "model", matryoshka_dims=[32, 16])
+    save(from_pretrained(tiny_bert), tmp_path / "model", matryoshka_dims=[32, 16])
     small = embtune.load(str(tmp_path / "model"), truncate_dim=16)
-    small.save(tmp_path / "again", matryoshka_dims=[32, 16])
+    save(small, tmp_path / "again", matryoshka_dims=[32, 16])
     # sentence-transformers' Pooling counts per-token dims: the hidden size, not the truncation
     assert json.loads((tmp_path / "again" / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 32
     texts = ["Return the sum of two numbers."]

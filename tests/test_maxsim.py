@@ -98,11 +98,10 @@ def test_blocked_search_equals_unblocked(k):
 # --- the model, training, saving ---------------------------------------------------------------------
 
 def _model(tiny_bert, dim=16):
-    from embtune.model.embedder import Embedder
-    from embtune.model.pooling import Mean
+    from embtune.model import Mean, from_pretrained_multi_vector
 
     torch.manual_seed(0)
-    return Embedder.from_pretrained(tiny_bert, Mean(), multi_vector=True, multi_vector_dim=dim)
+    return from_pretrained_multi_vector(tiny_bert, Mean(), multi_vector_dim=dim)
 
 
 def test_token_vectors_are_unit_length_zero_at_padding_and_independent_of_the_batch(tiny_bert):
@@ -122,9 +121,10 @@ def test_save_and_load_restore_the_projection(tmp_path, tiny_bert):
     from sentence_transformers import SentenceTransformer
 
     import embtune
+    from embtune.model import save
 
     model = _model(tiny_bert)
-    model.save(tmp_path / "model")
+    save(model, tmp_path / "model")
     loaded = embtune.load(str(tmp_path / "model"))
     assert loaded.multi_vector and loaded.dim == 16
     assert torch.equal(loaded.projection.weight, model.projection.weight)
@@ -143,15 +143,15 @@ def test_save_and_load_restore_the_projection(tmp_path, tiny_bert):
 
 
 def test_a_projection_of_another_size_is_refused(tmp_path, tiny_bert):
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained_multi_vector, save
 
-    _model(tiny_bert).save(tmp_path / "model")
+    save(_model(tiny_bert), tmp_path / "model")
     with pytest.raises(ValueError, match="stored projection is \\(16, 32\\), expected \\(8, 32\\)"):
-        Embedder.from_pretrained(str(tmp_path / "model"), multi_vector=True, multi_vector_dim=8)
+        from_pretrained_multi_vector(str(tmp_path / "model"), multi_vector_dim=8)
 
 
 SMALL = ["train.batch_size=8", "train.max_steps=2", "train.log_every=1", "eval.batch_size=16",
-         "model.multi_vector=true", "model.multi_vector_dim=16"]
+         "model=multi_vector", "model.multi_vector_dim=16"]
 STDLIB_SMALL = ["data.max_train_pairs=24", "data.max_test_queries=12"]
 
 

@@ -5,13 +5,11 @@ import pytest
 import torch
 
 from embtune.data.token_cache import TokenCache
-from embtune.model.embedder import Embedder
-from embtune.model.io import load
-from embtune.model.multi_vector import MultiVectorEmbedder
+from embtune.model import MultiVectorEmbedder, from_pretrained, from_pretrained_multi_vector, load, save
 
 
 def test_token_cache_is_skipped_for_prompts_and_eos(tiny_qwen2):
-    model = Embedder.from_pretrained(tiny_qwen2, query_prompt="q: ", append_eos=True)
+    model = from_pretrained(tiny_qwen2, query_prompt="q: ", append_eos=True)
     model.token_cache = TokenCache()
     texts = ["hello world", "a b"]
     expected = model.tokenize(texts, 16, "query")
@@ -22,7 +20,7 @@ def test_token_cache_is_skipped_for_prompts_and_eos(tiny_qwen2):
 
 
 def test_token_cache_without_prompt_matches_the_tokenizer(tiny_bert):
-    model = Embedder.from_pretrained(tiny_bert)
+    model = from_pretrained(tiny_bert)
     plain = model.tokenize(["hello world", "a"], 16)
     model.token_cache = TokenCache()
     cached = model.tokenize(["hello world", "a"], 16)
@@ -32,7 +30,7 @@ def test_token_cache_without_prompt_matches_the_tokenizer(tiny_bert):
 
 def test_truncate_dim_keeps_prompts(tiny_bert, tmp_path):
     torch.manual_seed(0)
-    Embedder.from_pretrained(tiny_bert, query_prompt="query: ").save(tmp_path / "m", matryoshka_dims=[8])
+    save(from_pretrained(tiny_bert, query_prompt="query: "), tmp_path / "m", matryoshka_dims=[8])
     model = load(str(tmp_path / "m"), truncate_dim=8)
     assert model.query_prompt == "query: " and model.dim == 8
     e = model.encode(["hi there"], kind="query")
@@ -41,11 +39,10 @@ def test_truncate_dim_keeps_prompts(tiny_bert, tmp_path):
 
 def test_multi_vector_with_prompt_and_eos_saves_and_loads(tiny_qwen2, tmp_path):
     torch.manual_seed(0)
-    model = Embedder.from_pretrained(tiny_qwen2, query_prompt="q: ", append_eos=True, multi_vector=True,
-                                     multi_vector_dim=8)
+    model = from_pretrained_multi_vector(tiny_qwen2, query_prompt="q: ", append_eos=True, multi_vector_dim=8)
     assert isinstance(model, MultiVectorEmbedder)
     before = model.encode(["hello world"], kind="query")
-    model.save(tmp_path / "mv")
+    save(model, tmp_path / "mv")
     back = load(str(tmp_path / "mv"))
     assert isinstance(back, MultiVectorEmbedder) and back.query_prompt == "q: " and back.append_eos
     after = back.encode(["hello world"], kind="query")
@@ -57,5 +54,14 @@ def test_multi_vector_with_prompt_and_eos_saves_and_loads(tiny_qwen2, tmp_path):
 
 
 def test_multi_vector_refuses_two_towers(tiny_bert):
-    with pytest.raises(ValueError, match="shared_weights"):
-        Embedder.from_pretrained(tiny_bert, multi_vector=True, shared_weights=False)
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from embtune.config import CONFIG_PATH
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):  # one tower: no such option
+        with pytest.raises(ConfigCompositionException, match="shared_weights"):
+            compose("config", overrides=["model=multi_vector", "model.shared_weights=false"])
+    encoder = from_pretrained(tiny_bert)
+    with pytest.raises(ValueError, match="one shared tower"):
+        MultiVectorEmbedder(encoder.encoder, encoder.tokenizer, encoder.pooling, document_encoder=encoder.encoder)

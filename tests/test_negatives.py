@@ -58,11 +58,11 @@ def test_symmetric_step_masks_anchors_that_share_the_query_or_the_positive(tiny_
     from embtune.data.batching import collate
     from embtune.data.formats import Example
     from embtune.losses.info_nce import InfoNCE
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained
     from embtune.model.pooling import Mean
     from embtune.objectives.candidates import candidate_loss
 
-    model = Embedder.from_pretrained(tiny_bert, pooling=Mean()).eval()
+    model = from_pretrained(tiny_bert, pooling=Mean()).eval()
     examples = [Example("q a", "doc x"), Example("q a", "doc y"),  # one query, two positives
                 Example("q b", "doc x"), Example("q c", "doc z")]  # doc x is the positive of q a and q b
     batch = collate(model, examples, "scores")

@@ -21,8 +21,8 @@ def test_subprocesses_are_guarded_too():
 def test_default_model_resolves_with_the_hub_reachable_in_principle(monkeypatch):
     # HF_HUB_OFFLINE unset: the bundled copy must still be found before any hub call (the guard would raise)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    from embtune.model.embedder import Embedder, resolve_model_path
+    from embtune.model import from_pretrained, resolve_model_path
 
     path = resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
-    model = Embedder.from_pretrained(path)
+    model = from_pretrained(path)
     assert model.encode(["offline"]).shape == (1, 384)

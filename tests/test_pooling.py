@@ -69,9 +69,9 @@ def test_shape_mismatch_is_a_clear_error():
 
 @pytest.mark.parametrize("pool", ALL, ids=lambda p: p.__name__)
 def test_single_text_equals_same_text_in_padded_batch(tiny_bert, pool):
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained
 
-    model = Embedder.from_pretrained(tiny_bert, pooling=pool())
+    model = from_pretrained(tiny_bert, pooling=pool())
     text = "a short text"
     alone = model.encode([text])
     batch = model.encode(["a much longer text that forces padding of the short one " * 3, text])
@@ -80,9 +80,9 @@ def test_single_text_equals_same_text_in_padded_batch(tiny_bert, pool):
 
 @pytest.mark.parametrize("pool", ALL, ids=lambda p: p.__name__)
 def test_left_padding_equals_right_padding_on_an_encoder(tiny_bert, pool):
-    from embtune.model.embedder import Embedder
+    from embtune.model import from_pretrained
 
-    model = Embedder.from_pretrained(tiny_bert, pooling=pool())
+    model = from_pretrained(tiny_bert, pooling=pool())
     texts = ["a short text", "a much longer text that forces padding of the short one"]
     right = model.encode(texts)
     model.tokenizer.padding_side = "left"  # positions come from the mask, so BERT's absolute positions match

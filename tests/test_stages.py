@@ -8,7 +8,7 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 
 from embtune.data.formats import RawTexts
-from embtune.model.embedder import load
+from embtune.model import load
 from embtune.recipes.finetune import compute_loss
 from embtune.recipes.two_stage import run, stage_configs
 from embtune.run.logger import RunLogger

@@ -10,7 +10,7 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 
 import embtune
-from embtune.model.embedder import Embedder
+from embtune.model import from_pretrained, save
 from embtune.model.pooling import LastToken, Mean, WeightedMean
 from embtune.recipes.finetune import train
 from embtune.run.logger import RunLogger
@@ -20,7 +20,7 @@ DOCS = ["def join(a, *p): return a + '/'.join(p)", "def add(a, b): return a + b"
 
 
 def test_prompt_mask_marks_exactly_the_prompt_tokens_of_a_wordpiece_tokenizer(tiny_bert):
-    model = Embedder.from_pretrained(tiny_bert, pooling=Mean(exclude_prompt=True), query_prompt="query: ")
+    model = from_pretrained(tiny_bert, pooling=Mean(exclude_prompt=True), query_prompt="query: ")
     batch = model.tokenize(["join paths", "a much longer text to pad the other"], kind="query")
     assert model.tokenizer.tokenize("query: join paths") == ["query", ":", "join", "paths"]
     # [CLS] query : join paths [SEP] + padding: [CLS] goes with the prompt, as in sentence-transformers
@@ -29,7 +29,7 @@ def test_prompt_mask_marks_exactly_the_prompt_tokens_of_a_wordpiece_tokenizer(ti
 
 
 def test_a_word_merged_across_the_prompts_end_counts_as_text(tiny_qwen2):
-    model = Embedder.from_pretrained(tiny_qwen2, pooling=Mean(exclude_prompt=True), append_eos=True,
+    model = from_pretrained(tiny_qwen2, pooling=Mean(exclude_prompt=True), append_eos=True,
                                      query_prompt="query: ")
     batch = model.tokenize(["how do I join paths?"], kind="query")
     ids, prompt = batch["input_ids"][0], batch["prompt_mask"][0].bool()
@@ -41,7 +41,7 @@ def test_a_word_merged_across_the_prompts_end_counts_as_text(tiny_qwen2):
 
 @pytest.mark.parametrize("pool", [Mean, WeightedMean])
 def test_excluded_prompt_gets_no_weight_on_either_padding_side(tiny_bert, pool):
-    model = Embedder.from_pretrained(tiny_bert, pooling=pool(exclude_prompt=True), query_prompt="query: ",
+    model = from_pretrained(tiny_bert, pooling=pool(exclude_prompt=True), query_prompt="query: ",
                                      normalize=False)
     model.eval()
     batch = model.tokenize(QUERIES, kind="query")
@@ -59,8 +59,8 @@ def test_excluded_prompt_gets_no_weight_on_either_padding_side(tiny_bert, pool):
 
 
 def test_prompts_are_prepended_per_kind(tiny_bert):
-    prompted = Embedder.from_pretrained(tiny_bert, pooling=Mean(), query_prompt="query: ", document_prompt="passage: ")
-    plain = Embedder.from_pretrained(tiny_bert, pooling=Mean())
+    prompted = from_pretrained(tiny_bert, pooling=Mean(), query_prompt="query: ", document_prompt="passage: ")
+    plain = from_pretrained(tiny_bert, pooling=Mean())
     np.testing.assert_allclose(prompted.encode(QUERIES, kind="query"),
                                plain.encode(["query: " + q for q in QUERIES]), atol=1e-6)
     np.testing.assert_allclose(prompted.encode(DOCS, kind="document"),
@@ -99,24 +99,24 @@ def test_two_towers_both_train_save_and_load_back(tmp_path, tiny_bert, tiny_qwen
     assert model.pooling.exclude_prompt is True
     q, d = model.encode(QUERIES, kind="query"), model.encode(DOCS, kind="document")
     # each tower is a complete model folder: query = the top folder, document = document/
-    query_tower = Embedder.from_pretrained(str(saved), query_prompt="query: ", append_eos=kind == "llm")
-    doc_tower = Embedder.from_pretrained(str(saved / "document"), append_eos=kind == "llm")
+    query_tower = from_pretrained(str(saved), query_prompt="query: ", append_eos=kind == "llm")
+    doc_tower = from_pretrained(str(saved / "document"), append_eos=kind == "llm")
     np.testing.assert_allclose(q, query_tower.encode(QUERIES, kind="query"), atol=1e-5)
     np.testing.assert_allclose(d, doc_tower.encode(DOCS, kind="document"), atol=1e-5)
     # both towers trained (each differs from the base), and apart (they differ from each other)
-    base = Embedder.from_pretrained(base_path, pooling=Mean(), append_eos=kind == "llm")
+    base = from_pretrained(base_path, pooling=Mean(), append_eos=kind == "llm")
     assert np.abs(doc_tower.encode(DOCS) - base.encode(DOCS)).max() > 1e-4
     assert np.abs(query_tower.encode(DOCS) - base.encode(DOCS)).max() > 1e-4
     assert np.abs(query_tower.encode(DOCS) - doc_tower.encode(DOCS)).max() > 1e-4
 
 
 def test_two_towers_route_queries_and_documents(tiny_bert):
-    model = Embedder.from_pretrained(tiny_bert, pooling=LastToken(), shared_weights=False)
+    model = from_pretrained(tiny_bert, pooling=LastToken(), shared_weights=False)
     with torch.no_grad():
         for p in model.document_encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     q, d = model.encode(QUERIES, kind="query"), model.encode(QUERIES, kind="document")
-    shared = Embedder.from_pretrained(tiny_bert, pooling=LastToken())
+    shared = from_pretrained(tiny_bert, pooling=LastToken())
     np.testing.assert_allclose(q, shared.encode(QUERIES, kind="query"), atol=1e-6)  # the query tower is untouched
     assert np.abs(q - d).max() > 1e-3
     with pytest.raises(ValueError, match="kind must be 'query' or 'document'"):
@@ -126,7 +126,7 @@ def test_two_towers_route_queries_and_documents(tiny_bert):
 def test_prompt_exclusion_matches_sentence_transformers(tmp_path, tiny_bert):
     from sentence_transformers import SentenceTransformer
 
-    model = Embedder.from_pretrained(tiny_bert, pooling=Mean(exclude_prompt=True), query_prompt="query: ")
-    model.save(tmp_path / "model")
+    model = from_pretrained(tiny_bert, pooling=Mean(exclude_prompt=True), query_prompt="query: ")
+    save(model, tmp_path / "model")
     st = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), model.encode(QUERIES, kind="query"), atol=1e-5)

@@ -85,9 +85,10 @@ def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(tmp
 def test_saving_never_overwrites(tmp_path, tiny_bert):
     _run(tmp_path, tiny_bert, ["eval.before=false", "eval.after=false"])
     import embtune
+    from embtune.model import save
 
     with pytest.raises(FileExistsError):
-        embtune.load(str(tmp_path / "model")).save(tmp_path / "model")
+        save(embtune.load(str(tmp_path / "model")), tmp_path / "model")
 
 
 STSB = DATA / "stsb" / "train.tsv"
@@ -173,7 +174,7 @@ def test_base_metrics_are_computed_once_and_reused(tmp_path, tiny_bert, monkeypa
 
 
 def test_a_mistyped_local_model_path_is_named():
-    from embtune.model.embedder import resolve_model_path
+    from embtune.model import resolve_model_path
 
     with pytest.raises(FileNotFoundError, match=r"model './no/such/model': no such folder"):
         resolve_model_path("./no/such/model")

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embtune.data import fingerprint
 from embtune.data.cache import cache_dir
-from embtune.model.embedder import resolve_model_path
+from embtune.model import builds_multi_vector, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
     when = ("before", "after", "cache_base", "every_steps", "keep")  # when and whether, not what, is evaluated
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in when}
-    if cfg.model.get("multi_vector"):  # the base model's projection is drawn at random from the seed
+    if builds_multi_vector(cfg.model):  # the base model's projection is drawn at random from the seed
         parts["seed"] = cfg.train.seed
     held_out = fingerprint([], data.test)
     key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()

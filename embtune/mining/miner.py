@@ -186,7 +186,7 @@ class HardNegativeMiner:
         the embedding model's device)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from embtune.model.embedder import resolve_model_path
+        from embtune.model.resolve import resolve_model_path
 
         path = resolve_model_path(self.teacher)
         tok = AutoTokenizer.from_pretrained(path)

