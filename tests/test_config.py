@@ -49,6 +49,10 @@ def test_every_option_composes_and_instantiates(group, option, tiny_bert, tmp_pa
                 assert instantiate(stage[part]) is not None
         return
     node = cfg[group]
+    if node is None:  # pooling=auto is null: the starting model's own pooling (tests/test_inherit.py)
+        assert (group, option) == ("pooling", "auto")
+        assert type(instantiate(cfg.model, pooling=None).pooling).__name__ == "Mean"  # tiny_bert stores none
+        return
     if "_target_" not in node:  # plain settings read by the loop (train, eval, matryoshka)
         assert len(node) > 0
         return
@@ -118,11 +122,12 @@ def test_incompatible_combination_fails_before_the_model_loads(tmp_path):
 
 def test_llm_defaults_to_last_token_pooling_with_lora_and_eos():
     cfg = _compose(["model=llm", "model.name_or_path=some/llm"])
-    assert cfg.pooling._target_ == "embtune.model.LastToken"
+    # pooling=auto: the model's stored pooling, else last-token (a model that stores none: tests/test_inherit.py)
+    assert cfg.pooling is None and cfg.model.fallback.pooling == "last_token"
     assert cfg.model.append_eos is True and cfg.model.lora.r == 16 and cfg.model.gradient_checkpointing is True
     assert _compose(["pooling=mean", "model=llm", "model.name_or_path=x"]).pooling._target_ == "embtune.model.Mean"
     assert _compose(["model=llm", "model.name_or_path=x", "model.lora=null"]).model.lora is None
-    assert _compose([]).pooling._target_ == "embtune.model.Mean"  # the encoder keeps mean pooling
+    assert _compose([]).model.fallback.pooling == "mean"  # the encoder keeps mean pooling
 
 
 def test_llm_needs_a_model_name():
@@ -143,6 +148,6 @@ def test_new_model_and_pooling_options_instantiate(tiny_bert, overrides):
     cfg = _compose([f"model.name_or_path={tiny_bert}", *overrides])
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling))
     assert model.tokenize(["a text"], kind="query")["input_ids"].shape[0] == 1
-    assert model.query_prompt == cfg.model.query_prompt
+    assert model.query_prompt == (cfg.model.query_prompt or "")  # null: the model's, none for tiny_bert
     assert (model.document_encoder is None) == cfg.model.shared_weights
-    assert getattr(model.pooling, "exclude_prompt", False) == cfg.pooling.get("exclude_prompt", False)
+    assert getattr(model.pooling, "exclude_prompt", False) == (cfg.pooling or {}).get("exclude_prompt", False)

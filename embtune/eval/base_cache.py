@@ -27,7 +27,8 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
         return evaluate()
     folder = Path(resolve_model_path(cfg.model.name_or_path))
     stamp = sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
-    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "pooling", "eval", "matryoshka")}
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if cfg[k] is not None else None  # pooling=auto: null
+             for k in ("model", "pooling", "eval", "matryoshka")}
     when = ("before", "after", "cache_base", "every_steps", "keep")  # when and whether, not what, is evaluated
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in when}
     if builds_multi_vector(cfg.model):  # the base model's projection is drawn at random from the seed

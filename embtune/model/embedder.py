@@ -63,6 +63,11 @@ class Embedder(nn.Module):
         self.append_eos = append_eos
         self.lora_save = lora_save
         self.token_cache = None  # an embtune.data.token_cache.TokenCache: token ids shared by a sweep's jobs
+        self.position_limit: int | None = None  # the longest input the model takes (set by embtune.model.io)
+        # sentence-transformers settings embtune has no option for, kept so that a save writes them back
+        self.named_prompts: dict[str, str] = {}
+        self.document_prompt_name = "document"
+        self.default_prompt_name: str | None = None
 
     @property
     def dim(self) -> int:
@@ -79,7 +84,8 @@ class Embedder(nn.Module):
         return self.document_encoder if kind == "document" and self.document_encoder is not None else self.encoder
 
     def tokenize(self, texts: list[str], max_length: int | None = None, kind: str = "document") -> dict[str, Tensor]:
-        """Prepend the ``kind``'s prompt, tokenise, append EOS when configured, pad to the longest text.
+        """Prepend the ``kind``'s prompt, tokenise (at most ``max_length`` tokens, default the kind's max
+        length, never beyond ``position_limit``), append EOS when configured, pad to the longest text.
 
         Returns ``input_ids`` and ``attention_mask`` [B,T] (padded on the tokenizer's ``padding_side``),
         plus ``prompt_mask`` [B,T] when the pooling excludes a non-empty prompt (see :func:`_prompt_mask`).
@@ -91,6 +97,8 @@ class Embedder(nn.Module):
         """
         if max_length is None:
             max_length = self.query_max_length if kind == "query" else self.document_max_length
+        if self.position_limit is not None:  # an explicit max_length stays within the position table too
+            max_length = min(max_length, self.position_limit)
         prompt = self.query_prompt if kind == "query" else self.document_prompt
         if self.token_cache is not None and not prompt and not self.append_eos:
             return self.token_cache.tokenize(self.tokenizer, texts, max_length)
