@@ -51,7 +51,7 @@ E5 = {"query": "query: ", "passage": "passage: "}
 ])
 def test_the_stored_pooling_prompts_and_length_are_inherited(tiny_bert, tmp_path, pooling, expected, caplog):
     path = st_folder(tiny_bert, tmp_path / "st", pooling, E5, max_seq_length=24, default_prompt_name="query")
-    with caplog.at_level(logging.INFO, logger="embtune.model.io"):
+    with caplog.at_level(logging.INFO, logger="embtune.model.stored"):
         model = from_pretrained(path)
     assert type(model.pooling) is expected
     assert getattr(model.pooling, "exclude_prompt", False) == (pooling.get("include_prompt") is False)
