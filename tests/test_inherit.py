@@ -62,7 +62,7 @@ def test_the_stored_pooling_prompts_and_length_are_inherited(tiny_bert, tmp_path
     assert len(line) == 1 and "1_Pooling/config.json" in line[0] and "sentence_bert_config.json" in line[0]
     save(model, tmp_path / "saved")
     st = json.loads((tmp_path / "saved" / "config_sentence_transformers.json").read_text())
-    assert st["prompts"] == E5 and st["default_prompt_name"] == "query"
+    assert st["prompts"] == {**E5, "document": "passage: "} and st["default_prompt_name"] == "query"
 
 
 def test_the_command_line_overrides_each_stored_setting(tiny_bert, tmp_path):
@@ -119,13 +119,14 @@ def test_training_keeps_the_starting_models_settings_unless_overridden(tiny_bert
     path = st_folder(tiny_bert, tmp_path / "st", {"pooling_mode": "cls"}, E5, max_seq_length=24)
     meta, pool, st, lengths = _train(tmp_path / "kept", path)
     assert meta["pooling"] == "CLS" and pool["pooling_mode_cls_token"] is True
-    assert (meta["query_prompt"], meta["document_prompt"]) == ("query: ", "passage: ") and st["prompts"] == E5
+    assert (meta["query_prompt"], meta["document_prompt"]) == ("query: ", "passage: ")
+    assert st["prompts"] == {**E5, "document": "passage: "}  # "document" is what encode_document reads first
     assert (meta["query_max_length"], meta["document_max_length"], lengths["max_seq_length"]) == (24, 24, 24)
     assert "query_length" not in lengths  # one length: what every sentence-transformers version reads
     meta, pool, st, lengths = _train(tmp_path / "overridden", path, [
         "pooling=mean", "model.query_prompt=''", "model.document_max_length=16"])
     assert meta["pooling"] == "Mean" and pool["pooling_mode_mean_tokens"] is True
-    assert st["prompts"] == {"query": "", "passage": "passage: "}
+    assert st["prompts"] == {"query": "", "passage": "passage: ", "document": "passage: "}
     assert (meta["query_max_length"], meta["document_max_length"]) == (24, 16)
     assert (lengths["query_length"], lengths["document_length"]) == (24, 16)
 
@@ -160,8 +161,8 @@ def _scifact_subset(dest, n_queries=60, n_other=600):
     return dest
 
 
-def _st_ndcg10(model_path, beir) -> float:
-    """NDCG@10 of SentenceTransformer(model_path) on a BEIR folder: its encode_query/encode_document, cosine
+def _st_ndcg10(model_path, beir, document_prompt="passage") -> float:
+    """NDCG@10 of SentenceTransformer(model_path) on a BEIR folder: its encode_query and prompted encode, cosine
     scores, every corpus document ranked, pytrec_eval's ndcg_cut_10 averaged over the queries."""
     import numpy as np
     import pytrec_eval
@@ -176,8 +177,10 @@ def _st_ndcg10(model_path, beir) -> float:
         qrels.setdefault(q, {})[d] = int(s)
     qids = sorted(qrels)
     q = st.encode_query([queries[i] for i in qids], normalize_embeddings=True)
-    docs = st.encode_document([f"{d.get('title', '').strip()} {d['text'].strip()}".strip() for d in corpus],
-                              normalize_embeddings=True)
+    # the folder's own document prompt by name: sentence-transformers 6's encode_document would take the empty
+    # "document" prompt it adds itself before an e5 folder's "passage"
+    docs = st.encode([f"{d.get('title', '').strip()} {d['text'].strip()}".strip() for d in corpus],
+                     prompt_name=document_prompt, normalize_embeddings=True)
     scores = q @ docs.T
     run = {qid: {corpus[j]["_id"]: float(scores[i, j]) for j in np.argsort(-scores[i])[:100]}
            for i, qid in enumerate(qids)}
@@ -209,7 +212,8 @@ def test_a_cls_e5_folder_fine_tuned_without_overrides_keeps_its_settings_and_bas
         logger.finish()
     saved = tmp_path / "run" / "model"
     assert json.loads((saved / "1_Pooling" / "config.json").read_text())["pooling_mode_cls_token"] is True
-    assert json.loads((saved / "config_sentence_transformers.json").read_text())["prompts"] == E5
+    prompts = json.loads((saved / "config_sentence_transformers.json").read_text())["prompts"]
+    assert {k: prompts[k] for k in E5} == E5 and prompts["document"] == E5["passage"]
     assert json.loads((saved / "sentence_bert_config.json").read_text())["max_seq_length"] == 128
     reference = _st_ndcg10(folder, beir)
     print(f"base NDCG@10: embtune {summary['base']['ndcg@10']:.4f}, sentence-transformers {reference:.4f}")

@@ -51,6 +51,15 @@ def test_encoder_with_prompts_and_two_lengths(tiny_bert, tmp_path, pool):
     _same(st.encode(SHORT, prompt_name="document"), ours.encode(SHORT, kind="document"))
 
 
+def test_an_e5_folder_keeps_its_passage_prompt_for_encode_document(tiny_bert, tmp_path):
+    from test_inherit import E5, st_folder
+
+    save(from_pretrained(st_folder(tiny_bert, tmp_path / "e5", {"pooling_mode": "cls"}, E5)), tmp_path / "m")
+    ours, st = _check(tmp_path / "m")
+    assert ours.document_prompt == "passage: "
+    _same(st.encode(SHORT, prompt_name="passage"), ours.encode(SHORT, kind="document"))
+
+
 def test_prompt_excluded_from_the_mean(tiny_bert, tmp_path):
     save(from_pretrained(tiny_bert, pooling=Mean(exclude_prompt=True), query_prompt="query: "), tmp_path / "m")
     _check(tmp_path / "m")

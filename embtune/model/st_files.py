@@ -56,7 +56,10 @@ def write_st_files(model, encoder, tokenizer, folder: Path, query_max_length: in
     if query_max_length != model.document_max_length:  # read by sentence-transformers >= 6 (encode_query)
         lengths |= {"query_length": query_max_length, "document_length": model.document_max_length}
     write_json(folder / "sentence_bert_config.json", lengths)
-    prompts = {**model.named_prompts, "query": model.query_prompt, model.document_prompt_name: model.document_prompt}
+    # encode_document reads "document" first (sentence-transformers 6 adds an empty one when a folder has none, so
+    # an e5 folder's "passage" alone would be skipped); the starting model's own name is kept beside it
+    prompts = {**model.named_prompts, "query": model.query_prompt, "document": model.document_prompt,
+               model.document_prompt_name: model.document_prompt}
     similarity = "cosine" if model.normalize or isinstance(model, MultiVectorEmbedder) else "dot"
     write_json(folder / "config_sentence_transformers.json", {
         "prompts": prompts, "default_prompt_name": model.default_prompt_name, "similarity_fn_name": similarity})
@@ -104,8 +107,9 @@ def st_differences(model) -> list[str]:
                      "normalisation (encode(output_value='token_embeddings')) and no MaxSim scoring")
     if model.query_max_length != model.document_max_length:
         notes.append(f"queries at {model.query_max_length} tokens only through encode_query in "
-                     f"sentence-transformers >= 6 (query_length); encode(prompt_name=...), older versions "
-                     f"and servers that read max_seq_length cut queries at {model.document_max_length}")
+                     f"sentence-transformers >= 6 (sentence_bert_config.json query_length); encode(prompt_name=...) "
+                     f"and servers that read only max_seq_length cut queries at {model.document_max_length}, and "
+                     f"older sentence-transformers versions do not know query_length (they may refuse the key)")
     if model.document_encoder is not None:
         notes.append("two towers: SentenceTransformer(path) loads the query tower only (document/ holds the "
                      "document tower as a model of its own)")
