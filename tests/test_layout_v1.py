@@ -33,7 +33,9 @@ def test_format_1_targets_map_to_public_names():
     assert checkpoint.upgrade_config(multi, 1)["model"]["_target_"] == "embtune.model.from_pretrained_multi_vector"
     # every mapped target composes with today's config groups: same keys as the group's yaml
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        today = OmegaConf.to_container(compose("config", overrides=["data=jsonl", "data.path=x", "logger=none"]))
+        # pooling=mean: the default pooling=auto is null (the model's own); a format-1 config names its pooling
+        today = OmegaConf.to_container(compose("config", overrides=["data=jsonl", "data.path=x", "logger=none",
+                                                                    "pooling=mean"]))
     for group in targets:
         assert config[group]["_target_"] == today[group]["_target_"], group
 
