@@ -10,7 +10,8 @@ import pytest
 from conftest import CONF, DATA
 
 from embtune.data import fingerprint
-from embtune.data.dev_split import DevSplit, hold_out_dev, split_dev
+from embtune.data.dataset import DevSplit
+from embtune.data.dev_split import hold_out_dev, split_dev
 from embtune.data.files import load_jsonl
 from embtune.data.formats import MultiNegative, Pairwise, Triplet
 

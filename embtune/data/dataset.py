@@ -5,13 +5,57 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from embtune.data.checks import DataProblems
 
-if TYPE_CHECKING:
-    from embtune.data.dev_split import DevSplit
+MAX_AUTO = 1000   # the automatic dev size: min(MAX_AUTO, ceil(ratio * queries)) ...
+MIN_AUTO = 5      # ... but at least this many, and never more than half of the distinct queries
+
+
+@dataclass(frozen=True)
+class DevSplit:
+    """What a loader was asked to hold out (``data.dev_queries``, ``data.dev_ratio``, ``data.seed``).
+
+    ``queries``: exactly this many distinct queries (0: no dev split); None: the automatic size
+    min(1000, ceil(ratio · distinct queries)), at least 5, at most half of them. ``ratio``: 0 turns the
+    automatic size off.
+
+    Raises:
+        ValueError: ``queries`` < 0 or not an integer, ``ratio`` outside [0, 1), naming the option.
+    """
+
+    queries: int | None = None
+    ratio: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.queries is not None and (not isinstance(self.queries, int) or isinstance(self.queries, bool)
+                                         or self.queries < 0):
+            raise ValueError(f"data.dev_queries={self.queries!r}: must be an integer >= 0 (0: no dev split) or null "
+                             "(the size follows data.dev_ratio)")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ValueError(f"data.dev_ratio={self.ratio!r}: must be a fraction in [0, 1) (0: no dev split)")
+
+    @property
+    def off(self) -> bool:
+        return self.queries == 0 or (self.queries is None and self.ratio == 0)
+
+    def size(self, n_queries: int) -> int:
+        """How many of ``n_queries`` distinct queries to hold out (0 when there are too few to split).
+
+        Raises:
+            ValueError: an explicit ``queries`` that leaves no query to train on.
+        """
+        if self.off:
+            return 0
+        if self.queries is not None:
+            if self.queries >= n_queries:
+                raise ValueError(f"data.dev_queries={self.queries}: the data has only {n_queries} distinct queries; "
+                                 "hold out fewer (0: no dev split)")
+            return self.queries
+        return min(MAX_AUTO, max(MIN_AUTO, math.ceil(self.ratio * n_queries)), n_queries // 2)
 
 
 @dataclass

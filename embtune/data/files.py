@@ -18,8 +18,7 @@ from pathlib import Path
 
 from embtune.data.beir import load_beir_test, read_json_objects, read_lines, subsample
 from embtune.data.checks import DataProblems
-from embtune.data.dataset import RetrievalSet, TrainingData
-from embtune.data.dev_split import DevSplit
+from embtune.data.dataset import DevSplit, RetrievalSet, TrainingData
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv")
 _BINARY = (".parquet", ".arrow")  # read by datasets
@@ -64,7 +63,7 @@ def load_jsonl(
         drop_bad_rows: drop a bad row (not UTF-8, bad JSON, wrong field count) with a warning instead of
             failing; the data format drops rows with missing or wrong-typed fields under the same switch.
         dev_queries, dev_ratio: without ``test_path``, the dev split to hold out of the rows (by query,
-            seeded by ``seed``; see :class:`embtune.data.dev_split.DevSplit`; 0: none). It is made once the
+            seeded by ``seed``; see :class:`embtune.data.dataset.DevSplit`; 0: none). It is made once the
             data format names the query and positive columns, in the training recipe.
 
     Returns:

@@ -143,7 +143,7 @@ def upgrade_config(config: dict, version: int) -> dict:
 
     Format 1 -> 2: every ``_target_`` moves to its public name (``embtune.losses.info_nce.InfoNCE`` ->
     ``embtune.losses.InfoNCE``), ``model.multi_vector: true`` becomes ``embtune.model.from_pretrained_multi_vector``
-    (``model=multi_vector``), and the mode moves from ``train.rounds`` / a ``pretrain`` node to ``recipe.name``.
+    (``model=multi_vector``), a file's rows keep training whole (``data.dev_queries=0``), and the mode moves from ``train.rounds`` / a ``pretrain`` node to ``recipe.name``.
     """
     if version >= FORMAT:
         return config
@@ -171,6 +171,10 @@ def upgrade_config(config: dict, version: int) -> dict:
     else:
         model.pop("multi_vector_dim", None)
     out["model"] = model
+    data = dict(out.get("data") or {})
+    if data.get("_target_") in ("embtune.data.load_jsonl", "embtune.data.load_hf"):
+        data.setdefault("dev_queries", 0)  # format 1 held out no dev split: the same rows train
+    out["data"] = data
     train = dict(out.get("train") or {})
     rounds = train.pop("rounds", 0) or 0
     out["train"] = train
