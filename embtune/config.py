@@ -86,8 +86,7 @@ def normalize(cfg: DictConfig) -> DictConfig:
     - ``None``, ``none``, ``null`` and ``~`` (as strings: ``key=None``) are null for every option that may
       be null: its type admits None, its default is None, or it is a prompt (null: no prompt).
     - Every option whose type is known is checked: from the annotation (else the default) of its
-      ``_target_``'s parameter, from :class:`TrainSettings` / :class:`MatryoshkaSettings`, or from
-      ``RUN_KEYS``. An integer-valued float is taken as an integer and a number as a string where one
+      ``_target_``'s parameter, from ``SETTINGS`` (:class:`TrainSettings`, ...), or from ``RUN_KEYS``. An integer-valued float is taken as an integer and a number as a string where one
       belongs; nothing else is converted.
     - Prompts (``model.*_prompt``, ``model.prompts.*``) turn the two-character escapes ``\\n`` and ``\\t``
       into a newline and a tab: a command line cannot type a newline.
@@ -137,7 +136,7 @@ def normalize_node(node: DictConfig, path: str, group: str | None = None) -> Dic
             value = None
         if prompt:
             value = _unescape(value)
-        if value is not node[key] and not (isinstance(value, (DictConfig, ListConfig))):
+        if value is not node[key] and not isinstance(value, (DictConfig, ListConfig)):
             node[key] = value
     return node
 
@@ -217,7 +216,7 @@ def _fits(value, option) -> tuple[bool, Any]:
         if not isinstance(value, (ListConfig, list, tuple)):
             return False, value
         items = _members(args[0]) if args else []
-        return all(any(_fits(x, m)[0] for m in items) for x in value) if items else True, value
+        return (all(any(_fits(x, m)[0] for m in items) for x in value) if items else True), value
     if origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
         return isinstance(value, (DictConfig, dict)), value
     return True, value  # a class the config cannot hold (nn.Module, ...): built by the code, not checked
@@ -365,7 +364,7 @@ def build(cfg: DictConfig, group: str):
 
     Raises:
         ValueError: a value not of its parameter's type, named as ``group.key`` (``loss.symmetric=maybe``
-            would otherwise count as true; ``train.batch_size=abc`` fail deep inside).
+            would otherwise count as true, ``loss.temperature=warm`` fail deep inside the loss).
     """
     node = normalize_node(cfg[group], group)
     try:
