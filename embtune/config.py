@@ -54,9 +54,11 @@ class TrainSettings(TypedDict):
     bf16: bool
     log_every: int
     checkpoint_every: int | None
+    keep_checkpoint: bool
     on_nonfinite: Literal["skip", "stop"]
     cache_tokens: bool
     fast_dropout: bool
+    early_stopping_patience: int | None
 
 
 class MatryoshkaSettings(TypedDict):
@@ -75,8 +77,8 @@ class RecipeSettings(TypedDict):
 
 # groups without a _target_, typed here; top-level keys of conf/config.yaml, mine.yaml and evaluate.yaml
 SETTINGS: dict[str, type] = {"train": TrainSettings, "matryoshka": MatryoshkaSettings, "recipe": RecipeSettings}
-RUN_KEYS: dict[str, Any] = {"overwrite": bool, "resume_from": str | None, "pretrain": dict | None,
-                            "output": str | None, "device": str, "seed": int}
+RUN_KEYS: dict[str, Any] = {"overwrite": bool, "resume_from": str | None, "print_config": bool,
+                            "pretrain": dict | None, "output": str | None, "device": str, "seed": int}
 
 
 def normalize(cfg: DictConfig) -> DictConfig:

@@ -26,7 +26,6 @@ from embtune.data.checks import text_report
 from embtune.eval.base_cache import base_metrics
 from embtune.objectives.matryoshka import matryoshka_dims
 from embtune.run.outputs import refuse_if_used, write_json
-from embtune.run.progress import console
 from embtune.run.redact import redact
 from embtune.training.numerics import finite_or_missing
 
@@ -112,14 +111,15 @@ def main(cfg: DictConfig) -> float | None:
 
     install_log_filter()  # before anything is logged: no API key or token in the console
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("config:\n%s", OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))))
+    if cfg.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))))
     try:
         summary = evaluate(cfg, output_dir)
     except (ValueError, OSError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise SystemExit(f"Error: {redact_text(str(e))}") from None
-    console.print((output_dir / "results.md").read_text(), markup=False)
+    log.info("\n%s", (output_dir / "results.md").read_text().rstrip())  # on screen and in evaluate.log
     return summary["metrics"].get(cfg.eval.metric)
 
 
