@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune.config import CONFIG_PATH
+from embtune.config import CONFIG_PATH, normalize
 from embtune.run.outputs import clear_run, rank, record_failure, refuse_if_used
 
 log = logging.getLogger("embtune")
@@ -78,6 +78,7 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     logger = None
     try:
+        normalize(cfg)  # key=None as null, types checked by key, prompt escapes: before anything is built
         # partial: the resolved config holds _target_ keys that instantiate must not build
         logger = instantiate(cfg.logger, _partial_=True)(
             output_dir=output_dir, run_config=run_config,

@@ -1,17 +1,23 @@
-"""A run's config: where it lives, how a group is built, and every pre-flight check that can be judged
-before any model loads.
+"""A run's config: where it lives, how its values are read, how a group is built, and every pre-flight
+check that can be judged before any model loads.
 
-A clash between options is named by both options; a setting that would train nothing names its key.
+A clash between options is named by both options; a setting that would train nothing names its key; a
+value of the wrong type names the key, the value and what was expected.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal, TypedDict
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from embtune.eval.evaluators import Retrieval
 from embtune.model import builds_multi_vector
@@ -23,12 +29,246 @@ _REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").is_file() else "pkg://embtune.conf"
 
 
+# -- values as tools write them ---------------------------------------------------------------------------
+
+# What sweep agents and scripts write for "no value": Hydra reads `null` (any case) itself, not these.
+NULL_WORDS = ("none", "null", "~")
+
+
+class TrainSettings(TypedDict):
+    """The types of ``train.*`` (conf/train/default.yaml holds the defaults): the loop reads this node
+    itself, so no ``_target_`` signature types it."""
+
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    no_duplicates: bool
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    layerwise_lr_decay: float
+    seed: int
+    device: str
+    grad_cache: bool
+    mini_batch_size: int
+    bf16: bool
+    log_every: int
+    checkpoint_every: int | None
+    keep_checkpoint: bool
+    on_nonfinite: Literal["skip", "stop"]
+    cache_tokens: bool
+    fast_dropout: bool
+    early_stopping_patience: int | None
+
+
+class MatryoshkaSettings(TypedDict):
+    """The types of ``matryoshka.*`` (conf/matryoshka/*.yaml)."""
+
+    dims: list[int]
+    weights: list[float]
+
+
+class RecipeSettings(TypedDict):
+    """The types of ``recipe.*`` (conf/recipe/*.yaml)."""
+
+    name: str
+    rounds: int
+
+
+# groups without a _target_, typed here; top-level keys of conf/config.yaml, mine.yaml and evaluate.yaml
+SETTINGS: dict[str, type] = {"train": TrainSettings, "matryoshka": MatryoshkaSettings, "recipe": RecipeSettings}
+RUN_KEYS: dict[str, Any] = {"overwrite": bool, "resume_from": str | None, "print_config": bool,
+                            "pretrain": dict | None, "output": str | None, "device": str, "seed": int}
+
+
+def normalize(cfg: DictConfig) -> DictConfig:
+    """Read a composed config's values as sweep agents and scripts write them, once, before anything is
+    built; changes ``cfg`` in place and returns it.
+
+    - ``None``, ``none``, ``null`` and ``~`` (as strings: ``key=None``) are null for every option that may
+      be null: its type admits None, its default is None, or it is a prompt (null: no prompt).
+    - Every option whose type is known is checked: from the annotation (else the default) of its
+      ``_target_``'s parameter, from ``SETTINGS`` (:class:`TrainSettings`, ...), or from ``RUN_KEYS``. An integer-valued float is taken as an integer and a number as a string where one
+      belongs; nothing else is converted.
+    - Prompts (``model.*_prompt``, ``model.prompts.*``) turn the two-character escapes ``\\n`` and ``\\t``
+      into a newline and a tab: a command line cannot type a newline.
+
+    ``pretrain.*`` (a stage-1 overlay) is read like the run's own groups; ``hydra`` and keys of unknown
+    type are left as they are.
+
+    Raises:
+        ValueError: one line naming the key, the value and what was expected, e.g.
+            ``train.max_steps must be an integer or null, got 'ten'``.
+    """
+    for key in list(cfg):
+        if key == "hydra" or OmegaConf.is_missing(cfg, key) or OmegaConf.is_interpolation(cfg, key):
+            continue
+        value = cfg[key]
+        if isinstance(value, DictConfig):
+            if key == "pretrain":
+                for part in list(value):
+                    if isinstance(value[part], DictConfig):
+                        normalize_node(value[part], f"pretrain.{part}", group=part)
+            else:
+                normalize_node(value, key)
+        elif key in RUN_KEYS:
+            cfg[key] = _read(key, value, RUN_KEYS[key], inspect.Parameter.empty)
+    return cfg
+
+
+def normalize_node(node: DictConfig, path: str, group: str | None = None) -> DictConfig:
+    """:func:`normalize` for one group's node (``path``: its name in messages; ``group``: the group whose
+    types apply, ``path`` by default)."""
+    group = group or path
+    if node.get("_target_"):
+        types_of = _parameter_types(node._target_)
+    elif group in SETTINGS:
+        types_of = {k: (t, inspect.Parameter.empty) for k, t in typing.get_type_hints(SETTINGS[group]).items()}
+    else:
+        return node
+    for key in list(node):
+        if str(key).startswith("_") or OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        value = node[key]
+        prompt = group == "model" and (str(key).endswith("_prompt") or key == "prompts")
+        if key in types_of:
+            annotation, default = types_of[key]
+            value = _read(f"{path}.{key}", value, annotation, default, nullable=prompt)
+        elif prompt and isinstance(value, str) and value.strip().lower() in NULL_WORDS:
+            value = None
+        if prompt:
+            value = _unescape(value)
+        if value is not node[key] and not isinstance(value, (DictConfig, ListConfig)):
+            node[key] = value
+    return node
+
+
+def _parameter_types(target: str) -> dict[str, tuple[Any, Any]]:
+    """name -> (annotation, default) of the parameters of ``target`` (a class: its ``__init__``)."""
+    obj = get_object(target)
+    try:
+        params = inspect.signature(obj, eval_str=True).parameters
+    except Exception:  # an annotation naming something not importable here: read each one alone
+        params = inspect.signature(obj).parameters
+    names = vars(sys.modules.get(getattr(obj, "__module__", ""), typing))
+    out = {}
+    for name, p in params.items():
+        annotation = p.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, dict(names))  # the signature's own annotation text
+            except Exception:
+                annotation = inspect.Parameter.empty
+        out[name] = (annotation, p.default)
+    return out
+
+
+def _members(annotation) -> list:
+    """The alternatives of an annotation: ``int | None`` -> [int, NoneType]; [] when unknown or Any."""
+    if annotation in (inspect.Parameter.empty, Any):
+        return []
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _read(key: str, value, annotation, default, nullable: bool = False):
+    """``value`` as the option ``key`` of type ``annotation`` (default ``default``) takes it."""
+    options = _members(annotation)
+    if not options and default not in (inspect.Parameter.empty, None):
+        options = [type(default)]  # unannotated: the default's type
+    nullable = nullable or default is None or type(None) in options or None in options
+    options = [o for o in options if o not in (type(None), None)]
+    if isinstance(value, str) and value.strip().lower() in NULL_WORDS and (nullable or options):
+        if not nullable:
+            raise ValueError(f"{key} cannot be null; it must be {_describe(options)}, got {value!r}")
+        return None
+    if value is None:
+        if nullable or not options:
+            return None
+        raise ValueError(f"{key} cannot be null; it must be {_describe(options)}")
+    if not options:
+        return value
+    for option in options:
+        ok, read = _fits(value, option)
+        if ok:
+            return read
+    shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+    raise ValueError(f"{key} must be {_describe(options, nullable)}, got {shown!r}")
+
+
+def _fits(value, option) -> tuple[bool, Any]:
+    """Whether ``value`` is of type ``option``, and the value to keep (an int for an integral float...)."""
+    origin, args = typing.get_origin(option) or option, typing.get_args(option)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is bool:
+        return isinstance(value, bool), value
+    if origin is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return number and isinstance(value, int), value
+    if origin is float:
+        return number, value
+    if origin in (str, Path):
+        return isinstance(value, str) or number, str(value) if number else value
+    if origin is Literal:
+        return value in args, value
+    if origin in (list, tuple, Sequence) or (isinstance(origin, type) and issubclass(origin, Sequence)
+                                             and origin is not str):
+        if not isinstance(value, (ListConfig, list, tuple)):
+            return False, value
+        items = _members(args[0]) if args else []
+        return (all(any(_fits(x, m)[0] for m in items) for x in value) if items else True), value
+    if origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
+        return isinstance(value, (DictConfig, dict)), value
+    return True, value  # a class the config cannot hold (nn.Module, ...): built by the code, not checked
+
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings", Path: "paths"}
+
+
+def _describe(options: list, nullable: bool = False) -> str:
+    words = []
+    for option in options:
+        origin, args = typing.get_origin(option) or option, typing.get_args(option)
+        if origin is Literal:
+            words.append("one of " + ", ".join(repr(a) for a in args))
+        elif origin in _WORDS:
+            words.append(_WORDS[origin])
+        elif origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
+            words.append("a mapping ({key: value, ...})")
+        elif isinstance(origin, type) and issubclass(origin, Sequence):
+            items = [_PLURALS.get(typing.get_origin(m) or m) for m in (_members(args[0]) if args else [])]
+            words.append(f"a list of {' or '.join(items)}" if items and all(items) else "a list ([a, b, ...])")
+        else:
+            words.append(getattr(option, "__name__", str(option)))
+    return " or ".join(dict.fromkeys(words + (["null"] if nullable else [])))
+
+
+def _unescape(value):
+    """``\\n`` -> newline and ``\\t`` -> tab, in a string or a mapping's strings. No other escape, so
+    reading twice changes nothing (a run's stored config is read again on resume)."""
+    if isinstance(value, str):
+        return value.replace("\\n", "\n").replace("\\t", "\t")
+    if isinstance(value, DictConfig):
+        for k in list(value):
+            if isinstance(value[k], str):
+                value[k] = _unescape(value[k])
+    return value
+
+
+# -- pre-flight checks ------------------------------------------------------------------------------------
+
 def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teacher) -> str:
     """Every pre-flight check of one run; returns the loss's input kind (``scores``, ``pair_scores``, ...).
+    Starts with :func:`normalize` (nothing is built from the groups it reads here on: model, train).
 
     Raises:
         ValueError: naming the clashing options or the bad key.
     """
+    normalize(cfg)
     t = cfg.train
     check_compatible(data_format, negatives, loss_fn)
     check_distillation(data_format, negatives, loss_fn, teacher)
@@ -118,19 +358,15 @@ def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> N
 
 
 def build(cfg: DictConfig, group: str):
-    """``instantiate(cfg[group])``, but a loader's own error (naming file, row, field) is raised as it is,
-    not wrapped in Hydra's InstantiationException.
+    """``instantiate(cfg[group])`` after :func:`normalize_node` (null words, types, prompt escapes), and
+    a loader's own error (naming file, row, field) is raised as it is, not wrapped in Hydra's
+    InstantiationException.
 
     Raises:
-        ValueError: a ``bool`` parameter set to anything but true/false (``loss.symmetric=maybe`` would
-            otherwise count as true), named as ``group.key``.
+        ValueError: a value not of its parameter's type, named as ``group.key`` (``loss.symmetric=maybe``
+            would otherwise count as true, ``loss.temperature=warm`` fail deep inside the loss).
     """
-    node = cfg[group]
-    if node.get("_target_"):
-        params = inspect.signature(get_object(node._target_)).parameters
-        for key, value in node.items():
-            if key in params and params[key].annotation in (bool, "bool") and not isinstance(value, bool):
-                raise ValueError(f"{group}.{key} must be true or false, got {value!r}")
+    node = normalize_node(cfg[group], group)
     try:
         return instantiate(node)
     except InstantiationException as e:

@@ -124,13 +124,14 @@ def test_missing_file_and_missing_folder_name_what_is_missing(tmp_path):
         load_beir(str(folder))
 
 
-def test_query_id_that_also_names_a_document_is_a_counted_warning(tmp_path):
+def test_query_id_that_also_names_a_document_is_counted_not_a_problem(tmp_path):
+    # ArguAna-style: BEIR allows it (evaluation leaves the query's own document out of its ranking)
     queries = [{"_id": "d1", "text": "first"}, {"_id": "q2", "text": "second"}]
-    data = load_beir(str(_beir(tmp_path, CORPUS, queries, [("d1", "d1"), ("q2", "d2")])))
-    assert data.problems.warnings == 1 and data.problems.dropped_rows == 0 and len(data.rows) == 2
-    assert "queries.jsonl: field '_id': 1 query ids also name documents in corpus.jsonl (first: 'd1')" \
-        in data.problems.first[0]
-    assert data.summary()["problems"]["warnings"] == 1
+    folder = _beir(tmp_path, CORPUS, queries, [("d1", "d1"), ("q2", "d2")])
+    (folder / "qrels" / "test.tsv").write_text("d1\td2\t1\nq2\td1\t1\n")
+    data = load_beir(str(folder))
+    assert data.problems.warnings == 0 and data.problems.dropped_rows == 0 and len(data.rows) == 2
+    assert data.summary()["identical_ids"] == 1  # d1 is both a test query and a document
 
 
 def test_ids_are_always_strings(tmp_path):

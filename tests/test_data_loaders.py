@@ -91,15 +91,16 @@ def test_scifact_subsample_is_deterministic():
 # --- small BEIR folders --------------------------------------------------------------------------
 
 
-def test_ids_are_strings_and_zero_grades_dropped(tmp_path):
+def test_ids_are_strings_zero_grades_train_nothing_and_stay_judged_for_evaluation(tmp_path):
     data = load_beir(str(write_beir(tmp_path)))
     assert data.rows == [
         {"query": "what purrs?", "positive": "Cats Cats purr.", "query_id": "1", "doc_id": "10"},
         {"query": "what barks?", "positive": "Dogs bark.", "query_id": "q2", "doc_id": "d2"},
     ]
     assert [s[1] for s in data.source] == [2, 3]
-    assert data.test.qrels == {"q3": {"d3": 2}}  # line 1 is data (no header); q2 has no relevant doc
-    assert data.test.queries == {"q3": "who sings?"}
+    # line 1 is data (no header); q2 has no relevant doc but stays judged: it scores 0, as in pytrec_eval
+    assert data.test.qrels == {"q3": {"d3": 2}, "q2": {"d2": 0}}
+    assert data.test.queries == {"q3": "who sings?", "q2": "what barks?"}
     assert data.test.corpus == {"10": "Cats Cats purr.", "d2": "Dogs bark.", "d3": "Birds sing."}
     root_qrels = load_beir(str(write_beir(tmp_path / "flat", gz=True, qrels_dir=".")))  # {split}.tsv beside corpus
     assert root_qrels.rows == data.rows and root_qrels.test == data.test
@@ -121,7 +122,7 @@ def test_hub_layout_uses_snapshot_download(tmp_path, monkeypatch):
     assert calls == [("BeIR/tiny", "dataset"), ("BeIR/tiny-qrels", "dataset")]
     assert data.name == "BeIR/tiny" and len(data.rows) == 2 and data.rows[0]["doc_id"] == "10"
     assert data.source[0] == (str(qrels / "train.tsv"), 2)
-    assert data.test.qrels == {"q3": {"d3": 2}} and len(data.test.corpus) == 3
+    assert data.test.qrels == {"q3": {"d3": 2}, "q2": {"d2": 0}} and len(data.test.corpus) == 3
     calls.clear()  # a hub repo with its own qrels/ folder needs no "-qrels" download
     assert len(load_beir("BeIR/with_qrels").rows) == 2 and calls == [("BeIR/with_qrels", "dataset")]
     with pytest.raises(FileNotFoundError, match=r"'BeIR/nope' is not a local folder.*KeyError"):
@@ -158,7 +159,7 @@ BAD = [
     ("train.tsv", dict(qrels={"train": TRAIN + "q9\td3\t1\n"}), 5, "'query-id': unknown query id 'q9'"),
     ("train.tsv", dict(qrels={"train": TRAIN + "q3\td9\t1\n"}), 5, "'corpus-id': unknown document id 'd9'"),
     ("train.tsv", dict(qrels={"train": TRAIN + "q2\td2\t1\n"}), 5, "duplicate judgment"),
-    ("test.tsv", dict(qrels={"train": TRAIN, "test": "q3\td3\t1\nq3\tnope\t1\n"}), 2, "unknown document id 'nope'"),
+    ("test.tsv", dict(qrels={"train": TRAIN, "test": "q3\td3\t1\nq9\td3\t1\n"}), 2, "unknown query id 'q9'"),
 ]
 
 
@@ -169,6 +170,21 @@ def test_malformed_beir_files_name_file_line_and_field(tmp_path, file, files, li
         load_beir(str(tmp_path))
     message = str(err.value)
     assert f"{file}:{line}:" in message and field in message, message
+
+
+def test_test_split_alone_evaluates_and_dangling_judgments_are_counted_warnings(tmp_path):
+    # only a test split (ArguAna, most of BEIR); one judgment names a document missing from the corpus
+    write_beir(tmp_path, qrels={"test": "q3\td3\t2\nq2\tgone\t1\nq2\td2\t1\n1\tgone\t1\n"})
+    with pytest.raises(FileNotFoundError, match="no train qrels file train.tsv"):  # training needs them
+        load_beir(str(tmp_path))
+    data = load_beir(str(tmp_path), train_split=None)  # evaluation only: no train file read
+    assert data.rows == [] and data.problems.dropped_rows == 0 and data.problems.warnings == 2
+    assert "test.tsv:2: field 'corpus-id': document id 'gone' is not in corpus.jsonl" in data.problems.first[0]
+    # kept: a relevant document never retrieved (query 1 has no other one, so it will score 0)
+    assert data.test.qrels == {"q3": {"d3": 2}, "q2": {"gone": 1, "d2": 1}, "1": {"gone": 1}}
+    assert data.test == load_beir_test(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no qrels file dev.tsv"):
+        load_beir(str(tmp_path), train_split=None, test_split="dev")
 
 
 def test_gzipped_corpus_error_and_file_path(tmp_path):
@@ -268,7 +284,7 @@ def test_load_hf_local_tsv_and_test_set(hf_cache):
     (hf_cache / "pairs.tsv").write_text('query\tpositive\n"a\tb "c\nd\te\n')
     data = load_hf(str(hf_cache / "pairs.tsv"), test_path=str(write_beir(hf_cache / "beir")))
     assert data.rows == [{"query": '"a', "positive": 'b "c'}, {"query": "d", "positive": "e"}]
-    assert data.test.qrels == {"q3": {"d3": 2}}
+    assert data.test.qrels == {"q3": {"d3": 2}, "q2": {"d2": 0}}
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_hf(str(hf_cache / "missing.jsonl"))
     with pytest.raises(ValueError, match="subset"):

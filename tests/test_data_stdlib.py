@@ -110,8 +110,9 @@ def test_sizes_and_shapes(data):
     for ids in (test.queries, test.corpus, test.qrels):
         assert all(isinstance(i, str) for i in ids)
     for qid, rel in test.qrels.items():
-        assert qid in test.queries and rel == {qid: 1} and qid in test.corpus
-    assert set(test.corpus) == set(test.queries)
+        assert qid in test.queries and rel == {f"{qid}:code": 1} and f"{qid}:code" in test.corpus
+    assert set(test.corpus) == {f"{q}:code" for q in test.queries}
+    assert test.identical_ids() == 0  # no query shares its document's id: none is ignored in evaluation
 
 
 def test_no_module_in_both_splits(data):
@@ -131,7 +132,7 @@ def test_no_duplicates_and_filters(data):
 
 def test_docstring_removed(data):
     pairs = [(r["query"], r["positive"]) for r in data.rows]
-    pairs += [(data.test.queries[i], data.test.corpus[i]) for i in data.test.queries]
+    pairs += [(data.test.queries[i], data.test.corpus[f"{i}:code"]) for i in data.test.queries]
     # a few functions legitimately repeat their summary in code (doctest.testmod), hence the slack
     leaked = [q for q, d in pairs if q in " ".join(d.split())]
     assert len(leaked) <= 0.005 * len(pairs), leaked

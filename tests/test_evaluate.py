@@ -1,6 +1,7 @@
 """Evaluation: exact blocked search, trec_eval metrics and Spearman against hand-computed values."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_retrieval_metrics_hand_computed():
         "q1": {"a": 2, "b": 1, "c": 0},  # graded; c is judged non-relevant
         "q2": {"e": 1, "f": 1},          # f is never retrieved
         "q3": {"z": 1},                  # z at rank 11
-        "q4": {"a": 0},                  # no relevant doc: excluded from every mean
+        "q4": {"a": 0},                  # no relevant doc: kept, scores 0 (pytrec_eval does so)
     }
     run = {
         "q1": {"x": 0.9, "a": 0.8, "c": 0.7, "b": 0.6},  # ranks: x 1, a 2, c 3, b 4
@@ -68,12 +69,12 @@ def test_retrieval_metrics_hand_computed():
     ndcg1 = (2 / math.log2(3) + 1 / math.log2(5)) / (2 + 1 / math.log2(3))
     ndcg2 = (1 / math.log2(4)) / (1 + 1 / math.log2(3))
     # MRR@10: q1 first relevant at rank 2 -> 1/2; q2 rank 3 -> 1/3; q3 rank 11 -> 0
-    # Recall@10: q1 2/2, q2 1/2, q3 0/1; Recall@100: 2/2, 1/2, 1/1. Means over 3 queries (q4 excluded):
+    # Recall@10: q1 2/2, q2 1/2, q3 0/1; Recall@100: 2/2, 1/2, 1/1. q4: 0 everywhere. Means over 4 queries:
     assert retrieval_metrics(run, qrels) == approx({
-        "ndcg@10": (ndcg1 + ndcg2 + 0) / 3,       # (0.643322 + 0.306574) / 3 = 0.316632
-        "mrr@10": (1 / 2 + 1 / 3 + 0) / 3,        # 5/18 = 0.277778
-        "recall@10": (1 + 0.5 + 0) / 3,           # 0.5
-        "recall@100": (1 + 0.5 + 1) / 3,          # 0.833333
+        "ndcg@10": (ndcg1 + ndcg2 + 0 + 0) / 4,   # (0.643322 + 0.306574) / 4 = 0.237474
+        "mrr@10": (1 / 2 + 1 / 3 + 0 + 0) / 4,    # 5/24 = 0.208333
+        "recall@10": (1 + 0.5 + 0 + 0) / 4,       # 0.375
+        "recall@100": (1 + 0.5 + 1 + 0) / 4,      # 0.625
     })
     assert abs(ndcg1 - 0.643322) < 1e-6 and abs(ndcg2 - 0.306574) < 1e-6
 
@@ -83,15 +84,91 @@ def test_retrieval_metrics_query_missing_from_run_counts_zero():
     run = {"q1": {"a": 1.0, "c": 0.5}}  # q2 never ranked: 0, not dropped -> mean (1 + 0) / 2
     assert retrieval_metrics(run, qrels) == approx(dict.fromkeys(KEYS, 0.5))
     assert retrieval_metrics({}, qrels) == approx(dict.fromkeys(KEYS, 0.0))
-    # no query has a relevant doc: the metrics are undefined, reported missing (not 0, not NaN)
-    assert retrieval_metrics({"q1": {"a": 1.0}}, {"q1": {"a": 0}}) == dict.fromkeys(KEYS, None)
+    # judged only 0: the query is kept and scores 0, as pytrec_eval scores it
+    assert retrieval_metrics({"q1": {"a": 1.0}}, {"q1": {"a": 0}}) == approx(dict.fromkeys(KEYS, 0.0))
+    # no judged query at all: the metrics are undefined, reported missing (not 0, not NaN)
+    assert retrieval_metrics({"q1": {"a": 1.0}}, {}) == dict.fromkeys(KEYS, None)
 
 
-def test_retrieval_metrics_ties_ranked_by_doc_id_for_every_metric():
-    # a and b tie; both rank a (smaller id) first, so b is at rank 2 for nDCG and MRR alike:
-    # nDCG@10 = (1/log2(3)) / 1 = 0.630930, MRR@10 = 1/2. (Raw trec_eval would put b first for nDCG.)
-    got = retrieval_metrics({"q": {"b": 1.0, "a": 1.0}}, {"q": {"b": 1}})
+def test_retrieval_metrics_ties_ranked_by_doc_id_descending_in_float32():
+    # a and b tie; trec_eval ranks the larger id first: a (relevant) at rank 2 for every metric:
+    # nDCG@10 = (1/log2(3)) / 1 = 0.630930, MRR@10 = 1/2
+    got = retrieval_metrics({"q": {"b": 1.0, "a": 1.0}}, {"q": {"a": 1}})
     assert got == approx({"ndcg@10": 1 / math.log2(3), "mrr@10": 0.5, "recall@10": 1.0, "recall@100": 1.0})
+    # 0.1 and the next double above it differ, but are one float32: a tie again, so b still ranks first
+    above = math.nextafter(0.1, 1.0)
+    assert retrieval_metrics({"q": {"a": above, "b": 0.1}}, {"q": {"a": 1}})["mrr@10"] == 0.5
+    assert retrieval_metrics({"q": {"a": 0.1 + 1e-6, "b": 0.1}}, {"q": {"a": 1}})["mrr@10"] == 1.0
+    # byte order, not numeric: "9" > "10", so "9" ranks first
+    assert retrieval_metrics({"q": {"10": 1.0, "9": 1.0}}, {"q": {"10": 1}})["mrr@10"] == 0.5
+
+
+def test_retrieval_metrics_ignore_a_document_with_the_query_id_by_default():
+    # q retrieves itself first, then its relevant document r
+    run, qrels = {"q": {"q": 0.9, "r": 0.8, "x": 0.7}}, {"q": {"r": 1}}
+    assert retrieval_metrics(run, qrels) == approx(dict.fromkeys(KEYS, 1.0))  # r at rank 1 once q is out
+    kept = retrieval_metrics(run, qrels, ignore_identical_ids=False)  # r at rank 2
+    assert kept == approx({"ndcg@10": 1 / math.log2(3), "mrr@10": 0.5, "recall@10": 1.0, "recall@100": 1.0})
+    assert run == {"q": {"q": 0.9, "r": 0.8, "x": 0.7}}  # the caller's run is not modified
+
+
+def _pytrec_eval_means(run: dict, qrels: dict, ignore_identical_ids: bool) -> dict[str, float]:
+    """What BEIR's and MTEB's EvaluateRetrieval report: pytrec_eval per query (self-hits popped from the
+    run first when ignoring identical ids), averaged over the queries pytrec_eval returns."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    if ignore_identical_ids:
+        run = {qid: {doc: s for doc, s in docs.items() if doc != qid} for qid, docs in run.items()}
+    measures = {"ndcg_cut.10", "recip_rank", "success.10", "recall.10", "recall.100"}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    assert set(per_query) == set(qrels)  # every judged query is in the run, as in BEIR
+    rows = [{"ndcg@10": m["ndcg_cut_10"], "mrr@10": m["recip_rank"] * m["success_10"],  # MRR in the top 10
+             "recall@10": m["recall_10"], "recall@100": m["recall_100"]} for m in per_query.values()]
+    return {key: sum(r[key] for r in rows) / len(rows) for key in KEYS}
+
+
+@pytest.mark.parametrize("ignore_identical_ids", [True, False])
+def test_retrieval_metrics_equal_pytrec_eval_with_ties_grades_and_self_hits(ignore_identical_ids):
+    rng = random.Random(0)
+    docs = [f"d{i}" for i in range(150)] + [f"q{i}" for i in range(0, 40, 2)]  # even queries are documents too
+    qrels, run = {}, {}
+    for i in range(40):
+        qid = f"q{i}"
+        judged = rng.sample(docs, rng.randint(1, 12))
+        if i % 7 == 0:
+            qrels[qid] = dict.fromkeys(judged, 0)  # judged, none relevant
+        else:
+            qrels[qid] = {doc: rng.choice([-1, 0, 1, 1, 2, 3]) for doc in judged}  # graded, some negative
+        if i % 5 == 0:
+            qrels[qid][f"missing{i}"] = 1  # relevant but never retrieved (not in the corpus)
+        ranked = rng.sample(docs, 120)  # depth beyond 100: Recall@100 cuts the list
+        # coarse scores: many exact ties; some differ from another only beyond float32's precision
+        run[qid] = {doc: rng.randint(0, 30) / 30 + (1e-12 if rng.random() < 0.2 else 0.0) for doc in ranked}
+        if i % 4 == 0:
+            run[qid][qid] = 2.0  # the query's own document ranks first (even i: it is a document)
+    run["q-unjudged"] = {"d1": 1.0}  # no qrels: ignored by both
+    assert retrieval_metrics(run, qrels, ignore_identical_ids) == pytest.approx(
+        _pytrec_eval_means(run, qrels, ignore_identical_ids), abs=1e-12)
+
+
+def test_evaluate_retrieval_equals_pytrec_eval_on_the_full_ranking():
+    # 60 queries over 200 documents, the first 30 query ids also document ids; duplicate document vectors
+    # tie exactly. The top-101 search with the self-hit removed must score as pytrec_eval on all 200.
+    g = torch.Generator().manual_seed(3)
+    doc_emb = torch.randn(200, 8, generator=g)
+    doc_emb[100:140] = doc_emb[:40]  # exact ties
+    query_emb = torch.randn(60, 8, generator=g)
+    query_emb[:30] = doc_emb[:30] + 0.05 * torch.randn(30, 8, generator=g)  # each close to its own document
+    doc_ids = [f"q{i}" for i in range(30)] + [f"d{i}" for i in range(30, 200)]
+    query_ids = [f"q{i}" for i in range(60)]
+    rng = random.Random(1)
+    qrels = {qid: {doc: rng.randint(0, 2) for doc in rng.sample(doc_ids, 5)} for qid in query_ids}
+    test = RetrievalSet(queries=dict.fromkeys(query_ids, ""), corpus=dict.fromkeys(doc_ids, ""), qrels=qrels)
+    scores = (query_emb @ doc_emb.T).tolist()  # float32 products, as the search computes them
+    full = {qid: dict(zip(doc_ids, row)) for qid, row in zip(query_ids, scores)}
+    assert test.identical_ids() == 30
+    for ignore in (True, False):
+        got = evaluate_retrieval(query_emb, doc_emb, test, query_ids, doc_ids, ignore_identical_ids=ignore)
+        assert got == pytest.approx(_pytrec_eval_means(full, qrels, ignore), abs=1e-6)
 
 
 # --- evaluate_retrieval -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ _HUB_FILES = ["*.jsonl", "*.jsonl.gz", "*.tsv", "*.tsv.gz", "*.md"]
 
 def load_beir(
     path: str,
-    train_split: str = "train",
+    train_split: str | None = "train",
     test_split: str = "test",
     max_train_pairs: int | None = None,
     max_test_queries: int | None = None,
@@ -46,7 +46,8 @@ def load_beir(
     Args:
         path: a local BEIR folder, or a hub data set name such as ``BeIR/scifact`` (its qrels are then
             read from the same repository's ``qrels/`` folder or, as BEIR publishes them, from ``<path>-qrels``).
-        train_split: qrels file giving the training pairs, ``qrels/{train_split}.tsv``.
+        train_split: qrels file giving the training pairs, ``qrels/{train_split}.tsv``; None: no training
+            pairs and no such file read (evaluation only: most BEIR sets have only a test split).
         test_split: qrels file giving the evaluation queries, ``qrels/{test_split}.tsv``.
         max_train_pairs: keep at most this many training pairs (deterministic sample), None for all.
         max_test_queries: keep at most this many test queries (deterministic sample), None for all.
@@ -59,19 +60,24 @@ def load_beir(
     Returns:
         TrainingData whose rows are ``{"query", "positive", "query_id", "doc_id"}``, one per judged pair
         with score > 0, in file order; ``source`` is ``(qrels file, line number)`` of each row. ``test`` holds
-        the test queries that have a score > 0 judgment, their relevant grades, and the WHOLE corpus as
-        candidates; it is None (with a warning) when the test qrels file does not exist.
+        every judged test query (those judged only 0 too), its grades, and the WHOLE corpus as candidates
+        (see :func:`load_beir_test`); it is None (with a warning) when the test qrels file does not exist.
         Document text is ``title + " " + text`` (just ``text`` when the title is empty), stripped.
 
     Raises:
-        FileNotFoundError: the folder, corpus, queries or train qrels file is missing, or a hub name
-            could not be fetched.
+        FileNotFoundError: the folder, corpus, queries or train qrels file is missing (``no train qrels
+            file``: only when ``train_split`` is set), or a hub name could not be fetched.
         ValueError: a malformed line (bad JSON, bytes that are not UTF-8, missing or non-string field,
             wrong column count, non-integer score), a duplicate id, or a qrels line naming an unknown query
-            or document; the message gives ``file:line``, the field and the id. Not raised for such lines
-            when ``drop_bad_rows``. A query id that also names a document is a warning, not an error.
+            or (in the train split) an unknown document; the message gives ``file:line``, the field and the
+            id. Not raised for such lines when ``drop_bad_rows``. A query id that also names a document is
+            allowed (ArguAna): evaluation leaves a query's own document out of its ranking
+            (``eval.ignore_identical_ids``).
     """
     problems = DataProblems(drop_bad_rows)
+    if train_split is None:  # evaluation only: the test split must exist, and no train file is read
+        test = load_beir_test(path, test_split, max_test_queries, seed, problems)
+        return TrainingData(rows=[], test=test, name=str(path), source=[], problems=problems)
     corpus, queries, qrels_dirs, train_file = _read_collection(path, train_split, "train qrels file", problems)
     judged = [j for j in read_qrels(train_file, queries, corpus, problems) if j[2] > 0]
     keep = subsample([(qid, did) for qid, did, _, _ in judged], max_train_pairs, seed)
@@ -106,6 +112,11 @@ def load_beir_test(path: str, split: str = "test", max_test_queries: int | None 
                    problems: DataProblems | None = None) -> RetrievalSet:
     """Read only the evaluation set of a BEIR folder or hub name (see :func:`load_beir`).
 
+    Scored as BEIR and MTEB score it: every query in ``qrels/{split}.tsv`` is kept with all its grades
+    (a query judged only 0 scores 0), and a judgment naming a document missing from the corpus is a
+    counted warning, not an error: it stays a relevant document that can never be retrieved, so its
+    query scores what pytrec_eval gives it (0 when it has no other relevant document).
+
     Raises:
         FileNotFoundError: the folder, corpus, queries or ``{split}.tsv`` qrels file is missing.
         ValueError: as :func:`load_beir` (bad lines are dropped instead when ``problems`` allows it).
@@ -125,11 +136,6 @@ def _read_collection(path: str, split: str, what: str, problems: DataProblems) -
     corpus_file, queries_file = _find(data_dir, "corpus.jsonl"), _find(data_dir, "queries.jsonl")
     corpus = read_corpus(corpus_file, problems)
     queries = read_queries(queries_file, problems)
-    shared = sorted(set(queries) & set(corpus))
-    if shared:  # BEIR's own evaluator drops a document whose id equals the query's; embtune keeps them apart
-        problems.warn(f"{queries_file}: field '_id': {len(shared)} query ids also name documents in "
-                      f"{corpus_file.name} (first: {shared[0]!r}); ids should be distinct. embtune keeps them "
-                      "apart: query and document with the same id are different items")
     return corpus, queries, qrels_dirs, qrels_file
 
 
@@ -179,12 +185,14 @@ def read_queries(file: Path, problems: DataProblems | None = None) -> dict[str, 
 
 
 def read_qrels(file: Path, queries: dict[str, str], corpus: dict[str, str],
-               problems: DataProblems | None = None) -> list[tuple[str, str, int, int]]:
+               problems: DataProblems | None = None, keep_missing_docs: bool = False) -> list[tuple[str, str, int, int]]:
     """Read a qrels TSV as ``(query id, doc id, score, line number)``, every score kept, ids as strings.
 
     Line 1 is skipped when its first column is ``query-id`` (BEIR's header). A wrong column count, a
     non-integer score, an id missing from ``queries``/``corpus`` or a repeated pair is a bad row
     (ValueError naming ``file:line`` and the field, or dropped with a warning when ``problems`` allows it).
+    With ``keep_missing_docs`` (evaluation) a document missing from ``corpus`` is a warning instead and
+    the judgment is kept.
     """
     problems = problems or DataProblems()
     out, seen = [], {}
@@ -204,11 +212,14 @@ def read_qrels(file: Path, queries: dict[str, str], corpus: dict[str, str],
             continue
         if qid not in queries:
             problems.bad_row(f"{file}:{line}: field 'query-id': unknown query id {qid!r} (not in queries.jsonl)")
-        elif did not in corpus:
+        elif did not in corpus and not keep_missing_docs:
             problems.bad_row(f"{file}:{line}: field 'corpus-id': unknown document id {did!r} (not in corpus.jsonl)")
         elif (qid, did) in seen:
             problems.bad_row(f"{file}:{line}: duplicate judgment ({qid!r}, {did!r}), first on line {seen[qid, did]}")
         else:
+            if did not in corpus:
+                problems.warn(f"{file}:{line}: field 'corpus-id': document id {did!r} is not in corpus.jsonl; the "
+                              "judgment is kept: a relevant document never retrieved, as pytrec_eval counts it")
             seen[qid, did] = line
             out.append((qid, did, grade, line))
     return out
@@ -229,9 +240,8 @@ def subsample(keys: list[Hashable], k: int | None, seed: int) -> set:
 def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | None, seed: int,
                    problems: DataProblems) -> RetrievalSet:
     qrels: dict[str, dict[str, int]] = {}
-    for qid, did, grade, _ in read_qrels(file, queries, corpus, problems):
-        if grade > 0:
-            qrels.setdefault(qid, {})[did] = grade
+    for qid, did, grade, _ in read_qrels(file, queries, corpus, problems, keep_missing_docs=True):
+        qrels.setdefault(qid, {})[did] = grade  # grades <= 0 too: such a query scores 0, as in pytrec_eval
     keep = subsample(list(qrels), max_queries, seed)
     qrels = {qid: docs for qid, docs in qrels.items() if qid in keep}
     return RetrievalSet(queries={qid: queries[qid] for qid in qrels}, corpus=corpus, qrels=qrels)

@@ -65,7 +65,9 @@ class RetrievalSet:
     Attributes:
         queries: query id -> query text.
         corpus: document id -> document text. Every document is a ranking candidate.
-        qrels: query id -> {document id -> relevance grade (int, > 0 is relevant)}.
+        qrels: query id -> {document id -> relevance grade (int, > 0 is relevant)}; every judged query,
+            those whose grades are all 0 too (they score 0, as in pytrec_eval). A judged document may be
+            missing from the corpus: it can never be retrieved but still counts as relevant.
     """
 
     queries: dict[str, str]
@@ -74,6 +76,11 @@ class RetrievalSet:
 
     def __len__(self) -> int:
         return len(self.qrels)
+
+    def identical_ids(self) -> int:
+        """How many judged queries share their id with a corpus document (ArguAna-style: each query is
+        itself a document; ``eval.ignore_identical_ids`` leaves it out of its own ranking)."""
+        return sum(qid in self.corpus for qid in self.qrels)
 
 
 @dataclass
@@ -110,7 +117,8 @@ class TrainingData:
         out = {"name": self.name, "train_rows": len(self.rows), "fingerprint": self.fingerprint,
                "problems": self.problems.summary()}
         if self.test is not None:
-            out.update(test_queries=len(self.test.qrels), test_corpus=len(self.test.corpus))
+            out.update(test_queries=len(self.test.qrels), test_corpus=len(self.test.corpus),
+                       identical_ids=self.test.identical_ids())
         if self.held_out is not None:
             out["dev_split"] = self.held_out
         return out

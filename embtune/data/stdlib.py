@@ -203,7 +203,7 @@ def load_stdlib(test_fraction: float = 0.15, min_query_words: int = 4, min_doc_c
 
     Returns:
         TrainingData with rows ``{"query", "positive", "id": "module.qualname", "module": top-level}``
-        and a test RetrievalSet in which query i and its one relevant document share the id i.
+        and a test RetrievalSet in which query ``i`` (``module.qualname``) has one relevant document, ``i:code``.
 
     Raises:
         ValueError: `test_fraction` is outside [0, 1], or no pair survives the filters.
@@ -223,9 +223,10 @@ def load_stdlib(test_fraction: float = 0.15, min_query_words: int = 4, min_doc_c
     test = _subsample(test, max_test_queries, seed)
     rows = [{"query": p["query"], "positive": p["document"], "id": p["id"], "module": p["module"]}
             for p in train]
+    # a document's id is its query's plus ":code": BEIR's rule ignores a document that shares the query's id
     retrieval = RetrievalSet(queries={p["id"]: p["query"] for p in test},
-                             corpus={p["id"]: p["document"] for p in test},
-                             qrels={p["id"]: {p["id"]: 1} for p in test})
+                             corpus={f"{p['id']}:code": p["document"] for p in test},
+                             qrels={p["id"]: {f"{p['id']}:code": 1} for p in test})
     return TrainingData(rows=rows, test=retrieval if test else None,
                         name=f"stdlib (Python {platform.python_version()})",
                         source=[(p["file"], p["line"]) for p in train])

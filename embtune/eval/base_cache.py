@@ -32,7 +32,7 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     when = ("before", "after", "cache_base", "every_steps", "keep")  # when and whether, not what, is evaluated
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in when}
     if builds_multi_vector(cfg.model):  # the base model's projection is drawn at random from the seed
-        parts["seed"] = cfg.train.seed
+        parts["seed"] = OmegaConf.select(cfg, "train.seed", default=cfg.get("seed"))  # embtune-eval: cfg.seed
     held_out = fingerprint([], data.test)
     key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()
     path = cache_dir() / "base_eval" / f"{key}.json"

@@ -17,20 +17,26 @@ log = logging.getLogger(__name__)
 
 class Retrieval:
     """NDCG@10, MRR@10, Recall@10 and Recall@100 on the data's held-out retrieval split, every test
-    document a candidate, at full size and at each Matryoshka dimension (``dim64/ndcg@10``). A
+    document a candidate, at full size and at each Matryoshka dimension (``dim64/ndcg@10``), scored as
+    BEIR and MTEB score them with pytrec_eval (:func:`embtune.eval.metrics.retrieval_metrics`). A
     multi-vector model is ranked by exact MaxSim over its token vectors (``embtune.objectives.maxsim``).
 
     Args:
         batch_size: texts per encoding batch.
         k: ranking depth (>= 100: Recall@100 is reported).
+        ignore_identical_ids: a document whose id equals the query's is no candidate for that query
+            (BEIR's and MTEB's rule: in ArguAna each query is itself a corpus document).
     """
 
-    def __init__(self, batch_size: int = 64, k: int = 100, before: bool = True, after: bool = True,
-                 cache_base: bool = True, metric: str = "ndcg@10", every_steps: int | None = None,
+    uses_data = True  # ranks the data's held-out set (``data.test``)
+
+    def __init__(self, batch_size: int = 64, k: int = 100, ignore_identical_ids: bool = True, before: bool = True,
+                 after: bool = True, cache_base: bool = True, metric: str = "ndcg@10", every_steps: int | None = None,
                  keep: str = "best"):
         if k < 100:
             raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
+        self.ignore_identical_ids = ignore_identical_ids
         self.cache_base = cache_base  # read by the loop (embtune.eval.base_cache.base_metrics)
         self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
@@ -39,13 +45,22 @@ class Retrieval:
         if test is None:
             return {}
         qids, dids = list(test.qrels), list(test.corpus)
+        shared = test.identical_ids()
+        if shared and self.ignore_identical_ids:
+            log.info("%d of %d test queries are also corpus documents (same id): each is left out of its own "
+                     "ranking, as BEIR and MTEB do (eval.ignore_identical_ids=true)", shared, len(qids))
+        elif shared:
+            log.warning("%d of %d test queries are also corpus documents (same id) and eval.ignore_identical_ids="
+                        "false: each may retrieve itself, which BEIR and MTEB do not count", shared, len(qids))
         log.info("evaluating: encoding %d queries and %d documents", len(qids), len(dids))
         q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size)
         d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size)
         if model.multi_vector:
-            return evaluate_maxsim(q, d, test, qids, dids, k=self.k, device=model.device)
+            return evaluate_maxsim(q, d, test, qids, dids, k=self.k + bool(shared and self.ignore_identical_ids),
+                                   device=model.device, ignore_identical_ids=self.ignore_identical_ids)
         return evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
-                                  k=self.k, dims=[x for x in dims if x < model.dim], normalize=model.normalize)
+                                  k=self.k, dims=[x for x in dims if x < model.dim], normalize=model.normalize,
+                                  ignore_identical_ids=self.ignore_identical_ids)
 
 
 class STS:
@@ -56,6 +71,8 @@ class STS:
     Raises:
         ValueError: from the file's loader and the ``scored_pairs`` format, naming file, row and field.
     """
+
+    uses_data = False  # reads its own file, not the data's held-out set
 
     def __init__(self, path: str, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
                  batch_size: int = 64, before: bool = True, after: bool = True, cache_base: bool = True,

@@ -6,20 +6,20 @@ D embedding size, k ranking depth.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import ir_measures
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ir_measures import RR, R, nDCG
 from scipy.stats import spearmanr
 
 from embtune.data import RetrievalSet
 from embtune.objectives.matryoshka import truncate
 
-# Output key -> ir_measures measure (nDCG, R: trec_eval via pytrec_eval; RR@10: MS MARCO script).
-MEASURES = {"ndcg@10": nDCG @ 10, "mrr@10": RR @ 10, "recall@10": R @ 10, "recall@100": R @ 100}
+# the reported metrics: NDCG and recall at these cut-offs, MRR at 10 (MS MARCO's and MTEB's)
+NDCG_AT, MRR_AT, RECALL_AT = 10, 10, (10, 100)
+KEYS = (f"ndcg@{NDCG_AT}", f"mrr@{MRR_AT}", *(f"recall@{k}" for k in RECALL_AT))
 
 
 @torch.no_grad()
@@ -66,51 +66,85 @@ def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, block_size: i
     return scores, indices
 
 
-def retrieval_metrics(run: dict[str, dict[str, float]],
-                      qrels: dict[str, dict[str, int]]) -> dict[str, float | None]:
-    """nDCG@10, MRR@10, Recall@10 and Recall@100 with trec_eval's conventions, via ``ir_measures``.
+def trec_ranking(docs: dict[str, float]) -> list[str]:
+    """Document ids in the order trec_eval ranks them (what pytrec_eval, BEIR and MTEB score).
 
-    - nDCG (Järvelin & Kekäläinen 2002, "Cumulated gain-based evaluation of IR techniques", TOIS 20(4)):
-      trec_eval's ``ndcg_cut``: gain = the grade itself (linear, not ``2^g - 1``), discount
-      ``1 / log2(rank + 1)``, ideal ranking from all judged grades of the query.
-    - MRR@10: 1/rank of the first doc with grade > 0 in the top 10, else 0 (ir_measures computes it with
-      MS MARCO's reference script; equal to trec_eval's ``recip_rank`` on the top 10).
-    - Recall@k: relevant docs (grade > 0) in the top k / all relevant docs of the query.
-    - Ranking: by score descending, exact ties by doc id ascending. Why we re-rank first: trec_eval
-      breaks ties by doc id descending but the MS MARCO script ascending, so tied scores would give the
-      metrics inconsistent rankings; we hand them strictly decreasing rank scores instead.
+    trec_eval stores each score as a C ``float`` (float32) and sorts by score descending, then by document
+    id descending (``strcmp``, byte order; Python's code-point order on ``str`` is the same as UTF-8 byte
+    order). So scores equal in float32 are ties, and ``{"a": 1.0, "b": 1.0}`` ranks ``b`` first.
+    """
+    return sorted(docs, key=lambda doc: (np.float32(docs[doc]), doc), reverse=True)
 
-    Averaged over every qrels query with at least one relevant doc (grade > 0). Such a query missing from
-    the run counts 0: pytrec_eval itself drops it, inflating the mean, so we average per-query values
-    ourselves. Queries whose judgments are all <= 0 are excluded: nDCG and recall are undefined for
-    them. Run queries without qrels are ignored.
+
+def query_metrics(ranking: list[str], judged: dict[str, int]) -> dict[str, float]:
+    """NDCG@10, MRR@10, Recall@10 and Recall@100 of one ranked list, with trec_eval's definitions.
+
+    A document is relevant when its grade is >= 1 (trec_eval's default ``relevance_level``); unjudged
+    documents are grade 0.
+
+    - NDCG@10 (Järvelin & Kekäläinen 2002, "Cumulated gain-based evaluation of IR techniques", TOIS 20(4);
+      trec_eval's ``ndcg_cut.10``): gain = the grade itself (linear, not ``2^g - 1``; grades <= 0 gain 0),
+      discount ``1 / log2(rank + 1)``; the ideal ranking sorts every judged grade of the query, retrieved
+      or not. 0 when no grade is positive.
+    - MRR@10: ``1 / rank`` of the first relevant document in the top 10, else 0 (trec_eval's ``recip_rank``
+      of the top 10: ``recip_rank · success.10``).
+    - Recall@k (``recall.k``): relevant documents in the top k / relevant documents judged; 0 when none is.
 
     Args:
-        run: query id -> {doc id -> score}; higher is better.
+        ranking: document ids, best first (:func:`trec_ranking`).
+        judged: document id -> grade for this query.
+    """
+    gains = [max(judged.get(doc, 0), 0) for doc in ranking[:NDCG_AT]]
+    ideal = sorted((g for g in judged.values() if g > 0), reverse=True)[:NDCG_AT]
+    idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
+    out = {f"ndcg@{NDCG_AT}": sum(g / math.log2(r + 2) for r, g in enumerate(gains)) / idcg if idcg else 0.0}
+    first = next((r for r, doc in enumerate(ranking[:MRR_AT]) if judged.get(doc, 0) >= 1), None)
+    out[f"mrr@{MRR_AT}"] = 1.0 / (first + 1) if first is not None else 0.0
+    relevant = {doc for doc, g in judged.items() if g >= 1}
+    for k in RECALL_AT:
+        out[f"recall@{k}"] = len(relevant.intersection(ranking[:k])) / len(relevant) if relevant else 0.0
+    return out
+
+
+def retrieval_metrics(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
+                      ignore_identical_ids: bool = True) -> dict[str, float | None]:
+    """NDCG@10, MRR@10, Recall@10 and Recall@100 as BEIR and MTEB compute them with pytrec_eval.
+
+    Each query is ranked as trec_eval ranks it (:func:`trec_ranking`: float32 scores, ties by document id
+    descending) and scored by :func:`query_metrics`; the result is the mean over every qrels query, as
+    BEIR's and MTEB's ``EvaluateRetrieval`` average pytrec_eval's per-query values:
+
+    - a query whose judgments are all 0 is kept and scores 0 (pytrec_eval returns 0 for it);
+    - a judged document that is not in the run (e.g. missing from the corpus) can never be retrieved, but
+      it still counts in the ideal ranking and in recall's denominator;
+    - a qrels query missing from the run counts 0 (pytrec_eval leaves it out; every query the evaluators
+      encode is in the run, so the two agree there);
+    - run queries without qrels are ignored.
+
+    Args:
+        run: query id -> {doc id -> score}; higher is better. Not modified.
         qrels: query id -> {doc id -> relevance grade}.
+        ignore_identical_ids: leave a document whose id equals the query id out of that query's ranking,
+            as BEIR (``EvaluateRetrieval.evaluate(..., ignore_identical_ids=True)``) and MTEB do: in
+            ArguAna-style sets each query is itself a corpus document and would retrieve itself first.
 
     Returns:
         ``{"ndcg@10", "mrr@10", "recall@10", "recall@100"}`` -> mean in [0, 1]; all None (missing: they
-        cannot be computed) if no query has a relevant doc.
+        cannot be computed) when ``qrels`` has no query.
     """
-    qids = [qid for qid, judged in qrels.items() if any(g > 0 for g in judged.values())]
-    per_query = {key: dict.fromkeys(qids, 0.0) for key in MEASURES}
-    if qids:
-        by_measure = {m: key for key, m in MEASURES.items()}
-        judged = {qid: qrels[qid] for qid in qids}
-        scored = {}
-        for qid, docs in run.items():
-            if qid in judged and docs:
-                order = sorted(docs, key=lambda doc: (-docs[doc], doc))
-                scored[qid] = {doc: float(len(order) - r) for r, doc in enumerate(order)}
-        for m in ir_measures.iter_calc(list(MEASURES.values()), judged, scored):
-            per_query[by_measure[m.measure]][m.query_id] = m.value
-    return {key: float(np.mean(list(vals.values()))) if vals else None for key, vals in per_query.items()}
+    per_query = []
+    for qid, judged in qrels.items():
+        docs = run.get(qid, {})
+        if ignore_identical_ids and qid in docs:
+            docs = {doc: s for doc, s in docs.items() if doc != qid}
+        per_query.append(query_metrics(trec_ranking(docs), judged))
+    return {key: float(np.mean([m[key] for m in per_query])) if per_query else None for key in KEYS}
 
 
 def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: RetrievalSet,
                        query_ids: list[str], doc_ids: list[str], k: int = 100,
-                       dims: list[int] | None = None, normalize: bool = True) -> dict[str, float]:
+                       dims: list[int] | None = None, normalize: bool = True,
+                       ignore_identical_ids: bool = True) -> dict[str, float]:
     """Rank every document for every query and score the ranking against ``test.qrels``.
 
     The full-size embeddings are used as given (normalised already if the model normalises). For each
@@ -126,6 +160,8 @@ def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: Ret
         query_ids, doc_ids: unique ids, one per row.
         k: ranking depth; must be >= 100 since Recall@100 is reported.
         dims: Matryoshka dims to evaluate as well, each in [1, D].
+        ignore_identical_ids: a query's own document (same id) is no candidate for it (BEIR, MTEB; see
+            :func:`retrieval_metrics`); the search then goes one deeper, so ``k`` others are still ranked.
 
     Returns:
         The :func:`retrieval_metrics` keys, plus ``f"dim{d}/{key}"`` for each ``d`` in ``dims``.
@@ -148,11 +184,14 @@ def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: Ret
     if bad:
         raise ValueError(f"Matryoshka dims {bad} must lie in [1, {size}] (the embedding size)")
 
+    # one deeper when a query may find itself: BEIR's search also takes k + 1 and drops the self-hit
+    depth = k + 1 if ignore_identical_ids and not set(query_ids).isdisjoint(doc_ids) else k
+
     def rank_and_score(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
-        scores, indices = search(q, d, k)
+        scores, indices = search(q, d, depth)
         run = {qid: {doc_ids[j]: s for s, j in zip(row_s, row_i)}
                for qid, row_s, row_i in zip(query_ids, scores.tolist(), indices.tolist())}
-        return retrieval_metrics(run, test.qrels)
+        return retrieval_metrics(run, test.qrels, ignore_identical_ids)
 
     out = rank_and_score(query_emb, doc_emb)
     for d in dims or []:

@@ -149,9 +149,11 @@ def search_maxsim(queries: TokenVectors, docs: TokenVectors, k: int, query_block
 
 
 def evaluate_maxsim(queries: TokenVectors, docs: TokenVectors, test, query_ids: list[str], doc_ids: list[str],
-                    k: int = 100, device: torch.device | str | None = None) -> dict[str, float]:
+                    k: int = 100, device: torch.device | str | None = None,
+                    ignore_identical_ids: bool = True) -> dict[str, float]:
     """Rank every test document for every query by exact MaxSim (:func:`search_maxsim`) and score the
-    ranking against ``test.qrels``: the keys of :func:`embtune.eval.metrics.retrieval_metrics`.
+    ranking against ``test.qrels``: the keys of :func:`embtune.eval.metrics.retrieval_metrics` (which
+    also says what ``ignore_identical_ids`` does).
 
     Raises:
         ValueError: id counts that differ from the token vectors, or ``k < 100`` (Recall@100 is reported).
@@ -166,4 +168,4 @@ def evaluate_maxsim(queries: TokenVectors, docs: TokenVectors, test, query_ids: 
     scores, indices = search_maxsim(queries, docs, k, device=device)
     run = {qid: {doc_ids[j]: s for s, j in zip(row_s, row_i) if j >= 0}
            for qid, row_s, row_i in zip(query_ids, scores.tolist(), indices.tolist())}
-    return retrieval_metrics(run, test.qrels)
+    return retrieval_metrics(run, test.qrels, ignore_identical_ids)
