@@ -43,7 +43,8 @@ def quiet_libraries() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises).
+    """Train one job; returns the final ``eval.metric`` (what a Hydra sweeper optimises), NaN when the
+    metric is undefined (reported as missing in ``summary.json``).
 
     In a multirun a failing job is recorded as failed (:func:`record_failure`) and returns NaN, so the
     sweep goes on (Hydra's sweepers would stop the sweep on an exception; Optuna marks a NaN trial as
@@ -108,7 +109,8 @@ def main(cfg: DictConfig) -> float | None:
     if (output_dir / "model").is_dir():
         log.info("model saved to %s", output_dir / "model")
     log.info("run folder: %s (summary.json, metrics.jsonl, cli.log)", output_dir)
-    return summary["final"].get(cfg.eval.metric)
+    value = summary["final"].get(cfg.eval.metric)
+    return math.nan if value is None else value  # undefined (no relevant document, constant similarity): NaN
 
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
     """The config of the checkpoint being resumed (what the run will use); command-line settings other

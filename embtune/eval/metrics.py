@@ -200,16 +200,36 @@ def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: Ret
     return out
 
 
+# Cosines closer than this are one score (a tie) for Spearman: the same text on both sides gives 1 only up
+# to rounding (1.0000001, 0.99999994 from float32 embeddings), and a GPU encodes one text slightly differently
+# in differently padded batches; no real difference between two pairs' cosines is that small.
+TIE_TOLERANCE = 1e-6
+
+
+def _merge_ties(x: np.ndarray, tol: float) -> np.ndarray:
+    """``x`` with each run of sorted values less than ``tol`` apart set to the run's smallest value."""
+    order = np.argsort(x, kind="stable")
+    ranked = x[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(ranked) >= tol])  # where a new tie group begins
+    merged = np.empty_like(x)
+    merged[order] = ranked[starts[np.searchsorted(starts, np.arange(len(x)), side="right") - 1]]
+    return merged
+
+
 @torch.no_grad()
 def sts_spearman(emb1: torch.Tensor, emb2: torch.Tensor, gold: Sequence[float]) -> float:
     """Spearman rank correlation between pair cosine similarities and gold scores (SentEval / MTEB STS).
+
+    Cosines (computed in float64) that differ by less than ``TIE_TOLERANCE`` are ties and share their
+    average rank, as equal gold scores do (scipy's ``spearmanr``: Pearson correlation of the ranks).
 
     Args:
         emb1, emb2: [N, D] embeddings of the two sides of N pairs.
         gold: N gold similarity scores (any scale; only ranks matter).
 
     Returns:
-        rho in [-1, 1] (not x100); None (missing) if either side is constant: the correlation is undefined.
+        rho in [-1, 1] (not x100); None (missing) if either side is constant (all cosines tied): the
+        correlation is undefined.
 
     Raises:
         ValueError: if the shapes differ, are not 2-D, ``len(gold) != N`` or N < 2.
@@ -217,6 +237,9 @@ def sts_spearman(emb1: torch.Tensor, emb2: torch.Tensor, gold: Sequence[float]) 
     if emb1.ndim != 2 or emb1.shape != emb2.shape or len(gold) != emb1.shape[0] or len(gold) < 2:
         raise ValueError(f"need two [N, D] tensors and N >= 2 gold scores, got {tuple(emb1.shape)}, "
                          f"{tuple(emb2.shape)} and {len(gold)} scores")
-    cos = F.cosine_similarity(emb1.float(), emb2.float(), dim=-1)
-    rho = float(spearmanr(cos.cpu().numpy(), np.asarray(gold, dtype=np.float64)).statistic)
+    cos = F.cosine_similarity(emb1.double(), emb2.double(), dim=-1).cpu().numpy()
+    gold = np.asarray(gold, dtype=np.float64)
+    if np.ptp(cos) < TIE_TOLERANCE or np.ptp(gold) == 0:  # constant: scipy would warn and return NaN
+        return None
+    rho = float(spearmanr(_merge_ties(cos, TIE_TOLERANCE), gold).statistic)
     return rho if np.isfinite(rho) else None

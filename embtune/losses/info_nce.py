@@ -30,8 +30,10 @@ class InfoNCE(nn.Module):
     Args:
         temperature: τ > 0; logits = similarity / τ (τ = 0.05 is sentence-transformers' scale 20).
         label_smoothing: ε in [0, 1).
-        learnable: learn log(1/τ) as a parameter (CLIP, Radford et al. 2021, §2.5), clamped so that
-            τ stays in [min_temperature, max_temperature].
+        learnable: learn log(1/τ) as a parameter (CLIP, Radford et al. 2021, §2.5). The loop calls
+            :meth:`clamp_temperature` after each optimiser step, which keeps τ in [min_temperature,
+            max_temperature] (CLIP's rule, as in OpenCLIP's training loop: the parameter is clamped, never
+            the value in the forward pass, where the clamp would make the gradient 0 outside the bounds).
         symmetric: also score each anchor's positive against the anchors (documents find their
             query). The columns ``target`` must be the anchors' positives, as every ``negatives`` option
             gives them.
@@ -43,7 +45,8 @@ class InfoNCE(nn.Module):
             masks positive j for anchor i, reverse masks anchor i for positive j).
         Candidates scored -inf (padding) take no part, also not in the smoothing.
     Raises:
-        ValueError: τ <= 0, ε outside [0, 1), or min/max temperature out of order.
+        ValueError: τ <= 0, ε outside [0, 1), min/max temperature out of order, or a learnable τ that
+            starts outside [min_temperature, max_temperature].
     """
 
     name = "info_nce"
@@ -60,6 +63,9 @@ class InfoNCE(nn.Module):
         if not 0 < min_temperature <= max_temperature:
             raise ValueError(f"need 0 < loss.min_temperature <= loss.max_temperature, got "
                              f"{min_temperature}, {max_temperature}")
+        if learnable and not min_temperature <= temperature <= max_temperature:
+            raise ValueError(f"loss.temperature={temperature} with loss.learnable=true must lie in [loss.min_temperature, "
+                             f"loss.max_temperature] = [{min_temperature}, {max_temperature}]")
         self.label_smoothing, self.symmetric = label_smoothing, symmetric
         self.min_temperature, self.max_temperature = min_temperature, max_temperature
         log_inv = torch.tensor(math.log(1.0 / temperature))
@@ -70,9 +76,15 @@ class InfoNCE(nn.Module):
             self.register_buffer("log_inv_temperature", log_inv)
 
     def inv_temperature(self) -> Tensor:
-        """1/τ; when learnable, clamped to [1/max_temperature, 1/min_temperature]."""
-        inv = self.log_inv_temperature.exp()
-        return inv.clamp(1.0 / self.max_temperature, 1.0 / self.min_temperature) if self.learnable else inv
+        """1/τ = exp(log_inv_temperature), unclamped: the gradient reaches the parameter at any value."""
+        return self.log_inv_temperature.exp()
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """Clamp a learnable log(1/τ) in place to [log(1/max_temperature), log(1/min_temperature)]; call it
+        after each optimiser step (CLIP, Radford et al. 2021, §2.5). Nothing to do for a fixed τ."""
+        if self.learnable:
+            self.log_inv_temperature.clamp_(math.log(1.0 / self.max_temperature), math.log(1.0 / self.min_temperature))
 
     @property
     def temperature(self) -> float:

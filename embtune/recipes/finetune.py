@@ -40,7 +40,7 @@ from embtune.run.redact import redact
 from embtune.training import checkpoint, distributed
 from embtune.training.grad_cache import grad_cache_backward
 from embtune.training.numerics import finite_or_missing, skip_or_stop
-from embtune.training.optim import lr_at, param_groups
+from embtune.training.optim import clamp_after_step, lr_at, param_groups
 from embtune.training.selection import Best, check_selection, evaluate_and_select
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                     loss.backward()
                 distributed.average_gradients(loss_params, proc)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]  # the rate this step used (group 0)
+                lr = t.lr * lr_at(step, total, warmup)  # the configured rate this step used (the top layer's)
                 if torch.isfinite(loss) and torch.isfinite(grad_norm):
                     optimizer.step()
+                    clamp_after_step(loss_fn)  # CLIP: a learnable τ is kept in its bounds on the parameter
                 else:  # the step still counts: schedule and data order stay those of the config
                     skip_or_stop(t.on_nonfinite, step + 1, loss, grad_norm, [row_of(i) for i in idx])
                     skipped += 1
