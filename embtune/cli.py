@@ -109,8 +109,14 @@ def main(cfg: DictConfig) -> float | None:
     if (output_dir / "model").is_dir():
         log.info("model saved to %s", output_dir / "model")
     log.info("run folder: %s (summary.json, metrics.jsonl, cli.log)", output_dir)
-    value = summary["final"].get(cfg.eval.metric)
-    return math.nan if value is None else value  # undefined (no relevant document, constant similarity): NaN
+    return sweep_value(summary, cfg.eval.metric)
+
+
+def sweep_value(summary: dict, metric: str) -> float:
+    """The job's final ``metric`` as a sweeper reads it: NaN where ``summary.json`` reports it missing
+    (undefined: no relevant document, a constant similarity), as for a failed job."""
+    value = summary["final"].get(metric)
+    return math.nan if value is None else float(value)
 
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
     """The config of the checkpoint being resumed (what the run will use); command-line settings other

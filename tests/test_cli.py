@@ -100,3 +100,13 @@ def test_a_piped_run_logs_progress_lines_the_table_and_where_the_model_went(tmp_
     assert not any("Writing model shards" in line or "Loading weights" in line for line in printed)
     before_training = next(i for i, line in enumerate(printed) if " step " in line)
     assert before_training < 40
+
+
+def test_a_sweep_reads_an_undefined_metric_as_nan():
+    import math
+
+    from embtune.cli import sweep_value
+
+    assert sweep_value({"final": {"ndcg@10": 0.25, "spearman": None}}, "ndcg@10") == 0.25
+    assert math.isnan(sweep_value({"final": {"spearman": None}}, "spearman"))  # summary.json: missing (null)
+    assert math.isnan(sweep_value({"final": {}}, "spearman"))  # eval.after=false: no final metrics

@@ -1,7 +1,6 @@
 """Cross-device negatives: two gloo processes give the gradient of the whole batch on one process."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ def _run(cmd, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 @pytest.mark.parametrize("symmetric", ["1", "0"], ids=["symmetric", "one-way"])
 def test_two_processes_give_the_single_process_gradient(tiny_bert, tmp_path, symmetric):
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
@@ -60,14 +59,24 @@ def test_bad_rank_is_refused():
         ShardedBatchSampler([[0, 1]], 2, 2)
 
 
-def test_one_process_is_a_world_of_one():
+def test_torchrun_with_one_process_starts_no_process_group(monkeypatch):
+    """``torchrun --nproc_per_node 1`` sets WORLD_SIZE=1 (and a rendezvous address): a world of one,
+    trained as a plain run — no process group, the batches as planned, the gradients untouched."""
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():  # port 1: a process group would fail to start there
+        monkeypatch.setenv(k, v)
     d = distributed.setup("cpu")
-    model = torch.nn.Linear(2, 2)
-    assert (d.rank, d.world, d.main) == (0, 1, True) and distributed.wrap(model, d, torch.device("cpu")) is model
+    assert not torch.distributed.is_initialized()
+    assert (d.rank, d.world, d.main) == (0, 1, True)
+    assert list(ShardedBatchSampler([[0, 1, 2], [3, 4]], d.rank, d.world)) == [[0, 1, 2], [3, 4]]
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1.5, -2.0])
+    distributed.average_gradients([p], d)
+    assert p.grad.tolist() == [1.5, -2.0]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_torchrun_training_only_rank_zero_logs_evaluates_and_saves(tiny_bert, tmp_path):
     """About 2 minutes on the 2-core development machine (two processes load torch and the model)."""
     import json

@@ -241,3 +241,23 @@ def test_sts_spearman_rejects_mismatched_lengths():
     emb1, emb2 = _pairs_with_cosines([0.1, 0.4, 0.3])
     with pytest.raises(ValueError, match="gold"):
         sts_spearman(emb1, emb2, [1.0, 2.0])
+
+
+def test_sts_spearman_ties_cosines_that_differ_by_rounding_only():
+    # three pairs with the same text on both sides: the true cosine is 1 for each (a tie), which float32
+    # gives as 1.0000001, 0.99999994 and 1 for these vectors; two more pairs at cosine 0.5 and 0.2.
+    x = torch.randn(3, 384, generator=torch.Generator().manual_seed(0))
+    assert len(set(torch.nn.functional.cosine_similarity(x, x, dim=-1).tolist())) == 3  # the noise is there
+    e1, e2 = _pairs_with_cosines([0.5, 0.2])
+    emb1 = torch.cat([x, torch.nn.functional.pad(e1, (0, 382))])
+    emb2 = torch.cat([x, torch.nn.functional.pad(e2, (0, 382))])
+    # cosine ranks (ties averaged) 4, 4, 4, 2, 1; gold 3, 4, 5, 2, 1 -> ranks 3, 4, 5, 2, 1; both means 3:
+    # deviations (1, 1, 1, −1, −2) and (0, 1, 2, −1, −2): rho = 8 / sqrt(8 · 10)
+    assert sts_spearman(emb1, emb2, [3.0, 4.0, 5.0, 2.0, 1.0]) == pytest.approx(8 / math.sqrt(80), abs=1e-12)
+
+
+def test_sts_spearman_of_pairs_that_all_have_the_same_cosine_is_missing():
+    x = torch.randn(3, 384, generator=torch.Generator().manual_seed(0))  # every cosine 1, up to rounding
+    assert sts_spearman(x, x, [1.0, 2.0, 3.0]) is None
+    emb1, emb2 = _pairs_with_cosines([0.1, 0.4, 0.3])
+    assert sts_spearman(emb1, emb2, [2.0, 2.0, 2.0]) is None  # constant gold

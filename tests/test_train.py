@@ -153,6 +153,26 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert [lr_at(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 
+def test_logged_lr_is_the_configured_one_and_a_learnable_temperature_stays_in_its_bounds(tmp_path, tiny_bert):
+    """Three steps with layer-wise decay 0.5 (the embeddings' group at lr/4) and a learnable τ whose bounds
+    are 0.05 ± 0.00001, which AdamW's first real step (about lr = 1e-3 on log(1/τ)) overshoots."""
+    import math
+
+    from embtune.training import checkpoint
+
+    _run(tmp_path, tiny_bert, ["train.max_steps=3", "train.lr=1e-3", "train.layerwise_lr_decay=0.5",
+                               "loss.learnable=true", "loss.min_temperature=0.04999", "loss.max_temperature=0.05001",
+                               "eval.before=false", "eval.after=false"])
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/lr" in x]
+    # train.lr · lr_at(step): 3 steps, warm-up ceil(0.1·3) = 1 step: 0, then (3 − s) / 2 for s = 1, 2
+    assert [e["train/lr"] for e in events] == pytest.approx([0.0, 1e-3, 0.5e-3], rel=1e-12)
+    # CLIP's rule: the parameter itself is clamped after each step, so it ends on a bound, not beyond it
+    theta = checkpoint.load(tmp_path)[0]["loss"]["log_inv_temperature"].item()
+    bounds = math.log(1 / 0.05001), math.log(1 / 0.04999)
+    assert min(abs(theta - b) for b in bounds) < 1e-6, (theta, bounds)  # unmoved it would be 2e-4 from both
+    assert all(0.04999 - 1e-7 <= e["train/temperature"] <= 0.05001 + 1e-7 for e in events)
+
+
 def test_base_metrics_are_computed_once_and_reused(tmp_path, tiny_bert, monkeypatch):
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
     calls = []
