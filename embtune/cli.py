@@ -118,6 +118,7 @@ def sweep_value(summary: dict, metric: str) -> float:
     value = summary["final"].get(metric)
     return math.nan if value is None else float(value)
 
+
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
     """The config of the checkpoint being resumed (what the run will use); command-line settings other
     than ``resume_from`` and ``logger`` are ignored, with a warning."""
