@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -110,3 +111,22 @@ def test_a_sweep_reads_an_undefined_metric_as_nan():
     assert sweep_value({"final": {"ndcg@10": 0.25, "spearman": None}}, "ndcg@10") == 0.25
     assert math.isnan(sweep_value({"final": {"spearman": None}}, "spearman"))  # summary.json: missing (null)
     assert math.isnan(sweep_value({"final": {}}, "spearman"))  # eval.after=false: no final metrics
+
+
+@pytest.mark.slow
+def test_an_optuna_study_whose_every_metric_is_undefined_ends_with_one_error_line(tmp_path, tiny_bert):
+    """STS gold scores all equal: Spearman is undefined in every trial, each job returns NaN, and the study
+    (no trial with a value) ends with the sweeper's one-line error instead of a traceback. About 40 s."""
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\na cat\ta dog\t3.0\nrain today\tsun tomorrow\t3.0\nbread\tbutter\t3.0\n")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "embtune.cli", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+           f"model.name_or_path={tiny_bert}", "eval=sts", f"eval.path={sts}", "eval.before=false",
+           "data.max_train_pairs=16", "train.batch_size=8", "train.max_steps=1", "logger=none",
+           f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "Error: all 2 finished trials of study 'embtune' failed, so there is no best value" in out.stderr
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["final"] == {"spearman": None}

@@ -162,7 +162,7 @@ def test_logged_lr_is_the_configured_one_and_a_learnable_temperature_stays_in_it
 
     _run(tmp_path, tiny_bert, ["train.max_steps=3", "train.lr=1e-3", "train.layerwise_lr_decay=0.5",
                                "loss.learnable=true", "loss.min_temperature=0.04999", "loss.max_temperature=0.05001",
-                               "eval.before=false", "eval.after=false"])
+                               "eval.before=false", "eval.after=false", "train.keep_checkpoint=true"])
     events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/lr" in x]
     # train.lr · lr_at(step): 3 steps, warm-up ceil(0.1·3) = 1 step: 0, then (3 − s) / 2 for s = 1, 2
     assert [e["train/lr"] for e in events] == pytest.approx([0.0, 1e-3, 0.5e-3], rel=1e-12)
