@@ -121,6 +121,8 @@ def normalize_node(node: DictConfig, path: str, group: str | None = None) -> Dic
     """:func:`normalize` for one group's node (``path``: its name in messages; ``group``: the group whose
     types apply, ``path`` by default)."""
     group = group or path
+    if node is None:  # a group chosen as null (pooling=auto, teacher: null): nothing to read
+        return node
     if node.get("_target_"):
         types_of = _parameter_types(node._target_)
     elif group in SETTINGS:

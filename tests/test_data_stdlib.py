@@ -96,7 +96,7 @@ def data(cache):
 
 def test_yaml_lists_every_argument_with_its_default():
     cfg = OmegaConf.to_container(OmegaConf.load(CONF))
-    assert cfg.pop("_target_") == "embtune.data.stdlib.load_stdlib"
+    assert cfg.pop("_target_") == "embtune.data.load_stdlib"
     defaults = {k: p.default for k, p in inspect.signature(load_stdlib).parameters.items()}
     assert cfg == defaults
 

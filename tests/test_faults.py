@@ -337,7 +337,7 @@ def test_no_token_lands_in_logs_configs_wandb_or_the_model(tiny_bert, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_TOKEN": HF_SECRET, "WANDB_API_KEY": WANDB_SECRET, "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "data=jsonl", f"data.path={TOY}",
-           "data_format.positive=pos", "train.batch_size=4", "train.max_steps=1",
+           "data_format.positive=pos", "train.batch_size=4", "train.max_steps=1", "train.keep_checkpoint=true",
            f"logger.name=pasted-{HF_SECRET}", f"hydra.run.dir={run_dir}", "logger=wandb", "logger.mode=offline"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

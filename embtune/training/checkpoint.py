@@ -190,6 +190,8 @@ def upgrade_config(config: dict, version: int) -> dict:
 def _current(state: dict) -> dict:
     """``state`` with its config in today's format (see :func:`upgrade_config`)."""
     version = state.get("format", 1)
+    if "config" not in state:  # not a training state (a bare dict saved through save)
+        return state
     if version > FORMAT:
         raise CheckpointError(f"checkpoint format {version} is newer than this embtune reads ({FORMAT}); upgrade embtune")
     return {**state, "config": upgrade_config(state["config"], version), "format": FORMAT}
