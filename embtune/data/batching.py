@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from embtune.data.formats import Example, tower
-from embtune.data.sampler import NoDuplicatesBatchSampler, ShuffledBatchSampler
+from embtune.data.sampler import NoDuplicatesBatchSampler
 from embtune.training import distributed
 
 
@@ -89,20 +89,26 @@ def make_loader(examples: list, objective, t: DictConfig, proc: distributed.Dist
     """``(loader, sampler, rng)``: the DataLoader yields ``(indices, batch)`` (indices into ``examples``,
     kept for messages that name rows; ``batch`` from ``objective.collate``); ``sampler.set_epoch(epoch,
     start)`` plans an epoch from ``(seed, epoch)`` alone and starts at batch ``start`` (a resumed run's
-    position); ``rng`` draws the hard negatives (a checkpoint saves its state).
+    position); ``sampler.unbatched_in(epoch)`` counts the rows left out of that epoch's plan; ``rng``
+    draws the hard negatives (a checkpoint saves its state).
 
-    With ``train.no_duplicates``, an objective that names the texts of an example
-    (``objective.batch_texts``) gets batches in which none of them repeats; under torchrun each process
-    takes its equal share of each global batch of W·B (``distributed.ShardedBatchSampler``), so
-    cross-device candidates never repeat a text."""
+    Batches are planned by :class:`~embtune.data.sampler.NoDuplicatesBatchSampler`: with
+    ``train.no_duplicates``, an objective that names the texts of an example (``objective.batch_texts``)
+    gets batches in which none of them repeats; one that groups examples (``objective.batch_group``,
+    e.g. the rows of one query) gets each group in one batch. No batch is smaller than
+    ``train.min_batch_size`` (null: half of ``train.batch_size``, at least 2). Under torchrun every
+    global batch holds a multiple of W rows and each process takes its equal share
+    (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text either."""
     rng = random.Random(t.seed + proc.rank)  # negative sampling
-    global_batch = t.batch_size * proc.world
-    drop_last = len(examples) % global_batch == 1  # a batch of one has no in-batch negative
+    floor = t.min_batch_size if t.min_batch_size is not None else max(2, -(-t.batch_size // 2))
+    texts_of = group_of = None
     if t.no_duplicates and objective.batch_texts(examples[0]) is not None:
-        sampler = NoDuplicatesBatchSampler(lambda i: objective.batch_texts(examples[i]), len(examples),
-                                           global_batch, drop_last, t.seed)
-    else:
-        sampler = ShuffledBatchSampler(len(examples), global_batch, drop_last, t.seed)
+        texts_of = lambda i: objective.batch_texts(examples[i])  # noqa: E731
+    if objective.batch_group(examples[0]) is not None:
+        group_of = lambda i: objective.batch_group(examples[i])  # noqa: E731
+    sampler = NoDuplicatesBatchSampler(texts_of, len(examples), t.batch_size * proc.world, seed=t.seed,
+                                       min_size=min(floor, t.batch_size) * proc.world, multiple=proc.world,
+                                       group_of=group_of)
     if proc.world > 1:
         sampler = distributed.ShardedBatchSampler(sampler, proc.rank, proc.world)
     # a generator of its own, so creating the iterator never draws from the global torch RNG that dropout

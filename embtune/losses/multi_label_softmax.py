@@ -21,9 +21,11 @@ class MultiLabelSoftmax(nn.Module):
     that changes no gradient. (Their "L_out", eq. 2, averages −log p over positives instead.)
     With one positive per row it is InfoNCE (``info_nce`` with label_smoothing 0).
 
-    Input kind "scores"; data formats: pointwise (texts sharing a class label are each other's
-    positives, as in SupCon), pairwise with a list of positives per query (rows sharing a query mark
-    each other's positives), triplet and multi_negative (hard negatives). Needs no negatives.
+    Input kind "multi_positive_scores" (``embtune.objectives.MultiPositive``): data formats pairwise (a
+    list of positives per query, or several rows with one query), triplet and multi_negative (hard
+    negatives). The rows of one query are batched together and become one anchor whose target marks
+    all of their positives, among in-batch and hard candidates. Not pointwise (class labels): that is
+    ArcFace's data. Needs no negatives; refuses ``negatives=online_hard``.
 
     Args:
         temperature: τ > 0 (0.05).
@@ -38,7 +40,7 @@ class MultiLabelSoftmax(nn.Module):
     """
 
     name = "multi_label_softmax"
-    input_kind = "scores"
+    input_kind = "multi_positive_scores"
     needs_negatives = False
     margin = None
 

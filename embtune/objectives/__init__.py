@@ -6,18 +6,17 @@ feed it; this is the only place the kind is looked up. An objective batches its 
 batch into a loss (:class:`~embtune.objectives.objective.Objective`); MaxSim (multi-vector models) and
 Matryoshka are forms of it (``maxsim``, ``matryoshka``).
 
-==================  =====================  ==============================  =========================
-``input_kind``      objective              formats                         losses
-==================  =====================  ==============================  =========================
-``scores``          :class:`Contrastive`   pairwise, triplet,              info_nce, simcse, hinge,
-                    (:class:`LateInteraction` multi_negative, raw_texts    triplet, binary, logistic
-                    for multi-vector models)
-``teacher_scores``  :class:`Distillation`  triplet, multi_negative         distill_kl, margin_mse
-``pair_scores``     :class:`Pairs`         scored_pairs, pairwise+label    cosent, pointwise_bce
-``list_scores``     :class:`Lists`         listwise                        listwise
-``embeddings``      :class:`Classification` pointwise, and pair formats    arcface
-                                           (a query and its positives a class)
-==================  =====================  ==============================  =========================
+``input_kind`` -> objective: formats that feed it; losses
+
+- ``scores`` -> :class:`Contrastive` (:class:`LateInteraction` for multi-vector models): pairwise,
+  triplet, multi_negative, raw_texts; info_nce, simcse, hinge, triplet, binary, logistic.
+- ``multi_positive_scores`` -> :class:`MultiPositive`: pairwise, triplet, multi_negative (the rows of
+  one query are one anchor); multi_label_softmax.
+- ``teacher_scores`` -> :class:`Distillation`: triplet, multi_negative; distill_kl, margin_mse.
+- ``pair_scores`` -> :class:`Pairs`: scored_pairs, pairwise with a label; cosent, pointwise_bce.
+- ``list_scores`` -> :class:`Lists`: listwise; listwise.
+- ``embeddings`` -> :class:`Classification`: pointwise, and the pair formats (a query and its positives
+  one class); arcface.
 """
 
 from __future__ import annotations
@@ -27,15 +26,17 @@ from embtune.objectives.contrastive import Contrastive
 from embtune.objectives.distillation import Distillation
 from embtune.objectives.lists import Lists
 from embtune.objectives.maxsim import LateInteraction
+from embtune.objectives.multi_positive import MultiPositive
 from embtune.objectives.objective import Objective
 from embtune.objectives.pairs import Pairs
 
-__all__ = ["OBJECTIVES", "Classification", "Contrastive", "Distillation", "LateInteraction", "Lists", "Objective",
-           "Pairs", "objective_for"]
+__all__ = ["OBJECTIVES", "Classification", "Contrastive", "Distillation", "LateInteraction", "Lists",
+           "MultiPositive", "Objective", "Pairs", "objective_for"]
 
 # loss.input_kind -> (objective, the data_format.kind values whose examples feed it)
 OBJECTIVES: dict[str, tuple[type[Objective], frozenset[str]]] = {
     "scores": (Contrastive, frozenset({"scores"})),
+    "multi_positive_scores": (MultiPositive, frozenset({"scores"})),  # the rows of one query: one anchor
     "teacher_scores": (Distillation, frozenset({"scores"})),  # a teacher scores the (query, document) pairs
     "pair_scores": (Pairs, frozenset({"pair_scores"})),
     "list_scores": (Lists, frozenset({"list_scores"})),

@@ -80,7 +80,7 @@ def maxsim_scores(negatives, anchor: tuple[Tensor, Tensor], positive: tuple[Tens
 
 
 class LateInteraction(Contrastive):
-    """Contrastive training of a multi-vector model (``model.multi_vector=true``): the same examples,
+    """Contrastive training of a multi-vector model (``model=multi_vector``): the same examples,
     batches and candidates as :class:`~embtune.objectives.contrastive.Contrastive`, scored by
     :func:`maxsim_scores` over token vectors; candidates that copy the anchor's positive score ``-inf``.
     No Matryoshka, no GradCache and no cross-device candidates (refused before the model loads: token

@@ -215,6 +215,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         return {"base": {}, "final": {}, "steps": step}
     if skipped:
         log.warning("%d of %d steps skipped: non-finite loss or gradient", skipped, step)
+    unbatched = sum(sampler.unbatched_in(e) for e in range(epoch + 1))  # the epochs this run's steps came from
+    if unbatched:
+        log.warning("%d rows (summed over %d epochs) were in no batch: they could not be batched without "
+                    "repeating a text in a batch of at least train.min_batch_size (summary.json: unbatched_rows)",
+                    unbatched, epoch + 1)
 
     # -- final metrics, model, summary
     if stopped:
@@ -234,6 +239,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
+        "unbatched_rows": unbatched,
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
         **({"selection": best.summary(), "last": last} if best.evaluations else {}),
