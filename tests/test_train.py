@@ -196,3 +196,10 @@ def test_duplicate_heavy_data_trains_on_no_batch_below_the_floor(tmp_path, tiny_
     assert summary["steps"] == 4 and summary["unbatched_rows"] == 4
     events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert [e["train/candidates"] for e in events] == [2.0] * 4 and all(e["train/loss"] > 0 for e in events)
+
+
+def test_data_that_makes_no_batch_above_the_floor_is_a_clear_error(tmp_path, tiny_bert):
+    path = tmp_path / "one_positive.jsonl"  # every row has the same positive: no two rows fit in one batch
+    path.write_text("".join(json.dumps({"query": f"q{i}", "positive": "P"}) + "\n" for i in range(5)))
+    with pytest.raises(ValueError, match=r"no batch of at least 4 examples \(train.min_batch_size\) .* 5 examples"):
+        _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "eval.before=false"])

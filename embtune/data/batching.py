@@ -109,6 +109,10 @@ def make_loader(examples: list, objective, t: DictConfig, proc: distributed.Dist
     sampler = NoDuplicatesBatchSampler(texts_of, len(examples), t.batch_size * proc.world, seed=t.seed,
                                        min_size=min(floor, t.batch_size) * proc.world, multiple=proc.world,
                                        group_of=group_of)
+    if not len(sampler):
+        raise ValueError(f"no batch of at least {min(floor, t.batch_size)} examples (train.min_batch_size) can be "
+                         f"made from the {len(examples)} examples without repeating a text: set train.min_batch_size "
+                         "lower or train.no_duplicates=false")
     if proc.world > 1:
         sampler = distributed.ShardedBatchSampler(sampler, proc.rank, proc.world)
     # a generator of its own, so creating the iterator never draws from the global torch RNG that dropout
