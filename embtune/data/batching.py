@@ -100,7 +100,8 @@ def make_loader(examples: list, objective, t: DictConfig, proc: distributed.Dist
     global batch holds a multiple of W rows and each process takes its equal share
     (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text either."""
     rng = random.Random(t.seed + proc.rank)  # negative sampling
-    floor = t.min_batch_size if t.min_batch_size is not None else max(2, -(-t.batch_size // 2))
+    floor = t.get("min_batch_size", 1)  # 1 (no floor): a config saved before the floor existed (resumed)
+    floor = floor if floor is not None else max(2, -(-t.batch_size // 2))
     texts_of = group_of = None
     if t.no_duplicates and objective.batch_texts(examples[0]) is not None:
         texts_of = lambda i: objective.batch_texts(examples[i])  # noqa: E731
