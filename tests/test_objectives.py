@@ -133,7 +133,7 @@ def test_the_loop_batches_the_positives_of_a_query_together(tmp_path, tiny_bert)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"query": f"question {i}", "positive": [f"answer {i} a", f"answer {i} b"]})
                             + "\n" for i in range(4)))
-    summary = _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={data}", "loss=multi_label_softmax",
+    summary = _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={data}", "data.dev_queries=0", "loss=multi_label_softmax",
                                                  "eval.before=false", "eval.after=false"])
     events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert summary["steps"] == 2 and [e["train/epoch"] for e in events] == [1.0, 2.0]

@@ -190,7 +190,7 @@ def test_duplicate_heavy_data_trains_on_no_batch_below_the_floor(tmp_path, tiny_
     rows = [{"query": f"q{i}", "positive": "P"} for i in range(8)] + [{"query": f"q{i}", "positive": f"p{i}"}
                                                                       for i in range(8, 12)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "train.batch_size=4",
+    summary = _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "data.dev_queries=0", "train.batch_size=4",
                                                  "train.max_steps=null", "train.epochs=1", "train.seed=0",
                                                  "eval.before=false", "eval.after=false"])
     assert summary["steps"] == 4 and summary["unbatched_rows"] == 4
@@ -202,4 +202,4 @@ def test_data_that_makes_no_batch_above_the_floor_is_a_clear_error(tmp_path, tin
     path = tmp_path / "one_positive.jsonl"  # every row has the same positive: no two rows fit in one batch
     path.write_text("".join(json.dumps({"query": f"q{i}", "positive": "P"}) + "\n" for i in range(5)))
     with pytest.raises(ValueError, match=r"no batch of at least 4 examples \(train.min_batch_size\) .* 5 examples"):
-        _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "eval.before=false"])
+        _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "data.dev_queries=0", "eval.before=false"])

@@ -49,6 +49,11 @@ _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)$")  # sentence-transformers' (a
 QUERY_FIELDS = ("query", "text1")
 
 
+# data_format.kind of the formats whose rows become Example (query, positive, negatives); what each kind
+# trains is looked up in embtune.objectives.OBJECTIVES
+EXAMPLE_KIND = "scores"
+
+
 def tower(field: str) -> str:
     """``"query"`` for a query field (:data:`QUERY_FIELDS`), else ``"document"``: the ``kind`` the model
     tokenises and encodes a text column with."""
