@@ -27,6 +27,11 @@ class MultiLabelSoftmax(nn.Module):
     all of their positives, among in-batch and hard candidates. Not pointwise (class labels): that is
     ArcFace's data. Needs no negatives; refuses ``negatives=online_hard``.
 
+    Measured once, on SciFact (its train qrels give 76 of 807 queries two or more positives, 188 of the
+    919 rows), one epoch, batch 32, seed 42: NDCG@10 0.6678, against 0.6630 for one-way InfoNCE and
+    0.6690 for symmetric InfoNCE (the default) at that seed. That is within the spread between seeds
+    (one-way InfoNCE: 0.6617–0.6698 over six), so no gain over the default has been shown.
+
     Args:
         temperature: τ > 0 (0.05).
     Inputs:
