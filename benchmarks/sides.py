@@ -1,6 +1,6 @@
 """The two training sides of the benchmark, each run in its own process by ``harness.Side``.
 
-embtune: ``embtune.data.batching.collate`` -> ``embtune.recipes.finetune.compute_loss`` (or ``grad_cache_backward``) ->
+embtune: ``embtune.data.batching.candidate_batch`` -> ``embtune.objectives.Contrastive.loss`` (or ``grad_cache_backward``) ->
 clip -> AdamW with embtune's parameter groups, inside ``embtune.model.kernels.fast_dropout`` on a CPU: the
 functions ``embtune.recipes.finetune.train`` calls.
 sentence-transformers: ``SentenceTransformer.tokenize`` -> ``MultipleNegativesRankingLoss(scale=20)`` ->
@@ -30,13 +30,13 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         torch.set_num_threads(threads)
         from omegaconf import OmegaConf
 
-        from embtune.data.batching import collate
+        from embtune.data.batching import candidate_batch
         from embtune.losses.info_nce import InfoNCE
         from embtune.model import from_pretrained
         from embtune.model.kernels import fast_dropout
         from embtune.model.pooling import Mean
         from embtune.negatives import InBatch
-        from embtune.recipes.finetune import compute_loss
+        from embtune.objectives import objective_for
         from embtune.training.grad_cache import grad_cache_backward
         from embtune.training.optim import param_groups
 
@@ -46,21 +46,22 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         model = from_pretrained(BUNDLED, pooling=Mean(), query_max_length=64,
                                          document_max_length=256).to(dev).train()
         negatives, loss_fn, dims = InBatch(), InfoNCE(temperature=0.05, symmetric=False), [(model.dim, 1.0)]
+        objective = objective_for(loss_fn, negatives)
         t = OmegaConf.create({"lr": LR, "weight_decay": WEIGHT_DECAY, "layerwise_lr_decay": 1.0})
         optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=LR, weight_decay=WEIGHT_DECAY)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         autocast = _autocast(dev)
 
         def step(indices):
-            batch = collate(model, [examples[i] for i in indices], "scores")
+            batch = candidate_batch(model, [examples[i] for i in indices])
             batch = {k: ({n: x.to(dev) for n, x in v.items()} if hasattr(v, "keys") else v.to(dev))
                      for k, v in batch.items()}
             if grad_cache:
-                loss = grad_cache_backward(model, batch, lambda e: compute_loss(
-                    model, batch, "scores", negatives, loss_fn, dims, embeddings=e)[0], mini_batch_size, autocast)
+                loss, _ = grad_cache_backward(model, batch, lambda e: objective.loss(model, batch, dims, e),
+                                              mini_batch_size, autocast)
             else:
                 with autocast:
-                    loss, _ = compute_loss(model, batch, "scores", negatives, loss_fn, dims)
+                    loss, _ = objective.loss(model, batch, dims)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from embtune.eval.evaluators import Retrieval
 from embtune.model import builds_multi_vector
-from embtune.model.cross_encoder import check_distillation
+from embtune.objectives import Objective, objective_for
 from embtune.objectives.matryoshka import matryoshka_dims
 
 # conf/ beside the package in a source checkout; the packaged copy in an installed wheel.
@@ -43,6 +43,7 @@ class TrainSettings(TypedDict):
     max_steps: int | None
     batch_size: int
     no_duplicates: bool
+    min_batch_size: int | None
     lr: float
     weight_decay: float
     warmup_ratio: float
@@ -263,41 +264,48 @@ def _unescape(value):
 
 # -- pre-flight checks ------------------------------------------------------------------------------------
 
-def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teacher) -> str:
-    """Every pre-flight check of one run; returns the loss's input kind (``scores``, ``pair_scores``, ...).
-    Starts with :func:`normalize` (nothing is built from the groups it reads here on: model, train).
+def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teacher) -> Objective:
+    """Every pre-flight check of one run; returns the objective that trains it
+    (:func:`embtune.objectives.objective_for`). Starts with :func:`normalize` (nothing is built from the
+    groups it reads here on: model, train).
 
     Raises:
         ValueError: naming the clashing options or the bad key.
     """
     normalize(cfg)
     t = cfg.train
-    check_compatible(data_format, negatives, loss_fn)
-    check_distillation(data_format, negatives, loss_fn, teacher)
-    kind = getattr(loss_fn, "input_kind", "scores")
-    check_train_settings(t, kind, negatives, loss_fn)
+    objective = objective_for(loss_fn, negatives, multi_vector=builds_multi_vector(cfg.model))
+    check_compatible(data_format, negatives, loss_fn, objective)
+    objective.check(data_format, teacher)
+    check_train_settings(t, objective, negatives, loss_fn)
     matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
-    check_multi_vector(cfg.model, kind, negatives, cfg.matryoshka.dims, evaluator)
+    check_multi_vector(cfg.model, negatives, cfg.matryoshka.dims, evaluator)
     if t.grad_cache and builds_multi_vector(cfg.model):
         raise ValueError("train.grad_cache=true with model=multi_vector: GradCache caches one vector per text, "
                          "not token vectors; train a multi-vector model without grad_cache")
-    return kind
+    if cfg.matryoshka.dims and not objective.matryoshka:
+        raise ValueError(f"matryoshka.dims with loss={loss_fn.name}: its class centres are full-size, so no loss "
+                         "is taken at the smaller dims and the saved model would claim dims it was not trained at; "
+                         "use matryoshka=off")
+    return objective
 
 
-def check_multi_vector(model_cfg, kind: str, negatives, matryoshka_dims, evaluator) -> None:
-    """Refuse, before the model loads, what a multi-vector model cannot do (yet).
+def check_multi_vector(model_cfg, negatives, matryoshka_dims, evaluator) -> None:
+    """Refuse, before the model loads, what a multi-vector model cannot do (yet); a loss that is not over
+    candidates is refused by :func:`embtune.objectives.objective_for`.
 
     Raises:
-        ValueError: a loss over pairs/lists/classes instead of candidates, negatives other than
-            ``in_batch``/``hard``, Matryoshka dims, an evaluation other than retrieval, or a dim < 1.
+        ValueError: negatives other than ``in_batch``/``hard``, cross-device negatives, Matryoshka dims, an
+            evaluation other than retrieval, or a dim < 1.
     """
     if not builds_multi_vector(model_cfg):
         return
-    if kind != "scores":
-        raise ValueError(f"model=multi_vector trains with losses over candidates (info_nce, hinge, ...); "
-                         f"this loss takes {kind} examples")
     if negatives.name not in ("in_batch", "hard"):
         raise ValueError(f"model=multi_vector supports negatives=in_batch and hard, not {negatives.name}")
+    if getattr(negatives, "cross_device", False):
+        raise ValueError("model=multi_vector with negatives.cross_device=true: token vectors are not gathered "
+                         "across processes, so each process would score its own candidates only; use "
+                         "negatives.cross_device=false")
     if matryoshka_dims:
         raise ValueError("model=multi_vector with matryoshka.dims: Matryoshka token vectors are not "
                          "supported; use matryoshka=off")
@@ -307,22 +315,23 @@ def check_multi_vector(model_cfg, kind: str, negatives, matryoshka_dims, evaluat
         raise ValueError(f"model.multi_vector_dim must be >= 1, got {model_cfg.multi_vector_dim}")
 
 
-def check_compatible(data_format, negatives, loss) -> None:
+def check_compatible(data_format, negatives, loss, objective: Objective | None = None) -> None:
     """Fail early, naming the options that clash, when the data cannot feed the loss or the negatives.
 
-    A loss takes one kind of example (``loss.input_kind``); a format gives one (``data_format.kind``).
-    Pair data also feeds classification losses (each pair a class).
+    A loss takes one kind of example (``loss.input_kind``); a format gives one (``data_format.kind``);
+    the loss's objective (``objective``, else :func:`embtune.objectives.objective_for`) says which formats
+    feed it (pair data also feeds classification losses: each pair a class).
 
     Raises:
         ValueError: e.g. ``negatives=hard`` with ``data_format=pairwise`` (which has no negatives), or
             ``loss=cosent`` (scored pairs) with ``data_format=triplet``.
     """
-    kind = getattr(loss, "input_kind", "scores")
-    gives = {data_format.kind} | ({"embeddings", "teacher_scores"} if data_format.kind == "scores" else set())
-    if kind not in gives:
-        raise ValueError(f"loss={loss.name} takes {kind} examples, but data_format={data_format.name} gives "
-                         f"{data_format.kind} examples: pick a data_format that matches the loss (see README)")
-    if getattr(negatives, "needs_negatives", False) and kind not in ("scores", "teacher_scores"):
+    objective = objective or objective_for(loss, negatives)
+    if not objective.accepts(data_format):
+        raise ValueError(f"loss={loss.name} takes {getattr(loss, 'input_kind', 'scores')} examples, but "
+                         f"data_format={data_format.name} gives {data_format.kind} examples: pick a data_format "
+                         "that matches the loss (see README)")
+    if getattr(negatives, "needs_negatives", False) and not objective.candidates:
         raise ValueError(f"negatives={negatives.name} only applies to losses over candidates, not loss={loss.name}")
     if getattr(data_format, "has_negatives", False):
         return
@@ -334,7 +343,7 @@ def check_compatible(data_format, negatives, loss) -> None:
                 f"has none: use data_format=triplet or multi_negative, or {instead}")
 
 
-def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> None:
+def check_train_settings(t: DictConfig, objective: Objective, negatives, loss_fn=None) -> None:
     """Settings that would train nothing or loop forever, refused before any model loads.
 
     Raises:
@@ -352,9 +361,12 @@ def check_train_settings(t: DictConfig, kind: str, negatives, loss_fn=None) -> N
     if t.grad_cache and getattr(loss_fn, "same_text_positive", False):
         raise ValueError(f"train.grad_cache=true with loss={loss_fn.name}: the anchor's two passes need two dropout "
                          "masks, but GradCache encodes each column once; train this loss without grad_cache")
+    floor = t.get("min_batch_size")
+    if floor is not None and not 1 <= floor <= t.batch_size:
+        raise ValueError(f"train.min_batch_size must be in 1..train.batch_size ({t.batch_size}) or null, got {floor}")
     if t.grad_cache and t.mini_batch_size < 1:
         raise ValueError(f"train.mini_batch_size must be >= 1 with train.grad_cache=true, got {t.mini_batch_size}")
-    if kind == "scores" and not negatives.needs_negatives and t.batch_size < 2:
+    if objective.in_batch and not negatives.needs_negatives and t.batch_size < 2:
         raise ValueError(f"train.batch_size={t.batch_size} with negatives={negatives.name}: a batch of one has no "
                          "in-batch negative, so the loss is 0 and nothing is learned; use a batch of 2 or more")
 

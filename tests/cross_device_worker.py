@@ -11,13 +11,13 @@ import sys
 
 import torch
 
-from embtune.data.batching import collate
+from embtune.data.batching import candidate_batch
 from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
 from embtune.model import from_pretrained
 from embtune.model.pooling import Mean
 from embtune.negatives import Hard
-from embtune.recipes.finetune import compute_loss
+from embtune.objectives import objective_for
 from embtune.training import distributed
 
 EXAMPLES = [
@@ -36,9 +36,9 @@ def main(model_dir: str, out: str, symmetric: str) -> None:
     loss_fn = InfoNCE(temperature=0.05, learnable=True, symmetric=symmetric == "1")
     per = len(EXAMPLES) // d.world
     mine = EXAMPLES[d.rank * per:(d.rank + 1) * per]
-    batch = collate(model, mine, "scores", group_size=3, rng=random.Random(0))
+    batch = candidate_batch(model, mine, group_size=3, rng=random.Random(0))
     trained = distributed.wrap(model, d, torch.device("cpu"))
-    loss, _ = compute_loss(trained, batch, "scores", Hard(group_size=3, cross_device=True), loss_fn, [(32, 1.0)])
+    loss, _ = objective_for(loss_fn, Hard(group_size=3, cross_device=True)).loss(trained, batch, [(32, 1.0)])
     loss.backward()
     distributed.average_gradients([loss_fn.log_inv_temperature], d)
     if d.main:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from embtune.data.batching import collate, text_key
+from embtune.data.batching import candidate_batch, text_key
 from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
 from embtune.negatives.cross_batch import CrossBatch
@@ -58,18 +58,18 @@ def test_memory_scores_join_the_candidates_and_copies_of_the_positive_are_masked
     first = [Example("q0", "doc zero"), Example("q1", "doc one")]
     second = [Example("q2", "doc zero"), Example("q3", "doc three")]  # q2's positive is in the memory
     cut = lambda x, d: x  # noqa: E731  no Matryoshka
-    b1 = collate(model, first, "scores")
+    b1 = candidate_batch(model, first)
     _, info = candidate_loss(lambda c: model(**b1[c]), b1, xbm, loss_fn, [(32, 1.0)], cut)
     assert info["train/candidates"] == 2.0
     assert xbm.memory()[1].tolist() == [text_key("doc zero"), text_key("doc one")]
-    batch = collate(model, second, "scores")
+    batch = candidate_batch(model, second)
     loss, info = candidate_loss(lambda c: model(**batch[c]), batch, xbm, loss_fn, [(32, 1.0)], cut)
     # q2: 2 in-batch + 2 stored, less the stored copy of its positive; q3: 4
     assert info["train/candidates"] == (3 + 4) / 2
     # by hand: InfoNCE over [in-batch | memory] with the copy masked
     with torch.no_grad():
         a, p = model(**batch["query"]), model(**batch["positive"])
-        mem = model(**collate(model, first, "scores")["positive"])
+        mem = model(**candidate_batch(model, first)["positive"])
         scores = torch.cat([a @ p.T, a @ mem.T], 1) / 0.05
         scores[0, 2] = float("-inf")
         expected = torch.nn.functional.cross_entropy(scores, torch.tensor([0, 1]))

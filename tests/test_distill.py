@@ -9,11 +9,11 @@ import torch
 from conftest import DATA
 from hydra.utils import instantiate
 
-from embtune.data.batching import collate
+from embtune.data.batching import candidate_batch
 from embtune.data.formats import Example, MultiNegative, Triplet
 from embtune.losses.distill_kl import DistillKL
 from embtune.losses.margin_mse import MarginMSE
-from embtune.model.cross_encoder import CrossEncoderTeacher, check_distillation, score_examples
+from embtune.model.cross_encoder import CrossEncoderTeacher, score_examples
 from embtune.negatives import Hard, InBatch
 
 NLI = DATA / "triplets" / "flagembedding_nli_example.jsonl"
@@ -97,7 +97,7 @@ def test_sampled_negatives_carry_their_own_teacher_scores(tiny_bert):
     model = from_pretrained(tiny_bert, pooling=Mean())
     examples = [Example("q", "p", ("n1", "n2", "n3"), 9.0, (1.0, 2.0, 3.0)),
                 Example("r", "s", ("m1",), 8.0, (5.0,))]  # one negative: the second slot is padding
-    batch = collate(model, examples, "teacher_scores", group_size=3, rng=random.Random(1))
+    batch = candidate_batch(model, examples, group_size=3, rng=random.Random(1), teacher=True)
     texts = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["negative"]["input_ids"]]
     assert batch["teacher"][:, 0].tolist() == [9.0, 8.0]
     for j in range(2):  # each sampled text's score is the one written next to it
@@ -124,6 +124,13 @@ def test_cross_encoder_teacher_scores_pairs_as_the_model_does(tiny_cross_encoder
 class _Loss:
     def __init__(self, name, kind):
         self.name, self.input_kind = name, kind
+
+
+def check_distillation(data_format, negatives, loss, teacher):
+    """The pre-flight checks of the loss's objective (``embtune.objectives``) about a teacher."""
+    from embtune.objectives import objective_for
+
+    objective_for(loss, negatives).check(data_format, teacher)
 
 
 def test_distillation_settings_that_cannot_work_are_refused_naming_the_options():

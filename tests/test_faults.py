@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import embtune.recipes.finetune as train_module
+from embtune.objectives import Contrastive
 from embtune.run.logger import RunLogger
 from embtune.training import checkpoint
 from embtune.training.numerics import finite_or_missing
@@ -80,7 +81,7 @@ def test_a_completed_run_drops_its_checkpoints_unless_asked_to_keep_them(tiny_be
 
 def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straight, tmp_path, monkeypatch):
     calls = []
-    real = train_module.compute_loss
+    real = Contrastive.loss
 
     def interrupted_at_half(*args, **kwargs):  # Ctrl-C arrives during step N/2
         calls.append(1)
@@ -88,7 +89,7 @@ def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straigh
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "compute_loss", interrupted_at_half)
+    monkeypatch.setattr(Contrastive, "loss", interrupted_at_half)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN, not Python's handler, when started in the background
     with pytest.raises(SystemExit) as stopped:
         _train(_cfg(tiny_bert), tmp_path / "first")
@@ -96,7 +97,7 @@ def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straigh
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     state, _ = checkpoint.load(tmp_path / "first")
     assert state["step"] == N // 2 and state["done"] == 1 and state["epoch"] == 1  # mid-epoch 2
-    monkeypatch.setattr(train_module, "compute_loss", real)
+    monkeypatch.setattr(Contrastive, "loss", real)
     summary = _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'first'}"]), tmp_path / "second")
     assert summary["resumed_from"].endswith("ckpt-last.pt")
     assert sorted(_losses(tmp_path / "second")) == list(range(N // 2 + 1, N + 1))
@@ -107,18 +108,19 @@ CHILD = textwrap.dedent("""
     import json, os, sys
     from hydra import compose, initialize_config_dir
     import embtune.recipes.finetune as T
+    from embtune.objectives import Contrastive
     from embtune.run.logger import RunLogger
 
     sig, at, run_dir, conf, overrides = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-    real, calls = T.compute_loss, []
+    real, calls = Contrastive.loss, []
 
-    def compute_loss(*args, **kwargs):  # the signal arrives from outside, in the middle of step `at`
+    def loss(*args, **kwargs):  # the signal arrives from outside, in the middle of step `at`
         calls.append(1)
         if len(calls) == at:
             os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
-    T.compute_loss = compute_loss
+    Contrastive.loss = loss
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     logger = RunLogger(run_dir, wandb=False)
@@ -252,10 +254,10 @@ def test_disk_full_while_saving_the_model_leaves_no_half_folder(tiny_bert, tmp_p
 
 
 def _poisoned(monkeypatch, at: int, how: str):
-    real, calls = train_module.compute_loss, []
+    real, calls = Contrastive.loss, []
 
-    def compute_loss(model, *args, **kwargs):
-        loss, extra = real(model, *args, **kwargs)
+    def poisoned(objective, model, *args, **kwargs):
+        loss, extra = real(objective, model, *args, **kwargs)
         calls.append(1)
         if len(calls) != at:
             return loss, extra
@@ -264,7 +266,7 @@ def _poisoned(monkeypatch, at: int, how: str):
         p = next(model.parameters())  # finite loss, NaN gradient: d/dp sqrt(0·p) = 0·∞
         return loss + torch.sqrt(p.abs().sum() * 0), extra
 
-    monkeypatch.setattr(train_module, "compute_loss", compute_loss)
+    monkeypatch.setattr(Contrastive, "loss", poisoned)
 
 
 @pytest.mark.parametrize("how", ["loss", "gradient"])

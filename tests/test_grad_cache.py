@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import embtune.training.grad_cache as gc
-from embtune.data.batching import collate
+from embtune.data.batching import candidate_batch
 from embtune.data.formats import Example
 from embtune.losses.info_nce import InfoNCE
 from embtune.model import from_pretrained
 from embtune.model.pooling import Mean
 from embtune.negatives import Hard, InBatch
-from embtune.recipes.finetune import compute_loss
+from embtune.objectives import objective_for
 
 TEXTS = ["a short one", "a somewhat longer text about proteins and cells", "x",
          "gene expression in mice under stress, measured over weeks", "dna", "the cat sat on the mat today",
@@ -50,7 +50,7 @@ def _plain_chunked(model, batch, loss_of, size):
         parts = [(rows, model(**tokens)) for rows, tokens in gc._chunks(batch[c], size)]
         rows = torch.cat([r for r, _ in parts])
         emb[c] = torch.cat([e for _, e in parts])[torch.argsort(rows)]  # back in batch order
-    loss = loss_of(emb)
+    loss = loss_of(emb)[0]
     loss.backward()
     return loss.detach()
 
@@ -69,14 +69,14 @@ CASES = {
 def test_loss_and_every_gradient_equal_the_plain_computation_with_dropout(model, case, size):
     c = CASES[case]
     loss_fn = InfoNCE(temperature=0.05, learnable=c.get("learnable", False))
-    batch = collate(model, _examples(c["k"]), "scores", c["k"] + 1, random.Random(0))
-    loss_of = lambda e: compute_loss(model, batch, "scores", c["negatives"], loss_fn, c["dims"], embeddings=e)[0]  # noqa: E731
+    batch = candidate_batch(model, _examples(c["k"]), c["k"] + 1, random.Random(0))
+    loss_of = lambda e: objective_for(loss_fn, c["negatives"]).loss(model, batch, c["dims"], e)  # noqa: E731
 
     torch.manual_seed(123)
     ref_loss = _plain_chunked(model, batch, loss_of, size)
     ref = _grads(model, loss_fn)
     torch.manual_seed(123)
-    loss = gc.grad_cache_backward(model, batch, loss_of, size)
+    loss, _ = gc.grad_cache_backward(model, batch, loss_of, size)
     got = _grads(model, loss_fn)
 
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
@@ -95,15 +95,15 @@ def test_loss_and_every_gradient_equal_the_plain_computation_with_dropout(model,
 
 def test_without_dropout_it_equals_one_unchunked_forward(model):
     """Length sorting, trimming each mini-batch to its own longest text and putting rows back in order
-    change nothing: in eval mode GradCache equals compute_loss on the whole batch at once."""
+    change nothing: in eval mode GradCache equals the objective's loss on the whole batch at once."""
     model.eval()
     loss_fn, negatives = InfoNCE(temperature=0.05), Hard(group_size=3)
-    batch = collate(model, _examples(2), "scores", 3, random.Random(0))
-    loss = compute_loss(model, batch, "scores", negatives, loss_fn, [(32, 1.0)])[0]
+    batch = candidate_batch(model, _examples(2), 3, random.Random(0))
+    objective = objective_for(loss_fn, negatives)
+    loss = objective.loss(model, batch, [(32, 1.0)])[0]
     loss.backward()
     ref = _grads(model, loss_fn)
-    got_loss = gc.grad_cache_backward(model, batch, lambda e: compute_loss(
-        model, batch, "scores", negatives, loss_fn, [(32, 1.0)], embeddings=e)[0], 3)
+    got_loss, _ = gc.grad_cache_backward(model, batch, lambda e: objective.loss(model, batch, [(32, 1.0)], e), 3)
     got = _grads(model, loss_fn)
     assert got_loss.item() == pytest.approx(loss.item(), abs=1e-5)
     assert max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5
@@ -112,8 +112,8 @@ def test_without_dropout_it_equals_one_unchunked_forward(model):
 def test_without_replaying_the_rng_the_gradients_differ(model, monkeypatch):
     """The check above is sharp: re-forwarding with fresh dropout masks gives other gradients."""
     loss_fn = InfoNCE(temperature=0.05)
-    batch = collate(model, _examples(), "scores")
-    loss_of = lambda e: compute_loss(model, batch, "scores", InBatch(), loss_fn, [(32, 1.0)], embeddings=e)[0]  # noqa: E731
+    batch = candidate_batch(model, _examples())
+    loss_of = lambda e: objective_for(loss_fn, InBatch()).loss(model, batch, [(32, 1.0)], e)  # noqa: E731
     torch.manual_seed(1)
     _plain_chunked(model, batch, loss_of, 4)
     ref = _grads(model, loss_fn)
@@ -135,7 +135,7 @@ def test_mini_batches_are_length_sorted_and_trimmed(model):
 
 def test_a_mini_batch_size_below_one_is_refused(model):
     with pytest.raises(ValueError, match="train.mini_batch_size must be >= 1"):
-        gc.grad_cache_backward(model, collate(model, _examples(), "scores"), lambda e: 0, 0)
+        gc.grad_cache_backward(model, candidate_batch(model, _examples()), lambda e: 0, 0)
 
 
 def test_the_loop_with_grad_cache_trains_as_the_plain_loop(tmp_path, tiny_bert):
@@ -178,3 +178,17 @@ def test_simcse_with_grad_cache_is_refused_before_the_model_loads(tmp_path):
 
     with pytest.raises(ValueError, match="train.grad_cache=true with loss=simcse"):
         _run(tmp_path, "/nonexistent/model", ["train.grad_cache=true", "loss=simcse"])
+
+
+def test_the_loop_logs_the_candidates_under_grad_cache(tmp_path, tiny_bert):
+    """GradCache's step reports what the plain step reports: 8 in-batch candidates per anchor (its own
+    positive and the 7 others of a batch of 8 pairs without repeated texts)."""
+    import json
+
+    from test_train import _run
+
+    _run(tmp_path, tiny_bert, ["train.grad_cache=true", "train.mini_batch_size=3", "eval.before=false",
+                               "eval.after=false"])
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert [e["step"] for e in events] == [1, 2]
+    assert [e["train/candidates"] for e in events] == [8.0, 8.0]

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import embtune.model.kernels as K
-from embtune.data.batching import collate
+from embtune.data.batching import candidate_batch
 from embtune.losses.info_nce import InfoNCE
 from embtune.model import from_pretrained
 from embtune.model.pooling import Mean
 from embtune.negatives import Hard
-from embtune.recipes.finetune import compute_loss
+from embtune.objectives import objective_for
 from embtune.training.grad_cache import grad_cache_backward
 
 
@@ -141,15 +141,14 @@ def test_grad_cache_still_equals_the_plain_computation_under_fast_dropout(model)
 
     model.train()
     loss_fn = InfoNCE(temperature=0.05)
-    batch = collate(model, _examples(2), "scores", 3, random.Random(0))
-    loss_of = lambda e: compute_loss(model, batch, "scores", Hard(group_size=3), loss_fn, [(32, 1.0)],  # noqa: E731
-                                     embeddings=e)[0]
+    batch = candidate_batch(model, _examples(2), 3, random.Random(0))
+    loss_of = lambda e: objective_for(loss_fn, Hard(group_size=3)).loss(model, batch, [(32, 1.0)], e)  # noqa: E731
     with K.fast_dropout(model):
         torch.manual_seed(123)
         ref_loss = _plain_chunked(model, batch, loss_of, 3)
         ref = _grads(model, loss_fn)
         torch.manual_seed(123)
-        loss = grad_cache_backward(model, batch, loss_of, 3)
+        loss, _ = grad_cache_backward(model, batch, loss_of, 3)
         got = _grads(model, loss_fn)
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
     assert got.keys() == ref.keys() and max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5

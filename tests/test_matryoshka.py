@@ -17,8 +17,9 @@ from embtune.data import RetrievalSet
 from embtune.eval.metrics import evaluate_retrieval
 from embtune.losses.info_nce import InfoNCE
 from embtune.negatives import InBatch
+from embtune.objectives import objective_for
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
-from embtune.recipes.finetune import compute_loss, train
+from embtune.recipes.finetune import train
 from embtune.run.logger import RunLogger
 
 
@@ -62,8 +63,7 @@ BATCH = {"query": {"input_ids": torch.tensor([[0], [1]]), "attention_mask": ONES
 
 
 def _loss(dims, weights):
-    return compute_loss(MODEL, BATCH, "scores", InBatch(), InfoNCE(temperature=1.0),
-                        matryoshka_dims(dims, weights, 3))[0]
+    return objective_for(InfoNCE(temperature=1.0), InBatch()).loss(MODEL, BATCH, matryoshka_dims(dims, weights, 3))[0]
 
 
 def test_weighted_loss_over_dims_by_hand():

@@ -193,6 +193,7 @@ def test_multi_vector_with_hard_negatives(tmp_path, tiny_bert):
     (["matryoshka=on"], "matryoshka"),
     (["data=jsonl", f"data.path={DATA / 'stsb' / 'train.tsv'}", "data_format=scored_pairs", "loss=cosent"],
      "takes pair_scores examples"),
+    (["negatives.cross_device=true"], "model=multi_vector with negatives.cross_device=true"),
 ])
 def test_unsupported_combinations_fail_before_the_model_loads(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -55,7 +55,7 @@ def test_copies_of_the_positive_are_masked_as_false_negatives():
 
 
 def test_symmetric_step_masks_anchors_that_share_the_query_or_the_positive(tiny_bert):
-    from embtune.data.batching import collate
+    from embtune.data.batching import candidate_batch
     from embtune.data.formats import Example
     from embtune.losses.info_nce import InfoNCE
     from embtune.model import from_pretrained
@@ -65,7 +65,7 @@ def test_symmetric_step_masks_anchors_that_share_the_query_or_the_positive(tiny_
     model = from_pretrained(tiny_bert, pooling=Mean()).eval()
     examples = [Example("q a", "doc x"), Example("q a", "doc y"),  # one query, two positives
                 Example("q b", "doc x"), Example("q c", "doc z")]  # doc x is the positive of q a and q b
-    batch = collate(model, examples, "scores")
+    batch = candidate_batch(model, examples)
     loss, _ = candidate_loss(lambda c: model(**batch[c]), batch, InBatch(), InfoNCE(), [(32, 1.0)], lambda x, d: x)
     with torch.no_grad():
         a, p = model(**batch["query"]), model(**batch["positive"])

@@ -160,13 +160,14 @@ CHILD = textwrap.dedent("""
     import json, os, sys
     from hydra import compose, initialize_config_dir
     import embtune.recipes.finetune as T
+    from embtune.objectives import Contrastive
     from embtune.run.logger import RunLogger
 
     at, run_dir, conf, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    real_loss, real_select, calls = T.compute_loss, T.evaluate_and_select, []
+    real_loss, real_select, calls = Contrastive.loss, T.evaluate_and_select, []
     script = {2: 0.5, 4: 0.7, 6: float("nan"), 8: 0.4}
 
-    def compute_loss(*args, **kwargs):  # killed from outside in the middle of step `at`
+    def loss(*args, **kwargs):  # killed from outside in the middle of step `at`
         calls.append(1)
         if len(calls) == at:
             os.kill(os.getpid(), 9)
@@ -175,7 +176,7 @@ CHILD = textwrap.dedent("""
     def evaluate_and_select(evaluator, model, data, dims, best, step, proc):
         return real_select(lambda *a: {"ndcg@10": script[step]}, model, data, dims, best, step, proc)
 
-    T.compute_loss, T.evaluate_and_select = compute_loss, evaluate_and_select
+    Contrastive.loss, T.evaluate_and_select = loss, evaluate_and_select
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     logger = RunLogger(run_dir, wandb=False)

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from embtune.data.formats import RawTexts
 from embtune.model import load
-from embtune.recipes.finetune import compute_loss
+from embtune.objectives import objective_for
 from embtune.recipes.two_stage import run, stage_configs
 from embtune.run.logger import RunLogger
 
@@ -57,17 +57,17 @@ def test_simcse_positive_is_the_anchor_encoded_again(tiny_bert):
 
     from hydra.utils import instantiate
 
-    from embtune.data.batching import collate
     from embtune.data.formats import Example
 
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).eval()  # no dropout: passes are equal
     loss_fn, negatives = instantiate(cfg.loss), instantiate(cfg.negatives)
     ex = [Example("first text", "unrelated positive one"), Example("second text", "unrelated positive two")]
-    batch = collate(model, ex, "scores", 1, random.Random(0))
-    loss, _ = compute_loss(model, batch, "scores", negatives, loss_fn, [(model.dim, 1.0)])
+    objective = objective_for(loss_fn, negatives)
+    batch = objective.collate(model, ex, random.Random(0))
+    loss, _ = objective.loss(model, batch, [(model.dim, 1.0)])
     same = [Example("first text", "first text"), Example("second text", "second text")]
-    expected, _ = compute_loss(model, collate(model, same, "scores", 1, random.Random(0)), "scores", negatives,
-                               instantiate(cfg.loss), [(model.dim, 1.0)])
+    plain = objective_for(instantiate(cfg.loss), negatives)
+    expected, _ = plain.loss(model, plain.collate(model, same, random.Random(0)), [(model.dim, 1.0)])
     assert torch.allclose(loss, expected, atol=1e-6)
 
 

@@ -135,6 +135,8 @@ def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
     ([*SCORED, "loss=info_nce"], r"loss=info_nce takes scores examples, but data_format=scored_pairs"),
     (["loss.symmetric=maybe"], r"loss.symmetric must be true or false, got 'maybe'"),
     (["negatives.cross_device=1"], r"negatives.cross_device must be true or false, got 1"),
+    (["loss=arcface", "matryoshka=on"], r"matryoshka.dims with loss=arcface: its class centres are full-size"),
+    (["train.min_batch_size=9"], r"train.min_batch_size must be in 1..train.batch_size \(8\) or null, got 9"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -198,3 +200,26 @@ def test_a_mistyped_local_model_path_is_named():
 
     with pytest.raises(FileNotFoundError, match=r"model './no/such/model': no such folder"):
         resolve_model_path("./no/such/model")
+
+
+def test_duplicate_heavy_data_trains_on_no_batch_below_the_floor(tmp_path, tiny_bert):
+    """8 of 12 rows share a positive (tests/test_sampler.py: at seed 0 the plan was [4, 2, 1, 1, 1, 1, 1, 1],
+    six steps with an in-batch loss of exactly 0). Batches of 4 have a floor of 2: 4 batches of 2 pairs,
+    and the 4 rows that fit in no such batch are counted in summary.json."""
+    path = tmp_path / "shared.jsonl"
+    rows = [{"query": f"q{i}", "positive": "P"} for i in range(8)] + [{"query": f"q{i}", "positive": f"p{i}"}
+                                                                      for i in range(8, 12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "data.dev_queries=0", "train.batch_size=4",
+                                                 "train.max_steps=null", "train.epochs=1", "train.seed=0",
+                                                 "eval.before=false", "eval.after=false"])
+    assert summary["steps"] == 4 and summary["unbatched_rows"] == 4
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert [e["train/candidates"] for e in events] == [2.0] * 4 and all(e["train/loss"] > 0 for e in events)
+
+
+def test_data_that_makes_no_batch_above_the_floor_is_a_clear_error(tmp_path, tiny_bert):
+    path = tmp_path / "one_positive.jsonl"  # every row has the same positive: no two rows fit in one batch
+    path.write_text("".join(json.dumps({"query": f"q{i}", "positive": "P"}) + "\n" for i in range(5)))
+    with pytest.raises(ValueError, match=r"no batch of at least 4 examples \(train.min_batch_size\) .* 5 examples"):
+        _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "data.dev_queries=0", "eval.before=false"])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from embtune.data.formats import tower
+
 log = logging.getLogger(__name__)
 
 _LOGGED = 20  # warnings printed one by one; beyond this they are only counted
@@ -85,7 +87,7 @@ def check_label_range(examples: list, origins: list[int], source: list, loss, fi
 def text_report(examples: list, test, tokenizer, query_max_length: int, document_max_length: int) -> dict:
     """Count awkward but valid texts of the training examples and the test set.
 
-    Query-side fields (``query``, ``text1``) are measured against ``query_max_length``, the others against
+    Query-side fields (``embtune.data.formats.QUERY_FIELDS``) are measured against ``query_max_length``, the others against
     ``document_max_length`` (as the batches are tokenised). Counts are over distinct texts.
 
     Returns:
@@ -97,7 +99,7 @@ def text_report(examples: list, test, tokenizer, query_max_length: int, document
     for e in examples:
         for name, value in zip(e._fields, e):
             if isinstance(value, str):
-                (queries if name in ("query", "text1") else documents).add(value)
+                (queries if tower(name) == "query" else documents).add(value)
             elif isinstance(value, tuple):
                 documents.update(v for v in value if isinstance(v, str))
     report = {"train": {"queries": _counts(queries, tokenizer, query_max_length),
@@ -126,23 +128,18 @@ def _counts(texts: set[str], tokenizer, max_length: int) -> dict:
             "truncated": sum(n > max_length for n in lengths), "max_tokens": max(lengths, default=0)}
 
 
-def make_examples(data, data_format, loss_fn, kind: str) -> tuple[list, Callable[[int], str]]:
-    """The training examples of ``data`` (a :class:`~embtune.data.TrainingData`) for the loss, with bad rows
-    raised or dropped under ``data.problems``' policy and scores checked against the loss's range.
+def make_examples(data, data_format, objective) -> tuple[list, Callable[[int], str]]:
+    """The training examples of ``data`` (a :class:`~embtune.data.TrainingData`) for the objective
+    (:mod:`embtune.objectives`: e.g. scores checked against the loss's range, pairs merged into classes),
+    with bad rows raised or dropped under ``data.problems``' policy.
 
     Returns:
         ``(examples, row_of)``: ``row_of(i)`` names example i's source row (``file:line``) for messages.
     Raises:
         ValueError: a bad row (file, line, field), or no example left.
     """
-    from embtune.data.batching import as_labeled_texts
-
     examples, origins = data_format.convert(data.rows, data.source, data.problems)
-    if data_format.kind == "pair_scores":
-        field = getattr(data_format, "label", None) or getattr(data_format, "score", "score")
-        examples, origins = check_label_range(examples, origins, data.source, loss_fn, field, data.problems)
-    if kind == "embeddings" and data_format.kind == "scores":
-        examples, origins = as_labeled_texts(examples), None  # texts of several rows merge into classes
+    examples, origins = objective.examples(examples, origins, data, data_format)
     if not examples:
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))

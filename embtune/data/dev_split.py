@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 
 from embtune.data.dataset import RetrievalSet, TrainingData
+from embtune.data.formats import EXAMPLE_KIND
 
 
 def _texts(value) -> list[str]:
@@ -101,7 +102,7 @@ def hold_out_dev(data: TrainingData, data_format) -> TrainingData:
         ValueError: an explicit ``data.dev_queries`` at or above the number of distinct queries.
     """
     spec = data.dev
-    if data.test is not None or spec is None or spec.off or getattr(data_format, "kind", None) != "scores":
+    if data.test is not None or spec is None or spec.off or getattr(data_format, "kind", None) != EXAMPLE_KIND:
         return data
     # the format's columns as it will read them: configured, or recognised from the rows' names
     roles = data_format.resolve_columns(data.rows) if getattr(data_format, "roles", ()) else {}

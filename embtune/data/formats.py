@@ -44,6 +44,22 @@ COLUMN_NAMES = {
 _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)$")  # sentence-transformers' (anchor, positive, negative_1..n)
 
 
+# Fields read by the query tower (the query prompt, query_max_length): a retrieval query and an STS pair's
+# first text. Every other text field is a document. The one place this rule is written.
+QUERY_FIELDS = ("query", "text1")
+
+
+# data_format.kind of the formats whose rows become Example (query, positive, negatives); what each kind
+# trains is looked up in embtune.objectives.OBJECTIVES
+EXAMPLE_KIND = "scores"
+
+
+def tower(field: str) -> str:
+    """``"query"`` for a query field (:data:`QUERY_FIELDS`), else ``"document"``: the ``kind`` the model
+    tokenises and encodes a text column with."""
+    return "query" if field in QUERY_FIELDS else "document"
+
+
 class Example(NamedTuple):
     query: str
     positive: str

@@ -1,5 +1,6 @@
 """Batch samplers with a fixed plan per (seed, epoch), so a resumed run can skip to the batch it stopped at:
-plain shuffled batches, and batches without repeated texts (no in-batch negative is a copy of a positive)."""
+batches without repeated texts (no in-batch negative is a copy of a positive), with groups of rows kept
+together, none smaller than a floor; and plain shuffled batches (the same planner, with no texts)."""
 
 from __future__ import annotations
 
@@ -16,21 +17,48 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
 
     Batches are planned for the whole epoch up front (seeded by ``seed`` and the epoch), so ``len()`` is
     exact: every process of a distributed run agrees on the number of steps and none waits forever.
-    An example that clashes with the batch being filled waits for the next one; batches are full except
-    possibly the last ones. Set the epoch with :meth:`set_epoch` for a fresh order each epoch.
+
+    1. Greedy: the examples in shuffled order fill a batch up to ``batch_size``; one that clashes with the
+       batch being filled (shares a text) waits, and waiting ones get the first chance at the next batch.
+       With ``group_of``, the rows of one group (e.g. one query's positives) are one unit: planned into
+       the same batch, their own texts shared among them only (a group larger than a batch is split).
+    2. The floor: a batch of fewer than ``min_size`` rows (the last ones, made of examples that clash with
+       each other) is first merged with the other short ones where no text clashes, then filled up to
+       ``min_size`` with rows moved from the latest full batches (a donor keeps at least ``min_size``;
+       the moved row must not clash). A batch that still falls short is left out: its rows are
+       *unbatched* this epoch (:attr:`unbatched`; a fresh order next epoch). Every other row is used
+       exactly once.
+    3. ``multiple``: every batch holds a multiple of it (the number of processes, so each takes an equal
+       share); the rows cut off the end of a batch are unbatched too.
+
+    Batches whose plan needs no floor and no cut are exactly those of step 1. Set the epoch with
+    :meth:`set_epoch` for a fresh order each epoch.
 
     Args:
-        texts_of: index -> the texts of that example (e.g. query and positive).
+        texts_of: index -> the texts of that example (e.g. query and positive); None: no text rule
+            (plain shuffled batches).
         n: number of examples.
-        batch_size: examples per batch.
-        drop_last: drop a final batch smaller than ``batch_size``.
+        batch_size: rows per batch (at most).
+        drop_last: drop a final batch smaller than ``batch_size`` (its rows count as unbatched).
         seed: shuffling seed.
+        min_size: the floor, rows per batch (1: none).
+        multiple: each batch's size is a multiple of this.
+        group_of: index -> a group key; rows with the same key are planned together. None: no groups.
+    Raises:
+        ValueError: ``batch_size``, ``min_size`` or ``multiple`` < 1, or ``min_size`` > ``batch_size``.
     """
 
-    def __init__(self, texts_of: Callable[[int], tuple[str, ...]], n: int, batch_size: int,
-                 drop_last: bool = False, seed: int = 0):
+    def __init__(self, texts_of: Callable[[int], tuple[str, ...]] | None, n: int, batch_size: int,
+                 drop_last: bool = False, seed: int = 0, min_size: int = 1, multiple: int = 1,
+                 group_of: Callable[[int], str] | None = None):
+        if batch_size < 1 or min_size < 1 or multiple < 1 or min_size > batch_size:
+            raise ValueError(f"need 1 <= min_size <= batch_size and multiple >= 1, got min_size={min_size}, "
+                             f"batch_size={batch_size}, multiple={multiple}")
         self.texts_of, self.n, self.batch_size, self.drop_last, self.seed = texts_of, n, batch_size, drop_last, seed
+        self.min_size, self.multiple = min_size, multiple
+        self.units = _units(n, group_of, batch_size)
         self.epoch, self.start = 0, 0
+        self._unbatched: dict[int, int] = {}
         self._plan = self._make_plan()
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -38,37 +66,97 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self.epoch, self.start = epoch, start
         self._plan = self._make_plan()
 
-    def _make_plan(self) -> list[list[int]]:
-        order = list(range(self.n))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        upcoming, waiting = iter(order), deque()
-        batches: list[list[int]] = []
-        while True:
-            batch, seen = [], set()
+    @property
+    def unbatched(self) -> int:
+        """Rows of the current epoch's plan that are in no batch (see the class docstring)."""
+        return self._unbatched[self.epoch]
 
-            def fits(i: int) -> bool:
-                texts = set(self.texts_of(i))
-                if texts & seen:
+    def unbatched_in(self, epoch: int) -> int:
+        """Rows left out of epoch ``epoch``'s plan (planned on demand)."""
+        if epoch not in self._unbatched:
+            current, start = self.epoch, self.start
+            self.set_epoch(epoch)
+            self.set_epoch(current, start)
+        return self._unbatched[epoch]
+
+    def _texts(self, unit: list[int]) -> set[str]:
+        return {t for i in unit for t in self.texts_of(i)} if self.texts_of is not None else set()
+
+    def _make_plan(self) -> list[list[int]]:
+        order = list(range(len(self.units)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        units = [self.units[u] for u in order]
+        texts = [self._texts(u) for u in units]
+        batches = self._greedy(units, texts)
+        if self.drop_last and batches and sum(map(len, batches[-1])) < self.batch_size:
+            batches.pop()
+        if self.min_size > 1:
+            batches = self._floor(batches, {id(u): t for u, t in zip(units, texts)})
+        plan = [[i for u in b for i in u] for b in batches]
+        if self.multiple > 1:
+            plan = [b[:len(b) - len(b) % self.multiple] for b in plan]
+        plan = [b for b in plan if b]
+        self._unbatched[self.epoch] = self.n - sum(map(len, plan))
+        return plan
+
+    def _greedy(self, units: list[list[int]], texts: list[set[str]]) -> list[list[list[int]]]:
+        upcoming, waiting = iter(range(len(units))), deque()
+        batches: list[list[list[int]]] = []
+        while True:
+            batch, size, seen = [], 0, set()
+
+            def fits(u: int) -> bool:
+                nonlocal size
+                if size + len(units[u]) > self.batch_size or texts[u] & seen:
                     return False
-                batch.append(i)
-                seen.update(texts)
+                batch.append(units[u])
+                size += len(units[u])
+                seen.update(texts[u])
                 return True
 
             for _ in range(len(waiting)):  # earlier clashes get the first chance
-                i = waiting.popleft()
-                if len(batch) >= self.batch_size or not fits(i):
-                    waiting.append(i)
-            for i in upcoming:
-                if not fits(i):
-                    waiting.append(i)
-                if len(batch) >= self.batch_size:
+                u = waiting.popleft()
+                if not fits(u):
+                    waiting.append(u)
+            for u in upcoming:
+                if not fits(u):
+                    waiting.append(u)
+                if size >= self.batch_size:
                     break
             if not batch:
                 break
             batches.append(batch)
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
         return batches
+
+    def _floor(self, batches: list[list[list[int]]], texts: dict[int, set[str]]) -> list[list[list[int]]]:
+        """Step 2 of the class docstring: merge short batches, then fill them from the latest full ones."""
+        def rows(b):
+            return sum(map(len, b))
+
+        def clash(u, b):
+            return any(texts[id(u)] & texts[id(v)] for v in b)
+
+        full = [b for b in batches if rows(b) >= self.min_size]
+        short: list[list[list[int]]] = []
+        for u in (u for b in batches if rows(b) < self.min_size for u in b):  # first fit, in plan order
+            for b in short:
+                if rows(b) + len(u) <= self.batch_size and not clash(u, b):
+                    b.append(u)
+                    break
+            else:
+                short.append([u])
+        for b in short:
+            for donor in reversed(full):
+                for u in reversed(list(donor)):
+                    if rows(b) >= self.min_size:
+                        break
+                    if (rows(donor) - len(u) >= self.min_size and rows(b) + len(u) <= self.batch_size
+                            and not clash(u, b)):
+                        donor.remove(u)
+                        b.append(u)
+                if rows(b) >= self.min_size:
+                    break
+        return full + [b for b in short if rows(b) >= self.min_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._plan[self.start:])
@@ -78,32 +166,26 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         return len(self._plan)
 
 
-class ShuffledBatchSampler(Sampler[list[int]]):
-    """Shuffled batches of ``batch_size`` indices, a fresh order per epoch drawn from ``(seed, epoch)``.
+def _units(n: int, group_of: Callable[[int], str] | None, batch_size: int) -> list[list[int]]:
+    """Rows 0..n−1 as planning units: one row each, or the rows of each group (first appearance order),
+    split into pieces of at most ``batch_size``."""
+    if group_of is None:
+        return [[i] for i in range(n)]
+    groups: dict[str, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(group_of(i), []).append(i)
+    return [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+
+
+class ShuffledBatchSampler(NoDuplicatesBatchSampler):
+    """Shuffled batches of ``batch_size`` indices, a fresh order per epoch drawn from ``(seed, epoch)``:
+    the planner above without texts, so consecutive slices of the shuffled order (with the same floor,
+    ``min_size``, and ``multiple``).
 
     Unlike a ``DataLoader(shuffle=True)`` generator, the order of epoch e does not depend on how many
     epochs were drawn before, so a resumed run sees the same batches as an uninterrupted one.
-
-    Args:
-        n: number of examples.
-        batch_size: indices per batch.
-        drop_last: drop a final batch smaller than ``batch_size``.
-        seed: shuffling seed.
     """
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool = False, seed: int = 0):
-        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Use epoch ``epoch``'s order; iteration begins at batch ``start``."""
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = list(range(self.n))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        for b in range(self.start, len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+    def __init__(self, n: int, batch_size: int, drop_last: bool = False, seed: int = 0, min_size: int = 1,
+                 multiple: int = 1):
+        super().__init__(None, n, batch_size, drop_last, seed, min_size, multiple)

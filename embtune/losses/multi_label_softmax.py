@@ -21,9 +21,16 @@ class MultiLabelSoftmax(nn.Module):
     that changes no gradient. (Their "L_out", eq. 2, averages −log p over positives instead.)
     With one positive per row it is InfoNCE (``info_nce`` with label_smoothing 0).
 
-    Input kind "scores"; data formats: pointwise (texts sharing a class label are each other's
-    positives, as in SupCon), pairwise with a list of positives per query (rows sharing a query mark
-    each other's positives), triplet and multi_negative (hard negatives). Needs no negatives.
+    Input kind "multi_positive_scores" (``embtune.objectives.MultiPositive``): data formats pairwise (a
+    list of positives per query, or several rows with one query), triplet and multi_negative (hard
+    negatives). The rows of one query are batched together and become one anchor whose target marks
+    all of their positives, among in-batch and hard candidates. Not pointwise (class labels): that is
+    ArcFace's data. Needs no negatives; refuses ``negatives=online_hard``.
+
+    Measured once, on SciFact (its train qrels give 76 of 807 queries two or more positives, 188 of the
+    919 rows), one epoch, batch 32, seed 42: NDCG@10 0.6678, against 0.6630 for one-way InfoNCE and
+    0.6690 for symmetric InfoNCE (the default) at that seed. That is within the spread between seeds
+    (one-way InfoNCE: 0.6617–0.6698 over six), so no gain over the default has been shown.
 
     Args:
         temperature: τ > 0 (0.05).
@@ -38,7 +45,7 @@ class MultiLabelSoftmax(nn.Module):
     """
 
     name = "multi_label_softmax"
-    input_kind = "scores"
+    input_kind = "multi_positive_scores"
     needs_negatives = False
     margin = None
 

@@ -67,29 +67,3 @@ def score_examples(teacher, examples: list[Example]) -> list[Example]:
     score = dict(zip(pairs, teacher([q for q, _ in pairs], [d for _, d in pairs])))
     return [e._replace(positive_score=score[e.query, e.positive],
                        negative_scores=tuple(score[e.query, d] for d in e.negatives)) for e in examples]
-
-
-def check_distillation(data_format, negatives, loss, teacher) -> None:
-    """A distillation loss needs hard negatives (its candidate list) and teacher scores from a teacher
-    or the data; a teacher needs a distillation loss. Checked before any model loads.
-
-    Raises:
-        ValueError: naming the options that clash.
-    """
-    distilling = getattr(loss, "input_kind", None) == "teacher_scores"
-    if teacher is not None and not distilling:
-        raise ValueError(f"teacher is set but loss={loss.name} does not distil: use loss=distill_kl or "
-                         "loss=margin_mse")
-    if not distilling:
-        return
-    if getattr(negatives, "name", None) != "hard":
-        raise ValueError(f"loss={loss.name} distils over each query's positive and hard negatives: use "
-                         f"negatives=hard (with negatives.group_size > 1), not negatives={negatives.name}")
-    if teacher is None and not getattr(data_format, "has_scores", False):
-        raise ValueError(f"loss={loss.name} needs teacher scores: set teacher=cross_encoder "
-                         f"teacher.name_or_path=MODEL, or read them from the data with "
-                         f"data_format.positive_scores=pos_scores data_format.negative_scores=neg_scores "
-                         f"(data_format={data_format.name})")
-    if teacher is not None and getattr(data_format, "has_scores", False):
-        raise ValueError("both a teacher and teacher-score columns are set: pick one (teacher=... or "
-                         "data_format.positive_scores/negative_scores)")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from embtune.objectives.contrastive import Contrastive
+
 
 def maxsim(q: Tensor, q_mask: Tensor, d: Tensor, d_mask: Tensor) -> Tensor:
     """MaxSim of every query against every document.
@@ -75,6 +77,29 @@ def maxsim_scores(negatives, anchor: tuple[Tensor, Tensor], positive: tuple[Tens
             extra = extra.masked_fill(~negative_mask.reshape(1, -1).to(extra.device), float("-inf"))
         scores = torch.cat([scores, extra], dim=1)
     return scores, torch.arange(scores.size(0), device=scores.device)
+
+
+class LateInteraction(Contrastive):
+    """Contrastive training of a multi-vector model (``model=multi_vector``): the same examples,
+    batches and candidates as :class:`~embtune.objectives.contrastive.Contrastive`, scored by
+    :func:`maxsim_scores` over token vectors; candidates that copy the anchor's positive score ``-inf``.
+    No Matryoshka, no GradCache and no cross-device candidates (refused before the model loads: token
+    vectors are neither truncated, cached nor gathered). Metrics: ``train/candidates``.
+    """
+
+    matryoshka = False
+
+    def loss(self, model, batch: dict, dims: list[tuple[int, float]],
+             embeddings: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Raises:
+            ValueError: ``embeddings`` given (GradCache caches one vector per text)."""
+        if embeddings is not None:
+            raise ValueError("a multi-vector model encodes token vectors: it cannot use cached embeddings")
+        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
+        n = model(**batch["negative"]) if "negative" in batch else None
+        scores, target = maxsim_scores(self.negatives, a, p, n, batch.get("negative_mask"))
+        scores = scores.masked_fill(batch["false_negative"], float("-inf"))
+        return self.loss_fn(scores, target), {"train/candidates": torch.isfinite(scores).sum(1).float().mean().item()}
 
 
 @dataclass

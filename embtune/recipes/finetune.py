@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,9 +29,7 @@ from embtune.eval.base_cache import base_metrics
 from embtune.eval.evaluators import Retrieval
 from embtune.model import kernels, save
 from embtune.model.cross_encoder import score_examples
-from embtune.objectives.candidates import candidate_loss
-from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
-from embtune.objectives.maxsim import maxsim_scores
+from embtune.objectives.matryoshka import matryoshka_dims
 from embtune.recipes.model_card import model_card
 from embtune.run.outputs import write_json
 from embtune.run.progress import print_comparison, progress_bar
@@ -44,63 +41,6 @@ from embtune.training.optim import clamp_after_step, lr_at, param_groups
 from embtune.training.selection import Best, check_selection, evaluate_and_select
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def prepare_classes(loss_fn, examples: list, model, batch_size: int) -> None:
-    """For classification losses (ArcFace): size the class-weight matrix, set per-class margins from
-    class frequencies, and start each class weight at the mean embedding of its texts."""
-    labels = torch.tensor([e.label for e in examples])
-    n_classes = int(labels.max()) + 1
-    emb = torch.from_numpy(model.encode([e.text for e in examples], batch_size=batch_size))
-    means = torch.zeros(n_classes, emb.size(1)).index_add_(0, labels, emb)
-    loss_fn.build(n_classes, emb.size(1))
-    loss_fn.set_class_counts(torch.bincount(labels, minlength=n_classes).float())
-    loss_fn.init_weights(F.normalize(means, dim=-1))
-
-
-def compute_loss(model, batch: dict, kind: str, negatives, loss_fn, dims: list[tuple[int, float]],
-                 embeddings: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Encode a batch's texts once, then sum the weighted loss at each Matryoshka dimension
-    (Kusupati et al. 2022: truncate to d, re-normalise, score). Returns the loss and extra per-step
-    metrics (``train/candidates`` for candidate-scoring losses). ``model`` may be wrapped in DDP.
-    A multi-vector model's candidates are scored by MaxSim over token vectors instead
-    (``embtune.objectives.maxsim``; no Matryoshka there). ``embeddings`` ({column: [N,D]}), when given, are used
-    instead of encoding (GradCache, ``embtune.training.grad_cache``)."""
-    normalize = distributed.unwrap(model).normalize
-
-    def enc(column):  # queries (and STS's first texts) through the query tower, the rest the document tower
-        tower = "query" if column in ("query", "text1") else "document"
-        return embeddings[column] if embeddings is not None else model(**batch[column], kind=tower)
-
-    def cut(x, d):
-        return truncate(x, d, normalize)
-
-    if kind == "scores" and getattr(distributed.unwrap(model), "multi_vector", False):  # MaxSim scores [B,C]
-        a, p = model(**batch["query"], kind="query"), model(**batch["positive"])
-        n = model(**batch["negative"]) if "negative" in batch else None
-        scores, target = maxsim_scores(negatives, a, p, n, batch.get("negative_mask"))
-        return loss_fn(scores.masked_fill(batch["false_negative"], float("-inf")), target), {}
-    if kind == "scores":
-        return candidate_loss(enc, batch, negatives, loss_fn, dims, cut)
-    if kind == "teacher_scores":  # distillation over each query's positive (column 0) and its negatives
-        q, p = enc("query"), enc("positive")
-        docs = torch.cat([p[:, None], enc("negative").view(q.size(0), -1, q.size(-1))], dim=1)
-        mask = torch.cat([torch.ones_like(batch["negative_mask"][:, :1]), batch["negative_mask"]], dim=1)
-        return sum(w * loss_fn(torch.einsum("bd,bcd->bc", cut(q, d), cut(docs, d)), batch["teacher"], mask)
-                   for d, w in dims), {}
-    if kind == "pair_scores":
-        e1, e2 = enc("text1"), enc("text2")
-        return sum(w * loss_fn(F.cosine_similarity(cut(e1, d), cut(e2, d), dim=-1), batch["score"])
-                   for d, w in dims), {}
-    if kind == "list_scores":
-        q = enc("query")
-        docs = enc("documents").view(q.size(0), -1, q.size(-1))
-        scores = scores_per_dim(q, docs, [d for d, _ in dims], normalize)
-        return sum(w * loss_fn(scores[d], batch["teacher"], batch["mask"]) for d, w in dims), {}
-    if kind == "embeddings":  # class weights are full-size: no Matryoshka truncation here
-        return loss_fn(enc("text"), batch["label"]), {}
-    raise ValueError(f"unknown example kind {kind!r}")
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -141,8 +81,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     check_selection(evaluator.every_steps, evaluator.keep, patience)
     best = Best(evaluator.metric, evaluator.keep, patience)  # the best evaluation during training and its weights
     teacher = build(cfg, "teacher") if cfg.get("teacher") else None
-    kind = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)
-    examples, row_of = make_examples(data, data_format, loss_fn, kind)
+    objective = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
+    examples, row_of = make_examples(data, data_format, objective)
     if teacher is not None:
         examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
 
@@ -163,8 +103,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                                                data.fingerprint, cache_dir())
     dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
-    if hasattr(loss_fn, "build"):
-        prepare_classes(loss_fn, examples, model, evaluator.batch_size)
+    objective.start(model, examples, evaluator.batch_size)  # e.g. ArcFace's class centres from the data
     loss_fn.to(device)
     # summary.json's text counts: rank 0 writes the summary, so only it tokenises every text for them
     texts = (text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length)
@@ -180,8 +119,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
-    group_size = negatives.group_size if negatives.needs_negatives else 1
-    loader, sampler, rng = make_loader(examples, kind, t, proc, model, group_size)
+    loader, sampler, rng = make_loader(examples, objective, t, proc, model)
     trained = distributed.wrap(model, proc, device)  # DDP: gradients averaged over processes at backward
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
     total = t.max_steps or t.epochs * len(loader)
@@ -191,6 +129,20 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda"
                               and torch.cuda.is_bf16_supported())
+
+    # -- the backward step, chosen once: (batch) -> (loss, metrics), gradients accumulated in .grad
+    def loss_of(batch: dict, embeddings: dict | None = None) -> tuple[torch.Tensor, dict]:
+        return objective.loss(trained, batch, dims, embeddings)
+
+    if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations at a time
+        def backward(batch: dict) -> tuple[torch.Tensor, dict]:
+            return grad_cache_backward(trained, batch, lambda e: loss_of(batch, e), t.mini_batch_size, autocast)
+    else:
+        def backward(batch: dict) -> tuple[torch.Tensor, dict]:
+            with autocast:
+                loss, metrics = loss_of(batch)
+            loss.backward()
+            return loss, metrics
 
     # -- the loop; one step counter drives schedule, logging and checkpoints
     model.train()
@@ -219,15 +171,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         while step < total and not stopped:
             sampler.set_epoch(epoch, start=done)
             for idx, batch in loader:
-                batch = _to(batch, device)
-                if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations
-                    extra = {}
-                    loss = grad_cache_backward(trained, batch, lambda e: compute_loss(
-                        trained, batch, kind, negatives, loss_fn, dims, embeddings=e)[0], t.mini_batch_size, autocast)
-                else:
-                    with autocast:
-                        loss, extra = compute_loss(trained, batch, kind, negatives, loss_fn, dims)
-                    loss.backward()
+                loss, extra = backward(_to(batch, device))
                 distributed.average_gradients(loss_params, proc)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 lr = t.lr * lr_at(step, total, warmup)  # the configured rate this step used (the top layer's)
@@ -272,6 +216,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         return {"base": {}, "final": {}, "steps": step}
     if skipped:
         log.warning("%d of %d steps skipped: non-finite loss or gradient", skipped, step)
+    unbatched = sum(sampler.unbatched_in(e) for e in range(epoch + 1))  # the epochs this run's steps came from
+    if unbatched:
+        log.warning("%d rows (summed over %d epochs) were in no batch: they could not be batched without "
+                    "repeating a text in a batch of at least train.min_batch_size (summary.json: unbatched_rows)",
+                    unbatched, epoch + 1)
 
     # -- final metrics, model, summary
     if stopped:
@@ -291,6 +240,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
+        "unbatched_rows": unbatched,
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
         **({"selection": best.summary(), "last": last} if best.evaluations else {}),

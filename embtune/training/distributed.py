@@ -140,9 +140,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """Splits each batch of a global batch sampler into W equal contiguous parts, part ``rank`` for this
     process: process r gets examples [r·B, (r+1)·B) of each global batch, so the gathered candidates are
     the global batch in its order. The global sampler is built with batch size W·B, so its guarantees
-    (e.g. no text twice, ``NoDuplicatesBatchSampler``) hold across all processes. A last global batch
-    that does not split evenly is cut to a multiple of W (and dropped if that leaves no example per
-    process), so every process runs the same number of steps with the same batch size.
+    (e.g. no text twice, ``NoDuplicatesBatchSampler``) hold across all processes. A global batch that
+    does not split evenly would be cut to a multiple of W (and dropped if that leaves no example per
+    process), so every process runs the same number of steps with the same batch size; the loop's
+    sampler plans multiples of W (``multiple=W``) and counts what it leaves out, so nothing is cut here.
 
     Raises:
         ValueError: rank not in 0..world−1.
@@ -157,6 +158,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
         """Plan the global batches of ``epoch``, starting at global batch ``start``."""
         if hasattr(self.batches, "set_epoch"):
             self.batches.set_epoch(epoch, start)
+
+    def unbatched_in(self, epoch: int) -> int:
+        """Rows the global plan of ``epoch`` leaves out (``NoDuplicatesBatchSampler.unbatched_in``)."""
+        return self.batches.unbatched_in(epoch)
 
     def _parts(self) -> Iterator[list[int]]:
         for batch in self.batches:

@@ -27,8 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-# columns that the query tower (and the query prompt) encodes, as in train.compute_loss; the rest are documents
-QUERY_COLUMNS = ("query", "text1")
+from embtune.data.formats import tower
 
 
 def _chunks(tokens: dict[str, Tensor], size: int) -> list[tuple[Tensor, dict[str, Tensor]]]:
@@ -42,10 +41,6 @@ def _chunks(tokens: dict[str, Tensor], size: int) -> list[tuple[Tensor, dict[str
         out.append((rows, {k: v[rows][:, keep] if v.dim() == 2 and v.shape == mask.shape else v[rows]
                            for k, v in tokens.items()}))
     return out
-
-
-def _kind(column: str) -> str:
-    return "query" if column in QUERY_COLUMNS else "document"
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -64,20 +59,21 @@ def _replay(state: tuple, device: torch.device):
         yield
 
 
-def grad_cache_backward(model, batch: dict, loss_of: Callable[[dict[str, Tensor]], Tensor], mini_batch_size: int,
-                        autocast=contextlib.nullcontext()) -> Tensor:
+def grad_cache_backward(model, batch: dict, loss_of: Callable[[dict[str, Tensor]], tuple[Tensor, dict]],
+                        mini_batch_size: int, autocast=contextlib.nullcontext()) -> tuple[Tensor, dict]:
     """Compute the full-batch loss and accumulate its gradients into ``.grad`` (instead of ``loss.backward()``).
 
     Args:
         model: an :class:`embtune.model.embedder.Embedder`: ``(input_ids [n,T], attention_mask [n,T]) -> [n,D]``.
         batch: a collated batch (``embtune.data.batching.collate``); every dict value holding ``input_ids``
             is a text column to encode ([N,T] each; N may differ between columns, e.g. B·K negatives).
-        loss_of: ``{column: embeddings [N,D]} -> scalar loss``; it must use only these embeddings and
-            the batch's other tensors (``train.compute_loss`` with ``embeddings=``).
+        loss_of: ``{column: embeddings [N,D]} -> (scalar loss, metrics)``; it must use only these
+            embeddings and the batch's other tensors (an objective's ``loss`` with ``embeddings=``,
+            ``embtune.objectives``); each column is encoded by its tower (``embtune.data.formats.tower``).
         mini_batch_size: rows encoded at once (>= 1).
         autocast: the autocast context of the forward passes (bf16 on GPUs).
     Returns:
-        The loss, detached (a scalar tensor).
+        The loss, detached (a scalar tensor), and ``loss_of``'s metrics (e.g. ``train/candidates``).
     Raises:
         ValueError: ``mini_batch_size`` < 1.
     """
@@ -95,7 +91,7 @@ def grad_cache_backward(model, batch: dict, loss_of: Callable[[dict[str, Tensor]
             parts = []
             for rows, tokens in plan[c]:
                 states[c].append(_rng_state(device))
-                parts.append((rows, model(**tokens, kind=_kind(c))))
+                parts.append((rows, model(**tokens, kind=tower(c))))
             n = batch[c]["input_ids"].size(0)
             emb = torch.empty(n, parts[0][1].size(-1), dtype=parts[0][1].dtype, device=parts[0][1].device)
             for rows, e in parts:
@@ -104,7 +100,7 @@ def grad_cache_backward(model, batch: dict, loss_of: Callable[[dict[str, Tensor]
 
     # 2. full-batch loss; backward fills the embeddings' grads (and the loss's own parameters')
     with autocast:
-        loss = loss_of(cached)
+        loss, metrics = loss_of(cached)
     loss.backward()
 
     # 3. re-encode each mini-batch with a graph, same dropout masks, and push its slice of dL/de through
@@ -112,6 +108,6 @@ def grad_cache_backward(model, batch: dict, loss_of: Callable[[dict[str, Tensor]
         grad = cached[c].grad
         for (rows, tokens), state in zip(plan[c], states[c]):
             with _replay(state, device), autocast:
-                e = model(**tokens, kind=_kind(c))
+                e = model(**tokens, kind=tower(c))
             e.backward(grad[rows].to(e.dtype))
-    return loss.detach()
+    return loss.detach(), metrics
