@@ -94,7 +94,7 @@ def test_a_piped_run_logs_progress_lines_the_table_and_where_the_model_went(tmp_
         steps = [line.split("step ")[1].split()[0] for line in text.splitlines() if "embtune.progress" in line
                  and " step " in line]
         assert steps == ["2/6", "4/6", "6/6"]  # one plain line per train.log_every steps
-        assert "retrieval metrics: base vs fine-tuned" in text and "ndcg@10" in text
+        assert "metrics: base vs fine-tuned" in text and "ndcg@10" in text
         assert f"model saved to {run_dir / 'model'}" in text
     assert not any(line.startswith("config:") or "_target_" in line for line in printed)  # the config is in .hydra/
     assert (run_dir / ".hydra" / "config.yaml").is_file()

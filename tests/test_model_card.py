@@ -52,5 +52,8 @@ def test_a_trained_model_folder_has_the_card_and_still_loads_in_sentence_transfo
     summary = json.loads((tmp_path / "summary.json").read_text())
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"{summary['data']['train_rows']} rows" in card and summary["data"]["fingerprint"][:16] in card
+    # pooling=auto: the card names the pooling the saved model inherited, as its 1_Pooling says (mean)
+    pooling = json.loads((tmp_path / "model" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and "- Pooling: `Mean`, normalised: True" in card
     model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert model.encode(["a text"]).shape == (1, 32)

@@ -120,6 +120,7 @@ def main(cfg: DictConfig) -> float | None:
             raise
         raise SystemExit(f"Error: {redact_text(str(e))}") from None
     log.info("\n%s", (output_dir / "results.md").read_text().rstrip())  # on screen and in evaluate.log
+    log.info("results written to %s (summary.json, results.md, evaluate.log)", output_dir)
     return summary["metrics"].get(cfg.eval.metric)
 
 

@@ -246,7 +246,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         **({"selection": best.summary(), "last": last} if best.evaluations else {}),
     })
     write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"
-    (output_dir / "model" / "README.md").write_text(model_card(summary, saved_config), encoding="utf-8")
+    pooling_name = type(model.pooling).__name__ if model.pooling is not None else None  # the inherited one too
+    card = model_card(summary, saved_config, pooling_name, model.normalize)
+    (output_dir / "model" / "README.md").write_text(card, encoding="utf-8")
     if not t.get("keep_checkpoint", False):  # completed: model/ holds the weights; the optimiser state is ~2x them
         shutil.rmtree(output_dir / checkpoint.FOLDER, ignore_errors=True)
     logger.summary(summary)

@@ -85,13 +85,15 @@ def _command(config: dict) -> str:
     return " \\\n  ".join(parts)
 
 
-def model_card(summary: dict, config: dict) -> str:
+def model_card(summary: dict, config: dict, pooling: str | None = None, normalize: bool | None = None) -> str:
     """The README.md text of a model trained by embtune.
 
     Args:
         summary: the run's ``summary.json`` content (``base``, ``final``, ``steps``, ``temperature``,
             ``margin``, ``data`` with ``name``, ``train_rows``, ``fingerprint``, ``examples``).
         config: the run's resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
+        pooling, normalize: what the saved model uses (inherited from the starting model when the config
+            left them null, ``pooling=auto``); None reads them from the config.
 
     Returns:
         Markdown with YAML front matter (``base_model`` only when the hub id is known).
@@ -120,8 +122,8 @@ def model_card(summary: dict, config: dict) -> str:
         "A sentence-embedding model fine-tuned with embtune.", "",
         "## Training", "",
         f"- Base model: {f'[{hub}](https://huggingface.co/{hub})' if hub else f'`{base_name}` (local)'}",
-        f"- Pooling: `{_option('pooling', (config.get('pooling') or {}).get('_target_'))}`, "
-        f"normalised: {model.get('normalize')}",
+        f"- Pooling: `{pooling or _option('pooling', (config.get('pooling') or {}).get('_target_'))}`, "
+        f"normalised: {model.get('normalize') if normalize is None else normalize}",
         f"- Training data: `{data.get('name')}`, {data.get('train_rows')} rows -> {summary.get('examples')} "
         f"examples, fingerprint `{str(data.get('fingerprint', ''))[:16]}`",
         f"- Data format: `{_option('data_format', (config.get('data_format') or {}).get('_target_'))}`",

@@ -96,7 +96,7 @@ def _fmt(v) -> str:
 
 def comparison_table(base: dict[str, float], final: dict[str, float]) -> Table:
     """Base and fine-tuned metrics side by side, with the difference."""
-    table = Table(title="retrieval metrics: base vs fine-tuned")
+    table = Table(title="metrics: base vs fine-tuned")
     for col in ("metric", "base", "fine-tuned", "Δ"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for name in dict.fromkeys([*base, *final]):
