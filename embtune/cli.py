@@ -68,18 +68,21 @@ def main(cfg: DictConfig) -> float | None:
     refuse_if_used(output_dir)  # a backstop: NeverOverwrite normally refuses earlier
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml") if hc.output_subdir else ():
         redact_yaml_file(output_dir / hc.output_subdir / name)  # what Hydra saved before this job started
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.get("resume_from"):
-        run_config = _resume_config(cfg, hc.overrides.task)
-    run_config = redact(run_config)
-    if cfg.get("print_config"):
-        log.info("config:\n%s", OmegaConf.to_yaml(run_config))
     log.info("run folder %s (its config: %s)", output_dir,
              output_dir / hc.output_subdir / "config.yaml" if hc.output_subdir else "not saved")
     multirun = hc.mode == RunMode.MULTIRUN
     logger = None
     try:
         normalize(cfg)  # key=None as null, types checked by key, prompt escapes: before anything is built
+        if hc.output_subdir:  # the saved config reads as the run used it (null, not the string 'None')
+            OmegaConf.save(cfg, output_dir / hc.output_subdir / "config.yaml")
+            redact_yaml_file(output_dir / hc.output_subdir / "config.yaml")
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.get("resume_from"):
+            run_config = _resume_config(cfg, hc.overrides.task)
+        run_config = redact(run_config)
+        if cfg.get("print_config"):
+            log.info("config:\n%s", OmegaConf.to_yaml(run_config))
         # partial: the resolved config holds _target_ keys that instantiate must not build
         logger = instantiate(cfg.logger, _partial_=True)(
             output_dir=output_dir, run_config=run_config,

@@ -71,6 +71,22 @@ def test_bad_data_is_one_error_line_naming_file_row_and_field(tmp_path, tiny_ber
     assert "Traceback" in json.loads((run_dir / "summary.json").read_text())["traceback"]
 
 
+def test_the_saved_config_reads_key_none_as_null(tmp_path, tiny_bert):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "logger=none",
+           "data.max_train_pairs=8", "data.max_test_queries=4", "train.batch_size=4", "train.max_steps=1",
+           "model.query_prompt=None", "train.checkpoint_every=None", "eval.before=false", "eval.after=false",
+           f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert saved["model"]["query_prompt"] is None and saved["train"]["checkpoint_every"] is None
+    assert saved["loss"]["temperature"] == 0.05  # the rest as composed
+    assert "model.query_prompt=None" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # what was typed
+
+
 def test_a_one_step_run_trains_at_a_nonzero_learning_rate(tmp_path, tiny_bert):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "logger=none",
