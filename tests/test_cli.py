@@ -85,6 +85,8 @@ def test_the_saved_config_reads_key_none_as_null(tmp_path, tiny_bert):
     assert saved["model"]["query_prompt"] is None and saved["train"]["checkpoint_every"] is None
     assert saved["loss"]["temperature"] == 0.05  # the rest as composed
     assert "model.query_prompt=None" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # what was typed
+    reproduce = (run_dir / "model" / "README.md").read_text().split("```bash\n")[1].split("\n```")[0]
+    assert reproduce.replace(" \\\n  ", " ") == " ".join(["embtune", *(a for a in cmd[3:] if not a.startswith("hydra."))])
 
 
 def test_a_one_step_run_trains_at_a_nonzero_learning_rate(tmp_path, tiny_bert):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from conftest import CONF
 from hydra import compose, initialize_config_dir
@@ -57,3 +58,19 @@ def test_a_trained_model_folder_has_the_card_and_still_loads_in_sentence_transfo
     assert pooling["pooling_mode_mean_tokens"] and "- Pooling: `Mean`, normalised: True" in card
     model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert model.encode(["a text"]).shape == (1, 32)
+
+
+def _reproduce_block(card: str) -> str:
+    return card.split("## Reproduce")[1].split("```bash\n")[1].split("\n```")[0]
+
+
+def test_the_reproduce_command_is_the_typed_overrides_and_composes_the_same_config():
+    typed = ["recipe=two_stage", "data.max_test_queries=50", "eval=sts", "eval.path=../shared/data/stsb/test.tsv",
+             "model.query_prompt=query: "]
+    config = OmegaConf.to_container(_config(typed), resolve=True)
+    card = model_card({"base": {}, "final": {}, "data": {}}, config, overrides=typed)
+    words = shlex.split(_reproduce_block(card).replace("\\\n", " "))
+    assert words[0] == "embtune" and words[1:] == typed  # a prompt with a space survives the shell
+    assert OmegaConf.to_container(_config(words[1:]), resolve=True) == config
+    rebuilt = model_card({"base": {}, "final": {}, "data": {}}, config)  # outside a Hydra job: rebuilt from config
+    assert _reproduce_block(rebuilt).startswith("python -m embtune.cli")

@@ -30,7 +30,7 @@ from embtune.eval.evaluators import Retrieval
 from embtune.model import kernels, save
 from embtune.model.cross_encoder import score_examples
 from embtune.objectives.matryoshka import matryoshka_dims
-from embtune.recipes.model_card import model_card
+from embtune.recipes.model_card import model_card, typed_overrides
 from embtune.run.outputs import write_json
 from embtune.run.progress import print_comparison, progress_bar
 from embtune.run.redact import redact
@@ -247,7 +247,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     })
     write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"
     pooling_name = type(model.pooling).__name__ if model.pooling is not None else None  # the inherited one too
-    card = model_card(summary, saved_config, pooling_name, model.normalize)
+    card = model_card(summary, saved_config, pooling_name, model.normalize, typed_overrides())
     (output_dir / "model" / "README.md").write_text(card, encoding="utf-8")
     if not t.get("keep_checkpoint", False):  # completed: model/ holds the weights; the optimiser state is ~2x them
         shutil.rmtree(output_dir / checkpoint.FOLDER, ignore_errors=True)

@@ -9,6 +9,7 @@ text; the training loop writes it into ``RUN_DIR/model/README.md``.
 from __future__ import annotations
 
 import re
+import shlex
 from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from pathlib import Path
@@ -60,8 +61,27 @@ def _metrics_table(base: dict, final: dict) -> list[str]:
     return rows
 
 
-def _command(config: dict) -> str:
-    """An ``embtune`` command that composes the same run: the chosen options and the key values."""
+def typed_overrides() -> list[str] | None:
+    """The overrides typed for this job (Hydra's ``overrides.task``, a sweep job's own values included),
+    secrets masked; None outside a Hydra job or in a resumed one (its overrides name only the checkpoint)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from embtune.run.redact import redact_text
+
+    if not HydraConfig.initialized():
+        return None
+    task = list(HydraConfig.get().overrides.task)
+    if any(o.lstrip("+~").startswith("resume_from=") for o in task):
+        return None
+    return [redact_text(o) for o in task]
+
+
+def _command(config: dict, overrides: list[str] | None = None) -> str:
+    """The ``embtune`` command that reproduces the run: the typed ``overrides`` when known (they compose
+    exactly this config, every stage of a recipe included); else one rebuilt from the chosen options and
+    the key values."""
+    if overrides is not None:
+        return " \\\n  ".join(["embtune", *(shlex.quote(o) for o in overrides)]) if overrides else "embtune"
     parts = ["python -m embtune.cli"]
     model, data = config.get("model", {}), config.get("data", {})
     parts.append(f"model.name_or_path={model.get('name_or_path')}")
@@ -85,7 +105,8 @@ def _command(config: dict) -> str:
     return " \\\n  ".join(parts)
 
 
-def model_card(summary: dict, config: dict, pooling: str | None = None, normalize: bool | None = None) -> str:
+def model_card(summary: dict, config: dict, pooling: str | None = None, normalize: bool | None = None,
+               overrides: list[str] | None = None) -> str:
     """The README.md text of a model trained by embtune.
 
     Args:
@@ -94,6 +115,8 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
         config: the run's resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
         pooling, normalize: what the saved model uses (inherited from the starting model when the config
             left them null, ``pooling=auto``); None reads them from the config.
+        overrides: the command-line overrides of the run (:func:`typed_overrides`) for the "Reproduce"
+            command; None rebuilds one from ``config``.
 
     Returns:
         Markdown with YAML front matter (``base_model`` only when the hub id is known).
@@ -134,7 +157,7 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
         f"- Steps: {summary.get('steps')}; "
         + ", ".join(f"{k} {train[k]}" for k in _TRAIN_KEYS if train.get(k) is not None), "",
         "## Evaluation", "", *_metrics_table(summary.get("base") or {}, summary.get("final") or {}), "",
-        "## Reproduce", "", "```bash", _command(config), "```", "",
+        "## Reproduce", "", "```bash", _command(config, overrides), "```", "",
         "## Library versions", "", *[f"- {k}: {v}" for k, v in _versions().items()], "",
         "## Usage", "", "```python", "import embtune", "", 'model = embtune.load("path/to/model")',
         'embeddings = model.encode(["A query", "A document"])', "```", "", "```python",
