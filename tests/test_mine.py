@@ -34,7 +34,9 @@ class TableEmbedder:
     def __init__(self, table: dict[str, np.ndarray]):
         self.table = table
 
-    def encode(self, texts, kind="document", batch_size=64):
+    def encode(self, texts, kind="document", batch_size=64, progress=None):
+        if progress is not None:
+            progress(len(texts))
         return np.stack([self.table[t] for t in texts]).astype(np.float32)
 
 

@@ -1,18 +1,32 @@
 """Evaluators (``eval=``): what "better" means for a run. Each is called with the model and the loaded
 data and returns a flat dict of metrics; ``before``/``after`` pick when it runs, ``metric`` names the
-number that sweeps report and optimise."""
+number that sweeps report and optimise.
+
+Each evaluation logs one line when it starts (what, how many texts) and one when it ends (seconds and
+``metric``); on a terminal a transient bar shows the encoding in between
+(:func:`embtune.run.progress.encoding_progress`).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import torch
 
 from embtune.data import TrainingData
 from embtune.eval.metrics import evaluate_retrieval, sts_spearman
 from embtune.objectives.maxsim import evaluate_maxsim
+from embtune.run.progress import encoding_progress
 
 log = logging.getLogger(__name__)
+
+
+def _log_result(what: str, started: float, metric: str, metrics: dict) -> None:
+    value = metrics.get(metric)
+    shown = f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "missing"
+    log.info("evaluated %s in %.1f s: %s %s", what, time.perf_counter() - started, metric, shown)
 
 
 class Retrieval:
@@ -52,15 +66,23 @@ class Retrieval:
         elif shared:
             log.warning("%d of %d test queries are also corpus documents (same id) and eval.ignore_identical_ids="
                         "false: each may retrieve itself, which BEIR and MTEB do not count", shared, len(qids))
-        log.info("evaluating: encoding %d queries and %d documents", len(qids), len(dids))
-        q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size)
-        d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size)
+        what = f"{data.name} ({'dev split' if data.held_out else 'test'})"
+        log.info("evaluating %s: %d queries, %d documents", what, len(qids), len(dids))
+        started = time.perf_counter()
+        with encoding_progress(f"evaluate {what}", len(qids) + len(dids)) as advance:
+            q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size,
+                             progress=advance)
+            d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size,
+                             progress=advance)
         if model.multi_vector:
-            return evaluate_maxsim(q, d, test, qids, dids, k=self.k + bool(shared and self.ignore_identical_ids),
-                                   device=model.device, ignore_identical_ids=self.ignore_identical_ids)
-        return evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
-                                  k=self.k, dims=[x for x in dims if x < model.dim], normalize=model.normalize,
-                                  ignore_identical_ids=self.ignore_identical_ids)
+            metrics = evaluate_maxsim(q, d, test, qids, dids, k=self.k + bool(shared and self.ignore_identical_ids),
+                                      device=model.device, ignore_identical_ids=self.ignore_identical_ids)
+        else:
+            metrics = evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
+                                         k=self.k, dims=[x for x in dims if x < model.dim], normalize=model.normalize,
+                                         ignore_identical_ids=self.ignore_identical_ids)
+        _log_result(what, started, self.metric, metrics)
+        return metrics
 
 
 class STS:
@@ -82,16 +104,23 @@ class STS:
 
         data = load_jsonl(path)
         self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source)
+        self.path = path
         self.batch_size, self.before, self.after, self.metric = batch_size, before, after, metric
         self.cache_base = cache_base
         self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
-        e1 = torch.from_numpy(model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size))
-        e2 = torch.from_numpy(model.encode([p.text2 for p in self.pairs], kind="query", batch_size=self.batch_size))
+        what = f"STS {self.path}"
+        log.info("evaluating %s: %d pairs", what, len(self.pairs))
+        started = time.perf_counter()
+        with encoding_progress(f"evaluate {what}", 2 * len(self.pairs)) as advance:
+            e1 = model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance)
+            e2 = model.encode([p.text2 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance)
+        e1, e2 = torch.from_numpy(e1), torch.from_numpy(e2)
         gold = [p.score for p in self.pairs]
         out = {"spearman": sts_spearman(e1, e2, gold)}
         for d in dims:
             if d < e1.size(1):
                 out[f"dim{d}/spearman"] = sts_spearman(e1[:, :d], e2[:, :d], gold)
+        _log_result(what, started, self.metric, out)
         return out

@@ -21,6 +21,7 @@ import torch
 from embtune.data import TrainingData
 from embtune.eval.metrics import search
 from embtune.mining.pool import CandidatePool, Query, group_queries, normalise
+from embtune.run.progress import encoding_progress
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class HardNegativeMiner:
         return pool
 
     def __call__(self, model, data: TrainingData, data_format) -> tuple[list[dict], dict]:
-        """Mine. ``model`` needs ``encode(texts, kind, batch_size) -> float32 [n, D]``.
+        """Mine. ``model`` needs ``encode(texts, kind, batch_size, progress) -> float32 [n, D]`` (``progress``:
+        called with each batch's size, see ``Embedder.encode``).
 
         Returns:
             ``(rows, record)``: one ``multi_negative`` row per query, ``{"query", "pos": [...], "neg":
@@ -114,8 +116,11 @@ class HardNegativeMiner:
         pool = self.pool(data, queries)
         excluded = [self._excluded(q, pool) for q in queries]
         log.info("mining: %d queries, %d candidate documents", len(queries), len(pool))
-        q_emb = torch.from_numpy(model.encode([q.text for q in queries], kind="query", batch_size=self.batch_size))
-        d_emb = torch.from_numpy(model.encode(pool.texts, kind="document", batch_size=self.batch_size))
+        with encoding_progress("mine", len(queries) + len(pool)) as advance:
+            q_emb = torch.from_numpy(model.encode([q.text for q in queries], kind="query", batch_size=self.batch_size,
+                                                  progress=advance))
+            d_emb = torch.from_numpy(model.encode(pool.texts, kind="document", batch_size=self.batch_size,
+                                                  progress=advance))
         k = min(len(pool), self.range_max + max(len(e) for e in excluded))
         scores, indices = search(q_emb, d_emb, k, self.block_size)  # [Q, k] each
 

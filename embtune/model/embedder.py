@@ -7,6 +7,8 @@ saving and loading live in :mod:`embtune.model.io`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -138,12 +140,14 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str], kind: str = "document", batch_size: int = 64,
-               max_length: int | None = None) -> np.ndarray:
+               max_length: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Encode texts in length-sorted batches (less padding), returned in input order.
 
         Args:
             kind: "query" or "document": picks the tower, the prompt and (when ``max_length`` is None)
                 the max length.
+            progress: called with each batch's number of texts once it is encoded (a progress bar,
+                :func:`embtune.run.progress.encoding_progress`).
         Returns:
             float32 array [N, D].
         """
@@ -159,6 +163,8 @@ class Embedder(nn.Module):
                     batch = self.tokenize([texts[j] for j in idx], max_length, kind)
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     out[idx] = self(**batch, kind=kind).float().cpu().numpy()
+                    if progress is not None:
+                        progress(len(idx))
         finally:
             self.train(was_training)
         return out

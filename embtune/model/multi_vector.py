@@ -9,6 +9,8 @@ sentence-transformers ``Dense`` module on the token embeddings (``1_Dense/``), s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,11 +71,12 @@ class MultiVectorEmbedder(Embedder):
 
     @torch.no_grad()
     def encode(self, texts: list[str], kind: str = "document", batch_size: int = 64,
-               max_length: int | None = None) -> TokenVectors:
+               max_length: int | None = None, progress: Callable[[int], None] | None = None) -> TokenVectors:
         """Token vectors of ``texts`` in length-sorted chunks of ``batch_size`` (float32, on the CPU).
 
         Args:
             kind: "query" or "document": picks the max length when ``max_length`` is None.
+            progress: called with each chunk's number of texts once it is encoded (as in ``Embedder.encode``).
         """
         if max_length is None:
             max_length = self.query_max_length if kind == "query" else self.document_max_length
@@ -89,6 +92,8 @@ class MultiVectorEmbedder(Embedder):
                 vectors, mask = self(**batch, kind=kind)
                 used = mask.any(0)  # drop columns that are padding in every row (left or right padding)
                 chunks.append((torch.from_numpy(idx.copy()), vectors[:, used].float().cpu(), mask[:, used].cpu()))
+                if progress is not None:
+                    progress(len(idx))
         finally:
             self.train(was_training)
         return TokenVectors(chunks)

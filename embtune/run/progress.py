@@ -5,6 +5,10 @@ On a terminal the progress is a rich bar (step, epoch, loss, lr, pairs/s, elapse
 batch job, ``nohup``, ``| tee``, ``> log.txt``) a bar prints once, at the end, so instead one plain line is
 logged every ``train.log_every`` steps. Both go to the run's ``cli.log`` (Hydra's file handler): on a
 terminal the plain lines are marked file-only, so the screen shows the bar and the file the lines.
+
+Encoding texts to evaluate or mine (:func:`encoding_progress`) gets a transient bar on a terminal (texts
+done / total, texts/s, ETA), drawn below the training bar when one is running; elsewhere no bar (the
+evaluator logs one line when it starts and one when it ends). Under ``torchrun`` only rank 0 draws.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ import time
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 log = logging.getLogger("embtune.progress")
 
@@ -88,6 +101,34 @@ def progress_bar(total: int, steps_per_epoch: int = 1, log_every: int = 10, show
             yield _Progress(total, steps_per_epoch, log_every, bar, show)
     else:
         yield _Progress(total, steps_per_epoch, log_every, None, show)
+
+
+class _TextsPerSecond(ProgressColumn):
+    """The encoding rate, in texts per second (rich's own speed column counts bytes)."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} texts/s" if task.speed else "", style="progress.data.speed")
+
+
+def _no_progress(n: int) -> None:
+    pass
+
+
+@contextmanager
+def encoding_progress(what: str, total: int, show: bool = True):
+    """A transient bar while ``total`` texts are encoded for ``what`` (e.g. ``evaluate scifact``), on a
+    terminal and on rank 0 only (the ``RANK`` of ``torchrun``); nested below the training bar when that
+    one is running (rich >= 14.1 nests live displays). Yields ``advance(n)``: call it with the number of
+    texts each encoded batch held (``Embedder.encode(..., progress=advance)``); off a terminal it does
+    nothing and nothing is written."""
+    if not (show and total > 0 and console.is_terminal and int(os.environ.get("RANK", "0")) == 0):
+        yield _no_progress
+        return
+    bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), _TextsPerSecond(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+    task = bar.add_task(what, total=total)
+    with bar:
+        yield lambda n: bar.advance(task, n)
 
 
 def _fmt(v) -> str:
