@@ -211,6 +211,33 @@ def test_lora_adapter_save_loads_with_its_base(tiny_qwen2, tmp_path):
     assert np.abs(embtune.load(str(tmp_path / "adapter")).encode(TEXTS) - before).max() < 1e-5
 
 
+def test_an_adapter_names_its_base_by_the_hub_id_it_was_named_by_and_loads_from_it(tiny_qwen2, tmp_path, monkeypatch):
+    """A base named by hub id resolves to a local cache folder; the adapter must name the hub id (what
+    another machine can download), while a base named by its folder keeps that path."""
+    import embtune
+    from embtune.model import io
+
+    real = io.resolve_model_path
+    cache = {"fake-org/tiny-qwen2": tiny_qwen2}  # the hub id and the folder the HF cache would hold
+    monkeypatch.setattr(io, "resolve_model_path", lambda name: cache.get(name) or real(name))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "save": "adapter"}
+    model = _llm("fake-org/tiny-qwen2", lora=lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    before = model.encode(TEXTS)
+    save(model, tmp_path / "from_hub")
+    config = json.loads((tmp_path / "from_hub" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "fake-org/tiny-qwen2"
+    # loading finds the base through the same resolver (cache, hub), and the adapter on top of it
+    assert np.abs(embtune.load(str(tmp_path / "from_hub")).encode(TEXTS) - before).max() < 1e-5
+
+    save(_llm(tiny_qwen2, lora=lora), tmp_path / "from_folder")
+    config = json.loads((tmp_path / "from_folder" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_qwen2
+
+
 @pytest.mark.parametrize("lora,match", [
     ({"r": 0, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "save": "merged"}, r"model.lora.r=0"),
     ({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["no_such_proj"], "save": "merged"},

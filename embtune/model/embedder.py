@@ -46,6 +46,7 @@ class Embedder(nn.Module):
 
     multi_vector = False
     truncate_dim: int | None = None
+    base_hub_id: str | None = None  # the hub id the model was named by (embtune.model.io): a saved adapter's base
 
     def __init__(self, encoder, tokenizer, pooling: nn.Module, normalize: bool = True,
                  query_max_length: int = 64, document_max_length: int = 256, query_prompt: str = "",

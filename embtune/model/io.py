@@ -14,8 +14,8 @@ model/             the query tower (the only tower when weights are shared)
 
 LoRA (``model.lora.save``): ``merged`` (default) folds the adapters into the weights
 (W + (alpha/r)·B·A), so the folder loads like any plain model, in any tool; ``adapter`` writes only the
-adapter (``adapter_config.json`` names the base model's folder as it was loaded), small but needing
-peft and the base model wherever it is loaded.
+adapter (``adapter_config.json`` names the base model by the hub id it was named by, else by its local
+folder), small but needing peft and the base model wherever it is loaded.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from embtune.model.embedder import Embedder
 from embtune.model.llm import apply_lora, enable_gradient_checkpointing, ensure_pad_token, weight_dtype
 from embtune.model.multi_vector import MultiVectorEmbedder
-from embtune.model.resolve import resolve_model_path
+from embtune.model.resolve import hub_id, resolve_model_path
 from embtune.model.st_files import DENSE, st_differences, write_json, write_st_files
 from embtune.model.stored import POOLING_BY_NAME, fit_lengths, inherit, keep_st_settings, read_stored
 
@@ -80,6 +80,7 @@ def from_pretrained(name_or_path: str, pooling: nn.Module | None = None, normali
     model = Embedder(tower(path), tokenizer, s["pooling"], s["normalize"], s["query_max_length"],
                      s["document_max_length"], query_prompt=s["query_prompt"], document_prompt=s["document_prompt"],
                      append_eos=append_eos, document_encoder=document, lora_save=_lora_save(lora))
+    model.base_hub_id = hub_id(name_or_path)
     keep_st_settings(model, stored)
     return fit_lengths(model, name_or_path)
 
@@ -109,6 +110,7 @@ def from_pretrained_multi_vector(name_or_path: str, pooling: nn.Module | None = 
                                 s["document_max_length"], multi_vector_dim, stored_projection(path),
                                 query_prompt=s["query_prompt"], document_prompt=s["document_prompt"],
                                 append_eos=append_eos, lora_save=_lora_save(lora))
+    model.base_hub_id = hub_id(name_or_path)
     keep_st_settings(model, stored)
     return fit_lengths(model, name_or_path)
 
@@ -145,12 +147,19 @@ def _lora_save(lora) -> str:
 def load_encoder(path: str | Path, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                  dtype: torch.dtype = torch.float32):
     """The transformers base model in ``path`` (a causal LM's checkpoint loads without its LM head; a
-    peft adapter folder loads its base model plus the adapter). The KV cache is turned off: an
-    embedder never generates, and gradient checkpointing refuses it."""
+    peft adapter folder loads its base model plus the adapter, the base found by
+    :func:`embtune.model.resolve_model_path` from the hub id or path ``adapter_config.json`` names). The
+    KV cache is turned off: an embedder never generates, and gradient checkpointing refuses it."""
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
-                                        trust_remote_code=trust_remote_code, dtype=dtype)
+    kwargs = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code, "dtype": dtype}
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file() and not (Path(path) / "config.json").is_file():  # an adapter only, as transformers reads it
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        encoder = AutoModel.from_pretrained(resolve_model_path(base), **kwargs)
+        encoder.load_adapter(str(path))
+    else:
+        encoder = AutoModel.from_pretrained(path, **kwargs)
     if getattr(encoder.config, "use_cache", None):
         encoder.config.use_cache = False
     return encoder
@@ -224,6 +233,9 @@ def _write_tower(model, encoder, folder: Path, query_max_length: int):
     if hasattr(encoder, "peft_config") and model.lora_save == "merged":
         encoder = encoder.merge_and_unload()
     encoder.save_pretrained(folder, safe_serialization=True)
+    adapter = folder / "adapter_config.json"
+    if model.base_hub_id and adapter.is_file():  # peft wrote the folder the base loaded from (a cache path)
+        write_json(adapter, {**json.loads(adapter.read_text()), "base_model_name_or_path": model.base_hub_id})
     write_st_files(model, encoder, model.tokenizer, folder, query_max_length)
     return encoder
 

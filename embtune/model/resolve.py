@@ -9,6 +9,24 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BUNDLED_NAMES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
+BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def hub_id(name_or_path: str) -> str | None:
+    """The hub id a model was named by (``owner/name``, or a bare ``name`` as huggingface_hub's
+    ``validate_repo_id`` allows), None when it names a local path. The bundled all-MiniLM-L6-v2 is
+    ``sentence-transformers/all-MiniLM-L6-v2`` by either of its names."""
+    if name_or_path in BUNDLED_NAMES:
+        return BUNDLED_HUB_ID
+    if Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", "./", "../", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -15,6 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from embtune.config import CONFIG_PATH
+from embtune.model.resolve import hub_id
 
 _LIBRARIES = ("embtune", "torch", "transformers", "sentence-transformers", "datasets")
 _TRAIN_KEYS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
@@ -31,13 +32,6 @@ def _option(group: str, target: str | None) -> str | None:
         if re.search(rf"^_target_:\s*{re.escape(target)}\s*$", file.read_text(encoding="utf-8"), re.M):
             return file.name.removesuffix(".yaml")
     return target.rsplit(".", 1)[-1]
-
-
-def _hub_id(name_or_path: str) -> str | None:
-    """``org/name`` when the base model was named by its hub id (a name that is not a local path)."""
-    if Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", "./", "../", "~")):
-        return None
-    return name_or_path if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) else None
 
 
 def _versions() -> dict[str, str]:
@@ -123,7 +117,7 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
     """
     model, data = config.get("model", {}), summary.get("data", {})
     base_name = str(model.get("name_or_path", "?"))
-    hub = _hub_id(base_name)
+    hub = hub_id(base_name)
     loss, negatives = config.get("loss", {}), config.get("negatives", {})
     dims = (config.get("matryoshka") or {}).get("dims")
     front = ["---", "library_name: sentence-transformers",
