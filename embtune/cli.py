@@ -124,11 +124,11 @@ def sweep_value(summary: dict, metric: str) -> float:
 
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
     """The config of the checkpoint being resumed (what the run will use); command-line settings other
-    than ``resume_from`` and ``logger`` are ignored, with a warning."""
+    than ``resume_from``, ``logger`` and ``hub.*`` (where the finished model goes) are ignored, with a warning."""
     from embtune.training import checkpoint
 
     state, _ = checkpoint.load(cfg.resume_from)
-    ignored = [o for o in overrides if not o.lstrip("+~").startswith(("resume_from=", "logger"))]
+    ignored = [o for o in overrides if not o.lstrip("+~").startswith(("resume_from=", "logger", "hub."))]
     if ignored:
         log.warning("resume_from: the checkpoint's config is used; ignoring %s", " ".join(ignored))
     return {**state["config"], "resume_from": str(cfg.resume_from)}

@@ -77,8 +77,17 @@ class RecipeSettings(TypedDict):
     rounds: int
 
 
+class HubSettings(TypedDict):
+    """The types of ``hub.*`` (conf/hub/default.yaml; read by :mod:`embtune.run.hub`)."""
+
+    repo_id: str | None
+    private: bool
+    push: bool
+
+
 # groups without a _target_, typed here; top-level keys of conf/config.yaml, mine.yaml and evaluate.yaml
-SETTINGS: dict[str, type] = {"train": TrainSettings, "matryoshka": MatryoshkaSettings, "recipe": RecipeSettings}
+SETTINGS: dict[str, type] = {"train": TrainSettings, "matryoshka": MatryoshkaSettings, "recipe": RecipeSettings,
+                             "hub": HubSettings}
 RUN_KEYS: dict[str, Any] = {"overwrite": bool, "resume_from": str | None, "print_config": bool,
                             "pretrain": dict | None, "output": str | None, "device": str, "seed": int}
 

@@ -15,19 +15,25 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from embtune.recipes import finetune, mining_rounds, two_stage
+from embtune.run import hub
 
 RECIPES = {"finetune": finetune.train, "two_stage": two_stage.run, "mining_rounds": mining_rounds.train_rounds}
 
 
 def run(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     """Run the recipe ``cfg.recipe.name`` names; returns the run's summary (also in ``summary.json``).
+    With ``hub.push=true`` the run's final model is then pushed to ``hub.repo_id`` (:mod:`embtune.run.hub`:
+    once per run, whatever the recipe, and not each stage's or round's model).
 
     Raises:
-        ValueError: an unknown recipe name, or a ``pretrain`` stage outside ``recipe=two_stage``.
+        ValueError: an unknown recipe name, a ``pretrain`` stage outside ``recipe=two_stage``, or ``hub``
+            settings that cannot push (:func:`embtune.run.hub.check_settings`); all before any model loads.
     """
     name = cfg.recipe.name
     if name not in RECIPES:
         raise ValueError(f"recipe.name={name!r}: not a recipe; choose one of {', '.join(RECIPES)}")
     if cfg.get("pretrain") is not None and name != "two_stage":
         raise ValueError(f"a pretrain stage is set, but recipe={name}: stages run with recipe=two_stage")
-    return RECIPES[name](cfg, output_dir, logger)
+    hub.check_settings(cfg.get("hub"))
+    summary = RECIPES[name](cfg, output_dir, logger)
+    return hub.push_run(cfg.get("hub"), output_dir, summary, logger)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from embtune.config import CONFIG_PATH
 from embtune.model.resolve import hub_id
+from embtune.run.hub import CARD_MODEL_PATH  # the repo id once pushed
 
 _LIBRARIES = ("embtune", "torch", "transformers", "sentence-transformers", "datasets")
 _TRAIN_KEYS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
@@ -153,10 +154,10 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
         "## Evaluation", "", *_metrics_table(summary.get("base") or {}, summary.get("final") or {}), "",
         "## Reproduce", "", "```bash", _command(config, overrides), "```", "",
         "## Library versions", "", *[f"- {k}: {v}" for k, v in _versions().items()], "",
-        "## Usage", "", "```python", "import embtune", "", 'model = embtune.load("path/to/model")',
+        "## Usage", "", "```python", "import embtune", "", f'model = embtune.load("{CARD_MODEL_PATH}")',
         'embeddings = model.encode(["A query", "A document"])', "```", "", "```python",
         "from sentence_transformers import SentenceTransformer", "",
-        'model = SentenceTransformer("path/to/model")', 'embeddings = model.encode(["A query", "A document"])',
+        f'model = SentenceTransformer("{CARD_MODEL_PATH}")', 'embeddings = model.encode(["A query", "A document"])',
         "```", "",
     ]
     return "\n".join(lines)
