@@ -83,6 +83,9 @@ def main(cfg: DictConfig) -> float | None:
         run_config = redact(run_config)
         if cfg.get("print_config"):
             log.info("config:\n%s", OmegaConf.to_yaml(run_config))
+        if multirun and cfg.get("hub") and cfg.hub.push:  # every job would replace the previous job's upload
+            raise ValueError(f"hub.push=true in a multirun: every job would push to {cfg.hub.repo_id}, the last one "
+                             "winning; push the job you choose afterwards with embtune-push SWEEP_DIR/JOB REPO_ID")
         # partial: the resolved config holds _target_ keys that instantiate must not build
         logger = instantiate(cfg.logger, _partial_=True)(
             output_dir=output_dir, run_config=run_config,

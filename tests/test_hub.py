@@ -259,3 +259,14 @@ def test_embtune_push_refuses_a_bad_repo_id_and_a_missing_folder(monkeypatch, tm
     with pytest.raises(SystemExit, match=f"^Error: {re.escape(str(tmp_path / 'nowhere'))}: no such folder$"):
         hub.main([str(tmp_path / "nowhere"), "org/tiny"])
     assert stand_in.calls == []
+
+
+def test_a_sweep_refuses_to_push_every_job_to_one_repo(tmp_path, tiny_bert):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "embtune.cli", "-m", "loss.temperature=0.05", f"model.name_or_path={tiny_bert}",
+           "logger=none", "hub.push=true", "hub.repo_id=org/tiny", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["status"] == "failed", out.stderr[-3000:]
+    assert summary["error"].startswith("ValueError: hub.push=true in a multirun: every job would push to org/tiny")
+    assert not (sweep / "0" / "model").exists()

@@ -43,7 +43,7 @@ def test_on_a_terminal_the_evaluation_bar_is_drawn_and_reaches_the_number_of_tex
     data = _data(n_queries=5, n_docs=13)
     Retrieval(batch_size=4)(model, data, [])  # batches of 4: the bar moves 2 + 4 times
     drawn = out.getvalue()
-    assert BAR in drawn and "evaluate hand-made (test)" in drawn
+    assert BAR in drawn and "evaluate hand-made test set" in drawn
     assert "18/18" in drawn  # 5 queries + 13 documents, every one encoded once
     assert "19/18" not in drawn and "texts/s" in drawn
 
@@ -54,8 +54,8 @@ def test_off_a_terminal_no_bar_is_written_and_the_evaluation_logs_its_start_and_
         Retrieval(batch_size=4, metric="ndcg@10")(model, _data(), [])
     assert out.getvalue() == ""  # not a bar, not a half-drawn line: nothing
     lines = [r.getMessage() for r in caplog.records]
-    assert "evaluating hand-made (test): 5 queries, 13 documents" in lines
-    assert any(line.startswith("evaluated hand-made (test) in ") and " s: ndcg@10 " in line for line in lines)
+    assert "evaluating hand-made test set: 5 queries, 13 documents" in lines
+    assert any(line.startswith("evaluated hand-made test set in ") and " s: ndcg@10 " in line for line in lines)
 
 
 def test_a_torchrun_rank_other_than_0_draws_no_bar(monkeypatch, model):

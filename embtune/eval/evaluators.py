@@ -66,7 +66,7 @@ class Retrieval:
         elif shared:
             log.warning("%d of %d test queries are also corpus documents (same id) and eval.ignore_identical_ids="
                         "false: each may retrieve itself, which BEIR and MTEB do not count", shared, len(qids))
-        what = f"{data.name} ({'dev split' if data.held_out else 'test'})"
+        what = f"{data.name} {'dev split' if data.held_out else 'test set'}"
         log.info("evaluating %s: %d queries, %d documents", what, len(qids), len(dids))
         started = time.perf_counter()
         with encoding_progress(f"evaluate {what}", len(qids) + len(dids)) as advance:
