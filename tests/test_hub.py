@@ -270,3 +270,18 @@ def test_a_sweep_refuses_to_push_every_job_to_one_repo(tmp_path, tiny_bert):
     assert summary["status"] == "failed", out.stderr[-3000:]
     assert summary["error"].startswith("ValueError: hub.push=true in a multirun: every job would push to org/tiny")
     assert not (sweep / "0" / "model").exists()
+
+
+def test_the_cards_reproduce_command_trains_again_without_pushing():
+    from hydra.core.hydra_config import HydraConfig
+
+    from embtune.recipes.model_card import typed_overrides
+
+    typed = ["loss.temperature=0.05", "hub.push=true", "hub.repo_id=org/tiny", "hub.private=true"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=typed, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as inside the job
+    try:
+        assert typed_overrides() == ["loss.temperature=0.05"]
+    finally:
+        HydraConfig.instance().cfg = None

@@ -58,7 +58,7 @@ def _metrics_table(base: dict, final: dict) -> list[str]:
 
 def typed_overrides() -> list[str] | None:
     """The overrides typed for this job (Hydra's ``overrides.task``, a sweep job's own values included),
-    secrets masked; None outside a Hydra job or in a resumed one (its overrides name only the checkpoint)."""
+    secrets masked and ``hub.*`` left out; None outside a Hydra job or in a resumed one (its overrides name only the checkpoint)."""
     from hydra.core.hydra_config import HydraConfig
 
     from embtune.run.redact import redact_text
@@ -68,7 +68,8 @@ def typed_overrides() -> list[str] | None:
     task = list(HydraConfig.get().overrides.task)
     if any(o.lstrip("+~").startswith("resume_from=") for o in task):
         return None
-    return [redact_text(o) for o in task]
+    # hub.*: where the model was uploaded, not how it was trained; rerunning the card's command must not push
+    return [redact_text(o) for o in task if not o.lstrip("+~").startswith(("hub.", "hub="))]
 
 
 def _command(config: dict, overrides: list[str] | None = None) -> str:
