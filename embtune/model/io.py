@@ -70,19 +70,16 @@ def from_pretrained(name_or_path: str, pooling: nn.Module | None = None, normali
     """
     path, tokenizer, tower = _parts(name_or_path, attn_implementation, trust_remote_code, dtype, lora,
                                     gradient_checkpointing)
-    stored = read_stored(path)
-    s = inherit(name_or_path, stored, fallback, pooling=pooling, normalize=normalize,
-                  query_max_length=query_max_length, document_max_length=document_max_length,
-                  query_prompt=query_prompt, document_prompt=document_prompt)
+    stored, s = _inherited(name_or_path, path, fallback, pooling=pooling, normalize=normalize,
+                           query_max_length=query_max_length, document_max_length=document_max_length,
+                           query_prompt=query_prompt, document_prompt=document_prompt)
     document = None
     if not shared_weights:  # a saved two-tower model keeps its document tower in document/
         document = tower(Path(path) / DOCUMENT_TOWER if (Path(path) / DOCUMENT_TOWER).is_dir() else path)
     model = Embedder(tower(path), tokenizer, s["pooling"], s["normalize"], s["query_max_length"],
                      s["document_max_length"], query_prompt=s["query_prompt"], document_prompt=s["document_prompt"],
                      append_eos=append_eos, document_encoder=document, lora_save=_lora_save(lora))
-    model.base_hub_id = hub_id(name_or_path)
-    keep_st_settings(model, stored)
-    return fit_lengths(model, name_or_path)
+    return _finished(model, name_or_path, stored)
 
 
 def from_pretrained_multi_vector(name_or_path: str, pooling: nn.Module | None = None, normalize: bool | None = None,
@@ -102,23 +99,35 @@ def from_pretrained_multi_vector(name_or_path: str, pooling: nn.Module | None = 
     """
     path, tokenizer, tower = _parts(name_or_path, attn_implementation, trust_remote_code, dtype, lora,
                                     gradient_checkpointing)
-    stored = read_stored(path)
-    s = inherit(name_or_path, stored, fallback, pooling=pooling, normalize=normalize,
-                  query_max_length=query_max_length, document_max_length=document_max_length,
-                  query_prompt=query_prompt, document_prompt=document_prompt)
+    stored, s = _inherited(name_or_path, path, fallback, pooling=pooling, normalize=normalize,
+                           query_max_length=query_max_length, document_max_length=document_max_length,
+                           query_prompt=query_prompt, document_prompt=document_prompt)
     model = MultiVectorEmbedder(tower(path), tokenizer, s["pooling"], s["normalize"], s["query_max_length"],
                                 s["document_max_length"], multi_vector_dim, stored_projection(path),
                                 query_prompt=s["query_prompt"], document_prompt=s["document_prompt"],
                                 append_eos=append_eos, lora_save=_lora_save(lora))
-    model.base_hub_id = hub_id(name_or_path)
-    keep_st_settings(model, stored)
-    return fit_lengths(model, name_or_path)
+    return _finished(model, name_or_path, stored)
 
 
 def builds_multi_vector(model_cfg) -> bool:
     """Whether a ``model`` config node builds a :class:`MultiVectorEmbedder` (``model=multi_vector``),
     judged from its ``_target_`` before anything loads."""
     return model_cfg.get("_target_") == "embtune.model.from_pretrained_multi_vector"
+
+
+def _inherited(name_or_path: str, path, fallback: dict | None, **given) -> tuple[dict, dict]:
+    """The folder's stored settings and the settings the model gets (``given`` wins, then stored, then
+    ``fallback``; :func:`embtune.model.stored.inherit`)."""
+    stored = read_stored(path)
+    return stored, inherit(name_or_path, stored, fallback, **given)
+
+
+def _finished(model, name_or_path: str, stored: dict):
+    """What both builders do last: record the base's hub id, keep sentence-transformers' own settings,
+    cut the lengths to the position limit."""
+    model.base_hub_id = hub_id(name_or_path)
+    keep_st_settings(model, stored)
+    return fit_lengths(model, name_or_path)
 
 
 def _parts(name_or_path, attn_implementation, trust_remote_code, dtype, lora, gradient_checkpointing):
