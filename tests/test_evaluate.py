@@ -1,4 +1,4 @@
-"""Evaluation: exact blocked search, trec_eval metrics and Spearman against hand-computed values."""
+"""Evaluation: trec_eval metrics and Spearman against hand-computed values (the search: tests/test_index.py)."""
 
 import math
 import random
@@ -7,42 +7,13 @@ import pytest
 import torch
 
 from embtune.data import RetrievalSet
-from embtune.eval.metrics import evaluate_retrieval, retrieval_metrics, search, sts_spearman
+from embtune.eval.metrics import evaluate_retrieval, retrieval_metrics, sts_spearman
 
 KEYS = {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
 
 
 def approx(expected: dict[str, float]):
     return pytest.approx(expected, abs=1e-6)
-
-
-# --- search -------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("k", [5, 20])  # 20 > block_size: the merge must keep more than one block's worth
-def test_search_blocked_equals_full_topk(k):
-    g = torch.Generator().manual_seed(0)
-    q, d = torch.randn(37, 16, generator=g), torch.randn(53, 16, generator=g)
-    scores, indices = search(q, d, k=k, block_size=8)  # 8 < Q and < N, neither divides evenly
-    ref_scores, ref_indices = (q @ d.T).topk(k, dim=1)
-    assert scores.shape == indices.shape == (37, k) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, ref_scores)
-    assert torch.equal(indices, ref_indices)
-
-
-def test_search_k_larger_than_corpus_returns_every_doc_sorted():
-    g = torch.Generator().manual_seed(1)
-    q, d = torch.randn(5, 4, generator=g, requires_grad=True), torch.randn(7, 4, generator=g)
-    scores, indices = search(q, d, k=100, block_size=3)
-    assert scores.shape == (5, 7) and not scores.requires_grad  # k' = min(100, 7)
-    assert torch.equal(indices.sort(dim=1).values, torch.arange(7).expand(5, 7))
-    assert torch.all(scores[:, :-1] >= scores[:, 1:])
-
-
-def test_search_rejects_bad_inputs():
-    with pytest.raises(ValueError, match="embeddings"):
-        search(torch.zeros(2, 3), torch.zeros(4, 5), k=1)
-    with pytest.raises(ValueError, match="k and block_size"):
-        search(torch.zeros(2, 3), torch.zeros(4, 3), k=0)
 
 
 # --- retrieval_metrics --------------------------------------------------------------------------------
