@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from embtune.data import RetrievalSet
+from embtune.eval.index import CorpusSearch
 from embtune.eval.metrics import evaluate_retrieval, retrieval_metrics, sts_spearman
 
 KEYS = {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
@@ -121,7 +122,9 @@ def test_retrieval_metrics_equal_pytrec_eval_with_ties_grades_and_self_hits(igno
         _pytrec_eval_means(run, qrels, ignore_identical_ids), abs=1e-12)
 
 
-def test_evaluate_retrieval_equals_pytrec_eval_on_the_full_ranking():
+@pytest.mark.parametrize("corpus_search", [None, CorpusSearch(faiss_min_docs=0, option="eval")],
+                         ids=["default", "faiss"])
+def test_evaluate_retrieval_equals_pytrec_eval_on_the_full_ranking(corpus_search):
     # 60 queries over 200 documents, the first 30 query ids also document ids; duplicate document vectors
     # tie exactly. The top-101 search with the self-hit removed must score as pytrec_eval on all 200.
     g = torch.Generator().manual_seed(3)
@@ -138,7 +141,8 @@ def test_evaluate_retrieval_equals_pytrec_eval_on_the_full_ranking():
     full = {qid: dict(zip(doc_ids, row)) for qid, row in zip(query_ids, scores)}
     assert test.identical_ids() == 30
     for ignore in (True, False):
-        got = evaluate_retrieval(query_emb, doc_emb, test, query_ids, doc_ids, ignore_identical_ids=ignore)
+        got = evaluate_retrieval(query_emb, doc_emb, test, query_ids, doc_ids, ignore_identical_ids=ignore,
+                                 corpus_search=corpus_search)
         assert got == pytest.approx(_pytrec_eval_means(full, qrels, ignore), abs=1e-6)
 
 

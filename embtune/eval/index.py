@@ -21,9 +21,11 @@ from embtune.data.cache import cache_dir
 
 # From this many documents on, the exact search runs in faiss (knn_inner_product: BLAS scores and a heap per
 # query, over the matrix in place) instead of torch blocks (matmul + topk + merge). Measured with
-# `python benchmarks/search_crossover.py` (D 384, k 111, 2 threads, docs/results.md): faiss takes 0.53x-0.73x
-# torch's time from N = 4,000 on, for 100 and 1,000 queries alike, and 0.8x-1.1x at N = 1,000, where both take
-# milliseconds; below, torch is kept (no thread pool to start, the inputs' device).
+# `python benchmarks/search_crossover.py --rounds 5` (D 384, k 111, random unit vectors; docs/results.md) on
+# the 2-core machine, busy: at torch's default 2 threads faiss took 0.47-0.79x torch's time from N = 4,000 to
+# 64,000 (0.51x and 0.63x at 4,000 for 100 and 1,000 queries; one exception, 1.08x at 100 x 64,000) and
+# 0.77-0.93x at N = 1,000, where both take milliseconds. With 1 thread torch was faster at every size
+# (faiss 1.09-4.39x), so this figure is for the thread count embtune runs with; re-measure on another machine.
 FAISS_MIN_DOCS = 4_000
 # Corpus texts encoded per chunk into the memory-mapped embedding file (a corpus this size or smaller is
 # encoded in one piece, in memory).
