@@ -166,6 +166,19 @@ def test_the_eval_and_miner_options_accept_each_index_and_refuse_a_bad_one_by_na
             build(cfg, group)
 
 
+def test_an_approximate_index_for_a_multi_vector_model_is_refused_before_it_loads():
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    from embtune.config import build, check_multi_vector
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=multi_vector", "model.name_or_path=/nonexistent",
+                                                       "eval.index=ivf", "negatives=in_batch"])
+    with pytest.raises(ValueError, match=r"model=multi_vector with eval.index=ivf: MaxSim is searched exactly"):
+        check_multi_vector(cfg.model, build(cfg, "negatives"), [], build(cfg, "eval"))
+
+
 def test_more_ivf_cells_than_documents_is_refused_before_encoding():
     with pytest.raises(ValueError, match=r"eval.ivf_nlist=64: more IVF cells than the 10 documents"):
         CorpusSearch("ivf", ivf_nlist=64, option="eval").check_size(10)
