@@ -305,7 +305,7 @@ def check_multi_vector(model_cfg, negatives, matryoshka_dims, evaluator) -> None
 
     Raises:
         ValueError: negatives other than ``in_batch``/``hard``, cross-device negatives, Matryoshka dims, an
-            evaluation other than retrieval, or a dim < 1.
+            evaluation other than exact retrieval, or a dim < 1.
     """
     if not builds_multi_vector(model_cfg):
         return
@@ -320,6 +320,9 @@ def check_multi_vector(model_cfg, negatives, matryoshka_dims, evaluator) -> None
                          "supported; use matryoshka=off")
     if not isinstance(evaluator, Retrieval):
         raise ValueError("model=multi_vector is evaluated by MaxSim retrieval (eval=retrieval) only")
+    if evaluator.index != "flat":
+        raise ValueError(f"model=multi_vector with eval.index={evaluator.index}: MaxSim is searched exactly; use "
+                         "eval.index=flat")
     if model_cfg.get("multi_vector_dim", 1) < 1:
         raise ValueError(f"model.multi_vector_dim must be >= 1, got {model_cfg.multi_vector_dim}")
 

@@ -313,6 +313,8 @@ QUICK_BENCHMARKS = {
     "train_throughput.py": ["--steps", "1", "--rounds", "1", "--warmup", "0", "--batch-size", "4"],
     "encode_throughput.py": ["--docs", "16", "--rounds", "1", "--batch-size", "8"],
     "grad_cache.py": ["--batch-size", "8", "--mini-batch-size", "4", "--plain-batch-size", "4", "--rounds", "1"],
+    "mine_scale.py": ["--passages", "200", "--queries", "20"],
+    "search_crossover.py": ["--docs", "500", "--queries", "10", "--rounds", "1"],
 }
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: exact blocked search, trec_eval metrics and Spearman against hand-computed values."""
+"""Evaluation: trec_eval metrics and Spearman against hand-computed values (the search: tests/test_index.py)."""
 
 import math
 import random
@@ -7,42 +7,14 @@ import pytest
 import torch
 
 from embtune.data import RetrievalSet
-from embtune.eval.metrics import evaluate_retrieval, retrieval_metrics, search, sts_spearman
+from embtune.eval.index import CorpusSearch
+from embtune.eval.metrics import evaluate_retrieval, retrieval_metrics, sts_spearman
 
 KEYS = {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
 
 
 def approx(expected: dict[str, float]):
     return pytest.approx(expected, abs=1e-6)
-
-
-# --- search -------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("k", [5, 20])  # 20 > block_size: the merge must keep more than one block's worth
-def test_search_blocked_equals_full_topk(k):
-    g = torch.Generator().manual_seed(0)
-    q, d = torch.randn(37, 16, generator=g), torch.randn(53, 16, generator=g)
-    scores, indices = search(q, d, k=k, block_size=8)  # 8 < Q and < N, neither divides evenly
-    ref_scores, ref_indices = (q @ d.T).topk(k, dim=1)
-    assert scores.shape == indices.shape == (37, k) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, ref_scores)
-    assert torch.equal(indices, ref_indices)
-
-
-def test_search_k_larger_than_corpus_returns_every_doc_sorted():
-    g = torch.Generator().manual_seed(1)
-    q, d = torch.randn(5, 4, generator=g, requires_grad=True), torch.randn(7, 4, generator=g)
-    scores, indices = search(q, d, k=100, block_size=3)
-    assert scores.shape == (5, 7) and not scores.requires_grad  # k' = min(100, 7)
-    assert torch.equal(indices.sort(dim=1).values, torch.arange(7).expand(5, 7))
-    assert torch.all(scores[:, :-1] >= scores[:, 1:])
-
-
-def test_search_rejects_bad_inputs():
-    with pytest.raises(ValueError, match="embeddings"):
-        search(torch.zeros(2, 3), torch.zeros(4, 5), k=1)
-    with pytest.raises(ValueError, match="k and block_size"):
-        search(torch.zeros(2, 3), torch.zeros(4, 3), k=0)
 
 
 # --- retrieval_metrics --------------------------------------------------------------------------------
@@ -150,7 +122,9 @@ def test_retrieval_metrics_equal_pytrec_eval_with_ties_grades_and_self_hits(igno
         _pytrec_eval_means(run, qrels, ignore_identical_ids), abs=1e-12)
 
 
-def test_evaluate_retrieval_equals_pytrec_eval_on_the_full_ranking():
+@pytest.mark.parametrize("corpus_search", [None, CorpusSearch(faiss_min_docs=0, option="eval")],
+                         ids=["default", "faiss"])
+def test_evaluate_retrieval_equals_pytrec_eval_on_the_full_ranking(corpus_search):
     # 60 queries over 200 documents, the first 30 query ids also document ids; duplicate document vectors
     # tie exactly. The top-101 search with the self-hit removed must score as pytrec_eval on all 200.
     g = torch.Generator().manual_seed(3)
@@ -167,7 +141,8 @@ def test_evaluate_retrieval_equals_pytrec_eval_on_the_full_ranking():
     full = {qid: dict(zip(doc_ids, row)) for qid, row in zip(query_ids, scores)}
     assert test.identical_ids() == 30
     for ignore in (True, False):
-        got = evaluate_retrieval(query_emb, doc_emb, test, query_ids, doc_ids, ignore_identical_ids=ignore)
+        got = evaluate_retrieval(query_emb, doc_emb, test, query_ids, doc_ids, ignore_identical_ids=ignore,
+                                 corpus_search=corpus_search)
         assert got == pytest.approx(_pytrec_eval_means(full, qrels, ignore), abs=1e-6)
 
 

@@ -18,9 +18,14 @@ from hydra import compose, initialize_config_dir
 from embtune.data import RetrievalSet, TrainingData
 from embtune.data.files import load_jsonl
 from embtune.data.formats import MultiNegative, Pairwise
+from embtune.eval.index import FAISS_MIN_DOCS
 from embtune.mining.miner import HardNegativeMiner, mine_to_file, settings_path
 
 Q = np.array([1.0, 0.0])
+# the exact search on its torch path (the default at these sizes) and forced onto faiss, the pool encoded in
+# chunks of 2 into a memory-mapped file: the hand-computed rankings below hold on both
+SEARCH = [{}, {"faiss_min_docs": 0, "chunk_size": 2}]
+SEARCH_IDS = ["torch", "faiss-memmap"]
 
 
 def at(cos: float) -> np.ndarray:
@@ -56,7 +61,8 @@ def ranked_data(n: int = 10, pos_cos: float = 1.0):
     return data, TableEmbedder(table)
 
 
-def test_a_positive_shared_by_two_queries_is_never_a_negative_for_either():
+@pytest.mark.parametrize("search", SEARCH, ids=SEARCH_IDS)
+def test_a_positive_shared_by_two_queries_is_never_a_negative_for_either(search):
     # "Shared doc." is relevant to q1 (row with its id) and q2 (row with its text only, in other case); the
     # corpus also holds it under a second id with other spacing, and q1's "p1 text" under its id with a
     # title in front. All of them outscore the real negatives, so a miner that missed one returns it first.
@@ -67,7 +73,7 @@ def test_a_positive_shared_by_two_queries_is_never_a_negative_for_either():
     data = TrainingData(rows=rows, test=RetrievalSet({}, corpus, {}), name="hand-made")
     table = {"q1": Q, "q2": Q, "Shared doc.": at(0.99), "  shared   DOC. ": at(0.98), "Title. p1 text": at(0.97),
              "p1 text": at(0.96), "n1": at(0.5), "n2": at(0.4)}
-    rows, counts = miner(candidates="all")(TableEmbedder(table), data, Pairwise())
+    rows, counts = miner(candidates="all", **search)(TableEmbedder(table), data, Pairwise())
     # p1 is q1's positive only: for q2 it is a fair (hard) negative
     assert [(r["query"], r["neg"]) for r in rows] == [("q1", ["n1", "n2"]), ("q2", ["p1 text", "n1", "n2"])]
     assert rows[0]["pos"] == ["p1 text", "Shared doc."] and rows[1]["pos"] == ["SHARED doc."]
@@ -79,9 +85,10 @@ def test_a_positive_shared_by_two_queries_is_never_a_negative_for_either():
     assert counts["dropped"]["positive_id"] == 2 and counts["dropped"]["positive_text"] == 1
 
 
-def test_rank_window_keeps_ranks_range_min_to_range_max_among_non_positives():
+@pytest.mark.parametrize("search", SEARCH, ids=SEARCH_IDS)
+def test_rank_window_keeps_ranks_range_min_to_range_max_among_non_positives(search):
     data, model = ranked_data()
-    rows, counts = miner(range_min=2, range_max=5)(model, data, Pairwise())
+    rows, counts = miner(range_min=2, range_max=5, **search)(model, data, Pairwise())
     # ranks over non-positives: d0=0, d1=1, d2=2, d3=3, d4=4 -> window [2, 5) = d2, d3, d4
     assert rows[0]["neg"] == ["d2", "d3", "d4"] and rows[0]["neg_ranks"] == [2, 3, 4]
     assert rows[0]["neg_scores"] == pytest.approx([0.7, 0.6, 0.5], abs=1e-6)
@@ -89,9 +96,10 @@ def test_rank_window_keeps_ranks_range_min_to_range_max_among_non_positives():
     assert counts["dropped"]["before_range_min"] == 2 and counts["dropped"]["positive_id"] == 1
 
 
-def test_relative_margin_drops_candidates_above_that_fraction_of_the_positive_score():
+@pytest.mark.parametrize("search", SEARCH, ids=SEARCH_IDS)
+def test_relative_margin_drops_candidates_above_that_fraction_of_the_positive_score(search):
     data, model = ranked_data(n=5, pos_cos=0.8)  # positive 0.8 -> threshold 0.95 * 0.8 = 0.76
-    rows, counts = miner(relative_margin=0.95)(model, data, Pairwise())
+    rows, counts = miner(relative_margin=0.95, **search)(model, data, Pairwise())
     # d0 (0.9) and d1 (0.8) score above 0.76; d2 (0.7), d3 (0.6), d4 (0.5) stay
     assert rows[0]["neg"] == ["d2", "d3", "d4"] and counts["dropped"]["relative_margin"] == 2
 
@@ -116,6 +124,17 @@ def test_sampling_is_seeded_and_keeps_rank_order():
     assert len(seeds) > 1  # the seed matters
 
 
+@pytest.mark.parametrize("search", SEARCH, ids=SEARCH_IDS)
+def test_tied_documents_rank_in_pool_order_and_the_window_cuts_ties_by_it(search):
+    # d0..d5 all at cosine 0.5: the ranking is pool order (d0, d1, ...), so the window [1, 4) is d1, d2, d3
+    corpus = {"pos": "pos", **{f"d{i}": f"d{i}" for i in range(6)}}
+    table = {"q": Q, "pos": at(1.0), **{f"d{i}": at(0.5) for i in range(6)}}
+    rows = [{"query": "q", "positive": "pos", "query_id": "q", "doc_id": "pos"}]
+    data = TrainingData(rows=rows, test=RetrievalSet({"q": "q"}, corpus, {"q": {"pos": 1}}), name="hand-made")
+    got, _ = miner(range_min=1, range_max=4, **search)(TableEmbedder(table), data, Pairwise())
+    assert got[0]["neg"] == ["d1", "d2", "d3"] and got[0]["neg_ranks"] == [1, 2, 3]
+
+
 def test_query_text_in_the_pool_is_never_its_own_negative():
     data, model = ranked_data(n=3)
     data.test.corpus["copy-of-q"] = "Q"  # the query's own text (in another case) as a document
@@ -134,6 +153,7 @@ def test_settings_file_records_model_window_filters_counts_and_seed_and_jsonl_re
     assert record["model"] == "my-model" and record["data"] == "hand-made" and record["seed"] == 3
     assert record["window"] == {"range_min": 1, "range_max": 6}
     assert record["filters"] == {"relative_margin": 0.95, "max_score": None} and record["num_negatives"] == 2
+    assert record["search"] == {"index": "flat", "faiss_min_docs": FAISS_MIN_DOCS}
     # ranks 1..5 = d1..d5 (0.8..0.4), all below 0.95 * 1.0; 2 sampled, 3 not; d0 before the window; pos by id
     assert record["dropped"] == {"positive_id": 1, "positive_text": 0, "query_text": 0, "before_range_min": 1,
                                  "relative_margin": 0, "max_score": 0, "not_sampled": 3}

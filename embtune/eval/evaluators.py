@@ -16,6 +16,7 @@ import time
 import torch
 
 from embtune.data import TrainingData
+from embtune.eval.index import CHUNK_SIZE, CorpusSearch, encoded_corpus
 from embtune.eval.metrics import evaluate_retrieval, sts_spearman
 from embtune.objectives.maxsim import evaluate_maxsim
 from embtune.run.progress import encoding_progress
@@ -33,24 +34,40 @@ class Retrieval:
     """NDCG@10, MRR@10, Recall@10 and Recall@100 on the data's held-out retrieval split, every test
     document a candidate, at full size and at each Matryoshka dimension (``dim64/ndcg@10``), scored as
     BEIR and MTEB score them with pytrec_eval (:func:`embtune.eval.metrics.retrieval_metrics`). A
-    multi-vector model is ranked by exact MaxSim over its token vectors (``embtune.objectives.maxsim``).
+    multi-vector model is ranked by exact MaxSim over its token vectors (``embtune.objectives.maxsim``); a
+    single-vector one by inner product over its corpus embeddings, encoded ``chunk_size`` texts at a time into
+    a memory-mapped file (:func:`embtune.eval.index.encoded_corpus`) and searched exactly by default.
 
     Args:
         batch_size: texts per encoding batch.
         k: ranking depth (>= 100: Recall@100 is reported).
         ignore_identical_ids: a document whose id equals the query's is no candidate for that query
             (BEIR's and MTEB's rule: in ArguAna each query is itself a corpus document).
+        chunk_size: corpus texts encoded per chunk.
+        index, faiss_min_docs, hnsw_m, hnsw_ef_construction, hnsw_ef_search, ivf_nlist, ivf_nprobe: the
+            search (:class:`embtune.eval.index.CorpusSearch`): ``flat`` exact, ``hnsw``/``ivf`` approximate
+            (metrics from an approximate ranking are not comparable with published exact ones).
+    Raises:
+        ValueError: ``k < 100``, or a search setting out of range or of another index than ``index``.
     """
 
     uses_data = True  # ranks the data's held-out set (``data.test``)
 
     def __init__(self, batch_size: int = 64, k: int = 100, ignore_identical_ids: bool = True, before: bool = True,
                  after: bool = True, cache_base: bool = True, metric: str = "ndcg@10", every_steps: int | None = None,
-                 keep: str = "best"):
+                 keep: str = "best", chunk_size: int = CHUNK_SIZE, index: str = "flat",
+                 faiss_min_docs: int | None = None, hnsw_m: int | None = None,
+                 hnsw_ef_construction: int | None = None, hnsw_ef_search: int | None = None,
+                 ivf_nlist: int | None = None, ivf_nprobe: int | None = None):
         if k < 100:
             raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
         self.ignore_identical_ids = ignore_identical_ids
+        if chunk_size < 1:
+            raise ValueError(f"eval.chunk_size={chunk_size}: must be >= 1")
+        self.chunk_size, self.index = chunk_size, index
+        self.search = CorpusSearch(index, faiss_min_docs, hnsw_m, hnsw_ef_construction, hnsw_ef_search, ivf_nlist,
+                                   ivf_nprobe, option="eval")
         self.cache_base = cache_base  # read by the loop (embtune.eval.base_cache.base_metrics)
         self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
@@ -66,21 +83,27 @@ class Retrieval:
         elif shared:
             log.warning("%d of %d test queries are also corpus documents (same id) and eval.ignore_identical_ids="
                         "false: each may retrieve itself, which BEIR and MTEB do not count", shared, len(qids))
+        if model.multi_vector and self.index != "flat":
+            raise ValueError(f"eval.index={self.index} with a multi-vector model: MaxSim is searched exactly; use "
+                             "eval.index=flat")
+        self.search.check_size(len(dids))
         what = f"{data.name} {'dev split' if data.held_out else 'test set'}"
         log.info("evaluating %s: %d queries, %d documents", what, len(qids), len(dids))
         started = time.perf_counter()
+        docs = [test.corpus[i] for i in dids]
         with encoding_progress(f"evaluate {what}", len(qids) + len(dids)) as advance:
             q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size,
                              progress=advance)
-            d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size,
-                             progress=advance)
-        if model.multi_vector:
-            metrics = evaluate_maxsim(q, d, test, qids, dids, k=self.k + bool(shared and self.ignore_identical_ids),
-                                      device=model.device, ignore_identical_ids=self.ignore_identical_ids)
-        else:
-            metrics = evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids,
-                                         k=self.k, dims=[x for x in dims if x < model.dim], normalize=model.normalize,
-                                         ignore_identical_ids=self.ignore_identical_ids)
+            if model.multi_vector:
+                d = model.encode(docs, kind="document", batch_size=self.batch_size, progress=advance)
+                metrics = evaluate_maxsim(q, d, test, qids, dids, k=self.k + bool(shared and self.ignore_identical_ids),
+                                          device=model.device, ignore_identical_ids=self.ignore_identical_ids)
+            else:
+                with encoded_corpus(model, docs, "document", self.batch_size, self.chunk_size, advance) as d:
+                    metrics = evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids, k=self.k,
+                                                 dims=[x for x in dims if x < model.dim], normalize=model.normalize,
+                                                 ignore_identical_ids=self.ignore_identical_ids,
+                                                 corpus_search=self.search)
         _log_result(what, started, self.metric, metrics)
         return metrics
 

@@ -1,4 +1,5 @@
-"""Retrieval and STS evaluation: exact top-k search, trec_eval metrics, Spearman correlation.
+"""Retrieval and STS evaluation: top-k search (:mod:`embtune.eval.index`), trec_eval metrics, Spearman
+correlation.
 
 Pure functions over embeddings; the caller encodes the texts. Shape letters: Q queries, N documents,
 D embedding size, k ranking depth.
@@ -15,55 +16,12 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from embtune.data import RetrievalSet
+from embtune.eval.index import CorpusSearch
 from embtune.objectives.matryoshka import truncate
 
 # the reported metrics: NDCG and recall at these cut-offs, MRR at 10 (MS MARCO's and MTEB's)
 NDCG_AT, MRR_AT, RECALL_AT = 10, 10, (10, 100)
 KEYS = (f"ndcg@{NDCG_AT}", f"mrr@{MRR_AT}", *(f"recall@{k}" for k in RECALL_AT))
-
-
-@torch.no_grad()
-def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, block_size: int = 1024):
-    """Exact dot-product top-k, in blocks of queries and documents.
-
-    Exact search in plain torch (no ANN index, no extra dependency): each block of at most
-    ``block_size`` queries is scored against blocks of ``block_size`` documents, and the running top-k
-    is merged with each block's top-k, so memory stays at ``block_size x (block_size + k)`` scores.
-    Computed in float32 without autograd, on the inputs' device.
-
-    Args:
-        query_emb: [Q, D] query embeddings.
-        doc_emb: [N, D] document embeddings.
-        k: ranking depth; ``k' = min(k, N)`` results are returned per query.
-        block_size: queries and documents per block.
-
-    Returns:
-        ``(scores [Q, k'], indices [Q, k'])``: scores in descending order per row, indices into ``doc_emb``.
-        The order among exactly tied scores is unspecified.
-
-    Raises:
-        ValueError: if the inputs are not 2-D with equal D, or if ``k`` or ``block_size`` is < 1.
-    """
-    if query_emb.ndim != 2 or doc_emb.ndim != 2 or query_emb.shape[1] != doc_emb.shape[1]:
-        raise ValueError(f"search needs [Q, D] and [N, D] embeddings, got {tuple(query_emb.shape)} "
-                         f"and {tuple(doc_emb.shape)}")
-    if k < 1 or block_size < 1:
-        raise ValueError(f"k and block_size must be >= 1, got k={k}, block_size={block_size}")
-    q, d = query_emb.detach().float(), doc_emb.detach().float()
-    k = min(k, d.shape[0])
-    scores = q.new_empty(q.shape[0], k)
-    indices = torch.empty(q.shape[0], k, dtype=torch.long, device=q.device)
-    for qs in range(0, q.shape[0], block_size):
-        qb = q[qs:qs + block_size]
-        best_s, best_i = q.new_empty(qb.shape[0], 0), indices.new_empty(qb.shape[0], 0)
-        for ds in range(0, d.shape[0], block_size):
-            s, i = (qb @ d[ds:ds + block_size].T).topk(min(k, d.shape[0] - ds, block_size), dim=1)
-            # The global top-k is inside (running top-k) ∪ (this block's top-k).
-            best_s, best_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + ds], 1)
-            best_s, pos = best_s.topk(min(k, best_s.shape[1]), dim=1)
-            best_i = best_i.gather(1, pos)
-        scores[qs:qs + block_size], indices[qs:qs + block_size] = best_s, best_i
-    return scores, indices
 
 
 def trec_ranking(docs: dict[str, float]) -> list[str]:
@@ -144,7 +102,8 @@ def retrieval_metrics(run: dict[str, dict[str, float]], qrels: dict[str, dict[st
 def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: RetrievalSet,
                        query_ids: list[str], doc_ids: list[str], k: int = 100,
                        dims: list[int] | None = None, normalize: bool = True,
-                       ignore_identical_ids: bool = True) -> dict[str, float]:
+                       ignore_identical_ids: bool = True,
+                       corpus_search: CorpusSearch | None = None) -> dict[str, float]:
     """Rank every document for every query and score the ranking against ``test.qrels``.
 
     The full-size embeddings are used as given (normalised already if the model normalises). For each
@@ -162,6 +121,7 @@ def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: Ret
         dims: Matryoshka dims to evaluate as well, each in [1, D].
         ignore_identical_ids: a query's own document (same id) is no candidate for it (BEIR, MTEB; see
             :func:`retrieval_metrics`); the search then goes one deeper, so ``k`` others are still ranked.
+        corpus_search: how to rank (:class:`embtune.eval.index.CorpusSearch`); None: exact (``index=flat``).
 
     Returns:
         The :func:`retrieval_metrics` keys, plus ``f"dim{d}/{key}"`` for each ``d`` in ``dims``.
@@ -187,9 +147,11 @@ def evaluate_retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor, test: Ret
     # one deeper when a query may find itself: BEIR's search also takes k + 1 and drops the self-hit
     depth = k + 1 if ignore_identical_ids and not set(query_ids).isdisjoint(doc_ids) else k
 
+    ranker = corpus_search or CorpusSearch(option="eval")
+
     def rank_and_score(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
-        scores, indices = search(q, d, depth)
-        run = {qid: {doc_ids[j]: s for s, j in zip(row_s, row_i)}
+        scores, indices = ranker(q, d, depth)
+        run = {qid: {doc_ids[j]: s for s, j in zip(row_s, row_i) if j >= 0}  # -1: an approximate index's gap
                for qid, row_s, row_i in zip(query_ids, scores.tolist(), indices.tolist())}
         return retrieval_metrics(run, test.qrels, ignore_identical_ids)
 

@@ -4,7 +4,9 @@ the query's positives and likely false negatives, optionally rescore with a cros
 :class:`HardNegativeMiner` (config group ``miner``) does one pass and returns ``multi_negative`` rows
 plus a settings record; :func:`write_mined` writes both, never over an existing file. ``embtune-mine``
 (:mod:`embtune.recipes.mine`) runs one pass; ``train.rounds`` (:mod:`embtune.recipes.mining_rounds`) re-mines between
-fine-tuning rounds. Shape letters: Q queries, N pool documents, D embedding size, k search depth.
+fine-tuning rounds. The pool is encoded in chunks to a memory-mapped file and searched by
+:class:`embtune.eval.index.CorpusSearch` (exact by default). Shape letters: Q queries, N pool documents, D
+embedding size, k search depth.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from embtune.data import TrainingData
-from embtune.eval.metrics import search
+from embtune.eval.index import CHUNK_SIZE, CorpusSearch, encoded_corpus
 from embtune.mining.pool import CandidatePool, Query, group_queries, normalise
 from embtune.run.progress import encoding_progress
 
@@ -32,8 +34,11 @@ DROP_REASONS = ("positive_id", "positive_text", "query_text", "before_range_min"
 class HardNegativeMiner:
     """Mine hard negatives for every training query (one pass).
 
-    Ranks the pool with the model (exact dot-product top-k in blocks, :func:`embtune.eval.metrics.search`),
-    then per query, walking down its ranking:
+    Ranks the pool with the model: the pool is encoded ``chunk_size`` texts at a time into a memory-mapped
+    file (:func:`embtune.eval.index.encoded_corpus`) and searched by inner product, exactly by default
+    (torch in blocks, faiss from ``faiss_min_docs`` documents on; ties: lower pool index first), or with an
+    approximate faiss index (``index=hnsw|ivf``, :class:`embtune.eval.index.CorpusSearch`). Then per query,
+    walking down its ranking:
 
     1. never a positive: an entry is skipped when one of its ids is a positive's ``doc_id``
        (``positive_id``) or its normalised text equals a positive's (``positive_text``), and when it equals
@@ -58,16 +63,23 @@ class HardNegativeMiner:
         teacher: path or hub name of an ``AutoModelForSequenceClassification`` cross-encoder, or null. One
             logit is read through a sigmoid, two or more through a softmax (the last class = relevant).
         teacher_batch_size, teacher_max_length: pairs per batch and tokens per pair for the teacher.
-        batch_size: texts per encoding batch. block_size: queries and documents per search block.
+        batch_size: texts per encoding batch. block_size: queries and documents per torch search block.
+        chunk_size: pool texts encoded per chunk into the memory-mapped embedding file.
+        index, faiss_min_docs, hnsw_m, hnsw_ef_construction, hnsw_ef_search, ivf_nlist, ivf_nprobe: the
+            search (:class:`embtune.eval.index.CorpusSearch`): ``flat`` exact, ``hnsw``/``ivf`` approximate.
         seed: sampling seed.
     Raises:
-        ValueError: a setting out of range, named by its key.
+        ValueError: a setting out of range, or a search setting of an index other than ``index``, named by
+            its key.
     """
 
     def __init__(self, range_min: int = 10, range_max: int = 100, relative_margin: float | None = 0.95,
                  max_score: float | None = None, num_negatives: int = 15, candidates: str = "train",
                  teacher: str | None = None, teacher_batch_size: int = 32, teacher_max_length: int = 512,
-                 batch_size: int = 64, block_size: int = 1024, seed: int = 0):
+                 batch_size: int = 64, block_size: int = 1024, chunk_size: int = CHUNK_SIZE, index: str = "flat",
+                 faiss_min_docs: int | None = None, hnsw_m: int | None = None,
+                 hnsw_ef_construction: int | None = None, hnsw_ef_search: int | None = None,
+                 ivf_nlist: int | None = None, ivf_nprobe: int | None = None, seed: int = 0):
         if not 0 <= range_min < range_max:
             raise ValueError(f"miner.range_min={range_min}, miner.range_max={range_max}: need 0 <= range_min < range_max")
         if relative_margin is not None and not 0 < relative_margin <= 1:
@@ -76,11 +88,15 @@ class HardNegativeMiner:
             raise ValueError(f"miner.num_negatives={num_negatives}: must be >= 1")
         if candidates not in ("train", "all"):
             raise ValueError(f"miner.candidates={candidates!r}: must be 'train' or 'all'")
+        if chunk_size < 1 or block_size < 1:
+            raise ValueError(f"miner.chunk_size={chunk_size}, miner.block_size={block_size}: both must be >= 1")
+        self.search = CorpusSearch(index, faiss_min_docs, hnsw_m, hnsw_ef_construction, hnsw_ef_search, ivf_nlist,
+                                   ivf_nprobe, block_size=block_size, option="miner")
         self.range_min, self.range_max = range_min, range_max
         self.relative_margin, self.max_score = relative_margin, max_score
         self.num_negatives, self.candidates, self.seed = num_negatives, candidates, seed
         self.teacher, self.teacher_batch_size, self.teacher_max_length = teacher, teacher_batch_size, teacher_max_length
-        self.batch_size, self.block_size = batch_size, block_size
+        self.batch_size, self.block_size, self.chunk_size = batch_size, block_size, chunk_size
 
     def pool(self, data: TrainingData, queries: list[Query]) -> CandidatePool:
         """The candidate pool: training positives (with their ids) and negatives, plus the held-out corpus
@@ -114,20 +130,26 @@ class HardNegativeMiner:
         if not queries:
             raise ValueError(f"data {data.name}: no (query, positive) examples to mine for")
         pool = self.pool(data, queries)
+        self.search.check_size(len(pool))
         excluded = [self._excluded(q, pool) for q in queries]
         log.info("mining: %d queries, %d candidate documents", len(queries), len(pool))
-        with encoding_progress("mine", len(queries) + len(pool)) as advance:
+        with encoding_progress("mine", len(queries) + len(pool)) as advance:  # the bar goes when the search ends
             q_emb = torch.from_numpy(model.encode([q.text for q in queries], kind="query", batch_size=self.batch_size,
                                                   progress=advance))
-            d_emb = torch.from_numpy(model.encode(pool.texts, kind="document", batch_size=self.batch_size,
-                                                  progress=advance))
-        k = min(len(pool), self.range_max + max(len(e) for e in excluded))
-        scores, indices = search(q_emb, d_emb, k, self.block_size)  # [Q, k] each
+            with encoded_corpus(model, pool.texts, "document", self.batch_size, self.chunk_size, advance) as pool_emb:
+                d_emb = torch.from_numpy(pool_emb)  # [N, D], memory-mapped beyond one chunk
+                k = min(len(pool), self.range_max + max(len(e) for e in excluded))
+                scores, indices = self.search(q_emb, d_emb, k)  # [Q, k] each
+                pos_scores = [(q_emb[qi] @ d_emb[[pool.find(p) for p in q.positives]].T).tolist()
+                              for qi, q in enumerate(queries)]
+                del d_emb
 
         dropped, windows = Counter(), []
         for qi, q in enumerate(queries):
             window, rank = [], 0
             for s, j in zip(scores[qi].tolist(), indices[qi].tolist()):
+                if j < 0:  # an approximate index found fewer than k
+                    break
                 if j in excluded[qi]:
                     dropped[excluded[qi][j]] += 1
                     continue
@@ -138,9 +160,7 @@ class HardNegativeMiner:
                 else:
                     window.append((rank, j, s))
                 rank += 1
-            pos_idx = [pool.find(p) for p in q.positives]
-            pos_scores = (q_emb[qi] @ d_emb[pos_idx].T).tolist()
-            windows.append((window, pos_scores))
+            windows.append((window, pos_scores[qi]))
         if self.teacher:
             windows = self._rescore(queries, pool, windows, getattr(model, "device", "cpu"))
 
@@ -172,7 +192,7 @@ class HardNegativeMiner:
         return {"window": {"range_min": self.range_min, "range_max": self.range_max},
                 "filters": {"relative_margin": self.relative_margin, "max_score": self.max_score},
                 "num_negatives": self.num_negatives, "candidates": self.candidates, "teacher": self.teacher,
-                "scores": "teacher" if self.teacher else "model", "seed": self.seed}
+                "scores": "teacher" if self.teacher else "model", "search": self.search.settings(), "seed": self.seed}
 
     @staticmethod
     def _excluded(q: Query, pool: CandidatePool) -> dict[int, str]:
