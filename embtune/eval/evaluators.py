@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Literal
 
 import torch
 
@@ -40,17 +41,19 @@ class Retrieval:
         k: ranking depth (>= 100: Recall@100 is reported).
         ignore_identical_ids: a document whose id equals the query's is no candidate for that query
             (BEIR's and MTEB's rule: in ArguAna each query is itself a corpus document).
+        bf16: the encoding's precision (``auto``: bf16 autocast where the device has native bf16; see
+            ``embtune.training.precision``).
     """
 
     uses_data = True  # ranks the data's held-out set (``data.test``)
 
     def __init__(self, batch_size: int = 64, k: int = 100, ignore_identical_ids: bool = True, before: bool = True,
                  after: bool = True, cache_base: bool = True, metric: str = "ndcg@10", every_steps: int | None = None,
-                 keep: str = "best"):
+                 keep: str = "best", bf16: bool | Literal["auto"] = "auto"):
         if k < 100:
             raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
-        self.ignore_identical_ids = ignore_identical_ids
+        self.ignore_identical_ids, self.bf16 = ignore_identical_ids, bf16
         self.cache_base = cache_base  # read by the loop (embtune.eval.base_cache.base_metrics)
         self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
@@ -71,9 +74,9 @@ class Retrieval:
         started = time.perf_counter()
         with encoding_progress(f"evaluate {what}", len(qids) + len(dids)) as advance:
             q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size,
-                             progress=advance)
+                             progress=advance, bf16=self.bf16)
             d = model.encode([test.corpus[i] for i in dids], kind="document", batch_size=self.batch_size,
-                             progress=advance)
+                             progress=advance, bf16=self.bf16)
         if model.multi_vector:
             metrics = evaluate_maxsim(q, d, test, qids, dids, k=self.k + bool(shared and self.ignore_identical_ids),
                                       device=model.device, ignore_identical_ids=self.ignore_identical_ids)
@@ -88,7 +91,8 @@ class Retrieval:
 class STS:
     """Spearman correlation between cosine similarity and gold scores on a scored-pairs file (STS-B
     style TSV/CSV/JSONL with ``text1``, ``text2``, ``score`` columns), reported as ``spearman``
-    (and ``dim64/spearman`` for Matryoshka dimensions). Both sides use the query max length.
+    (and ``dim64/spearman`` for Matryoshka dimensions). Both sides use the query max length; ``bf16``
+    as for :class:`Retrieval`.
 
     Raises:
         ValueError: from the file's loader and the ``scored_pairs`` format, naming file, row and field.
@@ -98,7 +102,8 @@ class STS:
 
     def __init__(self, path: str, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
                  batch_size: int = 64, before: bool = True, after: bool = True, cache_base: bool = True,
-                 metric: str = "spearman", every_steps: int | None = None, keep: str = "best"):
+                 metric: str = "spearman", every_steps: int | None = None, keep: str = "best",
+                 bf16: bool | Literal["auto"] = "auto"):
         from embtune.data.files import load_jsonl
         from embtune.data.formats import ScoredPairs
 
@@ -106,7 +111,7 @@ class STS:
         self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source)
         self.path = path
         self.batch_size, self.before, self.after, self.metric = batch_size, before, after, metric
-        self.cache_base = cache_base
+        self.cache_base, self.bf16 = cache_base, bf16
         self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
@@ -114,8 +119,10 @@ class STS:
         log.info("evaluating %s: %d pairs", what, len(self.pairs))
         started = time.perf_counter()
         with encoding_progress(f"evaluate {what}", 2 * len(self.pairs)) as advance:
-            e1 = model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance)
-            e2 = model.encode([p.text2 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance)
+            e1 = model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance,
+                              bf16=self.bf16)
+            e2 = model.encode([p.text2 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance,
+                              bf16=self.bf16)
         e1, e2 = torch.from_numpy(e1), torch.from_numpy(e2)
         gold = [p.score for p in self.pairs]
         out = {"spearman": sts_spearman(e1, e2, gold)}
