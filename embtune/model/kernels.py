@@ -19,6 +19,13 @@ with prepacked weights and the bias added inside the matrix product, and a feed-
 (erf) GELU fused onto its first product (what ``torch.compile``'s CPU backend does for frozen weights):
 the same numbers, two passes fewer over each feed-forward activation.
 
+Under bf16 autocast (``train.bf16``) q, k and v arrive in bf16: the scores are rounded to bf16 by their
+product, then masked and soft-maxed in fp32, and the probabilities go back to bf16 for the product with V
+(forward and backward). ``fused_linear(..., dtype=torch.bfloat16)`` packs bf16 copies of the weights.
+On a busy machine these many short parallel regions need OpenMP's passive wait policy, which the ``embtune``
+command sets (``embtune.training.threads``): with the default spinning policy a step of all-MiniLM-L6-v2
+beside one busy core took several times longer than with it (docs/performance.md).
+
 Off a CPU, without dropout (evaluation) or for anything unusual (causal or grouped-query attention,
 position biases) :func:`attention` is transformers' own SDPA path. :func:`fast_dropout` switches a model
 to these kernels for the length of a ``with`` block and back, so a saved model names plain SDPA.
