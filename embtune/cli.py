@@ -7,7 +7,11 @@ import math
 import os
 from pathlib import Path
 
-import hydra
+from embtune.training.threads import openmp_defaults
+
+openmp_defaults()  # before torch loads: OpenMP reads its thread count and wait policy once (see the module)
+
+import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate

@@ -53,7 +53,7 @@ class TrainSettings(TypedDict):
     device: str
     grad_cache: bool
     mini_batch_size: int
-    bf16: bool
+    bf16: bool | Literal["auto"]
     log_every: int
     checkpoint_every: int | None
     keep_checkpoint: bool

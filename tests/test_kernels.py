@@ -171,4 +171,62 @@ def test_fused_linear_encodes_the_same_numbers_and_puts_the_layers_back(model):
     assert sum(type(m) is nn.Linear for m in model.modules()) == linears
     assert not any(isinstance(m, (K._PackedLinear, nn.Identity)) for m in model.modules())
     assert abs(got.numpy() - want).max() < 1e-6
-    assert abs(model.encode(texts) - want).max() < 1e-6
+    assert abs(model.encode(texts) - want).max() < 1e-6 and abs(model.encode(texts, bf16=False) - want).max() < 1e-6
+
+
+def test_attention_in_bf16_is_the_fp64_formula_within_bf16_rounding_and_keeps_its_dtypes(monkeypatch):
+    """bf16 q, k, v (as autocast hands them over): the same masks as the fp64 formula, outputs and
+    gradients in bf16, and within bf16 rounding of it (8 significand bits: 2^-9 relative per rounding,
+    a few roundings on the way: 3e-2 of the largest value)."""
+    b, h, tq, tk, d = 3, 2, 5, 7, 4
+    monkeypatch.setattr(K, "_CHUNK_SCORES", h * tq * tk)  # one sequence per chunk, as the reference draws
+    torch.manual_seed(0)
+    q64, k64, v64 = (torch.randn(b, t, h, d, dtype=torch.float64).transpose(1, 2) for t in (tq, tk, tk))
+    q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in (q64, k64, v64))
+    mask = _masks(b, tq, tk)["padding (expanded bool)"]
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = K.attention(nn.Module(), q, k, v, mask, dropout=0.3, scaling=0.4)
+    # the reference from the bf16-rounded inputs in fp64: only the kernel's own roundings differ
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = _reference_attention(*ref_in, mask, 0.3, 0.4, seed=7)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), ref_in)
+    assert all(g.dtype == torch.bfloat16 for g in got)
+    assert all((g.double() - x).abs().max().item() < 3e-2 * x.abs().max().item() for g, x in zip(got, want))
+
+
+def test_dropout_under_bf16_autocast_keeps_bf16_and_drops_as_in_fp32():
+    x = torch.randn(4, 6, 8).to(torch.bfloat16).requires_grad_()
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = K.Dropout(0.25).train()(x)
+    torch.manual_seed(3)
+    dropped = K.drop_mask((4, 6, 8), 0.25)
+    assert y.dtype == torch.bfloat16 and torch.equal(y == 0, dropped | (x == 0))
+    assert torch.equal(y, (x * K.keep_scale(0.25)).masked_fill(dropped, 0))
+
+
+def test_fused_linear_in_bf16_encodes_as_bf16_autocast_does(model, monkeypatch):
+    """bf16 packed products (``encode(bf16=True)``) against the plain model under bf16 autocast: the same
+    bf16 roundings of inputs and weights, so the two agree far closer than either agrees with fp32."""
+    from embtune.training import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: frozenset({"avx512_bf16"}))  # any CPU runs the test
+    texts = ["a short one", "a much longer text about proteins in cells", "x", "dna repair in yeast"]
+    tokens = model.tokenize(texts)
+    with torch.no_grad():
+        fp32 = model.eval()(**tokens).numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(**tokens).float().numpy()
+    got = model.encode(texts, bf16=True)
+    assert model.bf16 is False  # put back
+    assert got.dtype == fp32.dtype and abs(got - autocast).max() < 2e-2  # bf16 rounding: 2^-9 relative, a few times
+    assert abs(got - fp32).max() < 5e-2 and abs(got - fp32).max() > 1e-6  # it did compute in bf16
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: frozenset({"avx2"}))
+    with pytest.raises(ValueError, match=r"encode\(bf16=...\)=true"):
+        model.encode(texts, bf16=True)
+    assert abs(model.encode(texts, bf16="auto") - fp32).max() < 1e-6  # auto on a CPU without bf16: fp32

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Literal
 
 import torch
 
@@ -47,6 +48,8 @@ class Retrieval:
         index, faiss_min_docs, hnsw_m, hnsw_ef_construction, hnsw_ef_search, ivf_nlist, ivf_nprobe: the
             search (:class:`embtune.eval.index.CorpusSearch`): ``flat`` exact, ``hnsw``/``ivf`` approximate
             (metrics from an approximate ranking are not comparable with published exact ones).
+        bf16: the encoding's precision (``auto``: bf16 autocast where the device has native bf16; see
+            ``embtune.training.precision``).
     Raises:
         ValueError: ``k < 100``, or a search setting out of range or of another index than ``index``.
     """
@@ -58,11 +61,11 @@ class Retrieval:
                  keep: str = "best", chunk_size: int = CHUNK_SIZE, index: str = "flat",
                  faiss_min_docs: int | None = None, hnsw_m: int | None = None,
                  hnsw_ef_construction: int | None = None, hnsw_ef_search: int | None = None,
-                 ivf_nlist: int | None = None, ivf_nprobe: int | None = None):
+                 ivf_nlist: int | None = None, ivf_nprobe: int | None = None, bf16: bool | Literal["auto"] = "auto"):
         if k < 100:
             raise ValueError(f"eval.k={k}: the ranking depth must be >= 100 (Recall@100 is reported)")
         self.batch_size, self.k, self.before, self.after, self.metric = batch_size, k, before, after, metric
-        self.ignore_identical_ids = ignore_identical_ids
+        self.ignore_identical_ids, self.bf16 = ignore_identical_ids, bf16
         if chunk_size < 1:
             raise ValueError(f"eval.chunk_size={chunk_size}: must be >= 1")
         self.chunk_size, self.index = chunk_size, index
@@ -93,13 +96,14 @@ class Retrieval:
         docs = [test.corpus[i] for i in dids]
         with encoding_progress(f"evaluate {what}", len(qids) + len(dids)) as advance:
             q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size,
-                             progress=advance)
+                             progress=advance, bf16=self.bf16)
             if model.multi_vector:
-                d = model.encode(docs, kind="document", batch_size=self.batch_size, progress=advance)
+                d = model.encode(docs, kind="document", batch_size=self.batch_size, progress=advance, bf16=self.bf16)
                 metrics = evaluate_maxsim(q, d, test, qids, dids, k=self.k + bool(shared and self.ignore_identical_ids),
                                           device=model.device, ignore_identical_ids=self.ignore_identical_ids)
             else:
-                with encoded_corpus(model, docs, "document", self.batch_size, self.chunk_size, advance) as d:
+                with encoded_corpus(model, docs, "document", self.batch_size, self.chunk_size, progress=advance,
+                                    bf16=self.bf16) as d:
                     metrics = evaluate_retrieval(torch.from_numpy(q), torch.from_numpy(d), test, qids, dids, k=self.k,
                                                  dims=[x for x in dims if x < model.dim], normalize=model.normalize,
                                                  ignore_identical_ids=self.ignore_identical_ids,
@@ -111,7 +115,8 @@ class Retrieval:
 class STS:
     """Spearman correlation between cosine similarity and gold scores on a scored-pairs file (STS-B
     style TSV/CSV/JSONL with ``text1``, ``text2``, ``score`` columns), reported as ``spearman``
-    (and ``dim64/spearman`` for Matryoshka dimensions). Both sides use the query max length.
+    (and ``dim64/spearman`` for Matryoshka dimensions). Both sides use the query max length; ``bf16``
+    as for :class:`Retrieval`.
 
     Raises:
         ValueError: from the file's loader and the ``scored_pairs`` format, naming file, row and field.
@@ -121,7 +126,8 @@ class STS:
 
     def __init__(self, path: str, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
                  batch_size: int = 64, before: bool = True, after: bool = True, cache_base: bool = True,
-                 metric: str = "spearman", every_steps: int | None = None, keep: str = "best"):
+                 metric: str = "spearman", every_steps: int | None = None, keep: str = "best",
+                 bf16: bool | Literal["auto"] = "auto"):
         from embtune.data.files import load_jsonl
         from embtune.data.formats import ScoredPairs
 
@@ -129,7 +135,7 @@ class STS:
         self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source)
         self.path = path
         self.batch_size, self.before, self.after, self.metric = batch_size, before, after, metric
-        self.cache_base = cache_base
+        self.cache_base, self.bf16 = cache_base, bf16
         self.every_steps, self.keep = every_steps, keep  # read by the loop (embtune.training.selection)
 
     def __call__(self, model, data: TrainingData, dims: list[int]) -> dict[str, float]:
@@ -137,8 +143,10 @@ class STS:
         log.info("evaluating %s: %d pairs", what, len(self.pairs))
         started = time.perf_counter()
         with encoding_progress(f"evaluate {what}", 2 * len(self.pairs)) as advance:
-            e1 = model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance)
-            e2 = model.encode([p.text2 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance)
+            e1 = model.encode([p.text1 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance,
+                              bf16=self.bf16)
+            e2 = model.encode([p.text2 for p in self.pairs], kind="query", batch_size=self.batch_size, progress=advance,
+                              bf16=self.bf16)
         e1, e2 = torch.from_numpy(e1), torch.from_numpy(e2)
         gold = [p.score for p in self.pairs]
         out = {"spearman": sts_spearman(e1, e2, gold)}

@@ -37,36 +37,35 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE = 32, 200, 128, 32
 
 @contextlib.contextmanager
 def encoded_corpus(model, texts: list[str], kind: str = "document", batch_size: int = 64,
-                   chunk_size: int = CHUNK_SIZE, progress=None) -> Iterator[np.ndarray]:
+                   chunk_size: int = CHUNK_SIZE, **options) -> Iterator[np.ndarray]:
     """The texts' embeddings, float32 [N, D], encoded ``chunk_size`` texts at a time.
 
     Beyond one chunk the embeddings are written into ``embeddings.npy``, a memory-mapped file in a temporary
     folder under ``$EMBTUNE_CACHE/tmp`` that is removed when the context ends, so memory holds one chunk's
     output at a time and never a second copy of the matrix. ``model`` needs ``encode(texts, kind, batch_size)
     -> float32 [n, D]``; each chunk is one call (which sorts its texts by length), so the embeddings equal
-    one-shot encoding up to float32 rounding of differently padded batches. ``progress``: passed on to
-    ``model.encode`` (called with the number of texts each batch encoded), when given.
+    one-shot encoding up to float32 rounding of differently padded batches. ``options`` (``progress``,
+    ``bf16``) are passed on to every ``model.encode`` call.
 
     Raises:
         ValueError: ``chunk_size < 1``.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
-    more = {"progress": progress} if progress is not None else {}
     if len(texts) <= chunk_size:
-        yield model.encode(texts, kind=kind, batch_size=batch_size, **more)
+        yield model.encode(texts, kind=kind, batch_size=batch_size, **options)
         return
     folder = cache_dir() / "tmp"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="corpus-", dir=folder) as tmp:
-        first = model.encode(texts[:chunk_size], kind=kind, batch_size=batch_size, **more)
+        first = model.encode(texts[:chunk_size], kind=kind, batch_size=batch_size, **options)
         emb = np.lib.format.open_memmap(Path(tmp) / "embeddings.npy", mode="w+", dtype=np.float32,
                                         shape=(len(texts), first.shape[1]))
         emb[:chunk_size] = first
         del first
         for start in range(chunk_size, len(texts), chunk_size):
             emb[start:start + chunk_size] = model.encode(texts[start:start + chunk_size], kind=kind,
-                                                         batch_size=batch_size, **more)
+                                                         batch_size=batch_size, **options)
         emb.flush()
         yield emb
 

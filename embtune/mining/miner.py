@@ -136,7 +136,8 @@ class HardNegativeMiner:
         with encoding_progress("mine", len(queries) + len(pool)) as advance:  # the bar goes when the search ends
             q_emb = torch.from_numpy(model.encode([q.text for q in queries], kind="query", batch_size=self.batch_size,
                                                   progress=advance))
-            with encoded_corpus(model, pool.texts, "document", self.batch_size, self.chunk_size, advance) as pool_emb:
+            with encoded_corpus(model, pool.texts, "document", self.batch_size, self.chunk_size,
+                                progress=advance) as pool_emb:
                 d_emb = torch.from_numpy(pool_emb)  # [N, D], memory-mapped beyond one chunk
                 k = min(len(pool), self.range_max + max(len(e) for e in excluded))
                 scores, indices = self.search(q_emb, d_emb, k)  # [Q, k] each

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from embtune.model import kernels
 from embtune.model.llm import append_eos as _append_eos
 from embtune.model.llm import position_ids
+from embtune.training.precision import use_bf16
 
 KINDS = ("query", "document")
 
@@ -40,6 +41,10 @@ class Embedder(nn.Module):
     ``truncate_dim`` (set by ``load(path, truncate_dim=d)``): keep the first d coordinates of each
     embedding, then normalise (Matryoshka; see ``embtune.objectives.matryoshka``).
 
+    ``bf16`` (set by the training loop from ``train.bf16``, and by :meth:`encode`): the tower's forward
+    runs under bf16 autocast; its hidden states are cast to fp32, so pooling, normalisation and every
+    score and loss computed from the embeddings are fp32.
+
     Raises:
         ValueError: ``append_eos`` with a tokenizer that has no EOS token.
     """
@@ -47,6 +52,7 @@ class Embedder(nn.Module):
     multi_vector = False
     truncate_dim: int | None = None
     base_hub_id: str | None = None  # the hub id the model was named by (embtune.model.io): a saved adapter's base
+    bf16 = False
 
     def __init__(self, encoder, tokenizer, pooling: nn.Module, normalize: bool = True,
                  query_max_length: int = 64, document_max_length: int = 256, query_prompt: str = "",
@@ -120,10 +126,15 @@ class Embedder(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, kind: str = "document", **kwargs) -> Tensor:
         """``kind``'s tower's last hidden state [B,T,H]. Left-padded rows get positions counted from
-        their first real token, so padding never shifts a text's positions."""
+        their first real token, so padding never shifts a text's positions. With ``bf16``: computed
+        under bf16 autocast, returned in fp32."""
         if not bool(attention_mask[:, 0].all()):
             kwargs.setdefault("position_ids", position_ids(attention_mask))
-        return self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if not self.bf16:  # no autocast context at all: a caller's own one stays in force
+            return self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16):
+            hidden = self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return hidden.float()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor | None = None,
                 kind: str = "document", **kwargs) -> Tensor:
@@ -141,7 +152,8 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str], kind: str = "document", batch_size: int = 64,
-               max_length: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
+               max_length: int | None = None, progress: Callable[[int], None] | None = None,
+               bf16: bool | str = False) -> np.ndarray:
         """Encode texts in length-sorted batches (less padding), returned in input order.
 
         Args:
@@ -149,16 +161,25 @@ class Embedder(nn.Module):
                 the max length.
             progress: called with each batch's number of texts once it is encoded (a progress bar,
                 :func:`embtune.run.progress.encoding_progress`).
+            bf16: False (default): fp32, the same vectors on every machine (as sentence-transformers'
+                ``encode``); "auto": the tower in bf16 autocast where the device computes bf16 natively
+                (:func:`embtune.training.precision.use_bf16`; evaluation and ``eval.bf16`` use it), about
+                1e-3 from the fp32 vectors; True: bf16, refused where it would be emulated.
         Returns:
             float32 array [N, D].
+        Raises:
+            ValueError: a ``kind`` or ``bf16`` value that is not one of the above.
         """
         self.tower(kind)  # checks kind
-        was_training = self.training
+        on = use_bf16(bf16, self.device, option="encode(bf16=...)")
+        was_training, was_bf16 = self.training, self.bf16
         self.eval()
+        self.bf16 = on
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        dtype = torch.bfloat16 if on else torch.float32  # oneDNN: prepacked weights, bias and GELU fused
         try:
-            with kernels.fused_linear(self, self.device.type == "cpu"):  # oneDNN: the same numbers, fewer passes
+            with kernels.fused_linear(self, self.device.type == "cpu", dtype):
                 for i in range(0, len(texts), batch_size):
                     idx = order[i:i + batch_size]
                     batch = self.tokenize([texts[j] for j in idx], max_length, kind)
@@ -168,6 +189,7 @@ class Embedder(nn.Module):
                         progress(len(idx))
         finally:
             self.train(was_training)
+            self.bf16 = was_bf16
         return out
 
 def _prompt_mask(offsets: list[tuple[int, int]], special: list[int], prompt_chars: int) -> list[int]:

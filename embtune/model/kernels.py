@@ -19,6 +19,13 @@ with prepacked weights and the bias added inside the matrix product, and a feed-
 (erf) GELU fused onto its first product (what ``torch.compile``'s CPU backend does for frozen weights):
 the same numbers, two passes fewer over each feed-forward activation.
 
+Under bf16 autocast (``train.bf16``) q, k and v arrive in bf16: the scores are rounded to bf16 by their
+product, then masked and soft-maxed in fp32, and the probabilities go back to bf16 for the product with V
+(forward and backward). ``fused_linear(..., dtype=torch.bfloat16)`` packs bf16 copies of the weights.
+On a busy machine these many short parallel regions need OpenMP's passive wait policy, which the ``embtune``
+command sets (``embtune.training.threads``): with the default spinning policy a step of all-MiniLM-L6-v2
+beside one busy core took several times longer than with it (docs/performance.md).
+
 Off a CPU, without dropout (evaluation) or for anything unusual (causal or grouped-query attention,
 position biases) :func:`attention` is transformers' own SDPA path. :func:`fast_dropout` switches a model
 to these kernels for the length of a ``with`` block and back, so a saved model names plain SDPA.
@@ -88,8 +95,15 @@ def _chunks(batch: int, per_row: int):
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16, fp16 -> fp32; fp32, fp64 unchanged
+
+
 def _probs(q: Tensor, k: Tensor, blocked: Tensor | None, bias: Tensor | None, rows: slice) -> Tensor:
+    """Attention probabilities of the chunk ``rows``, in fp32 or wider (bf16 q, k: their product is
+    rounded to bf16, then the mask and the softmax run in fp32)."""
     scores = torch.matmul(q[rows], k[rows].transpose(-1, -2))  # q comes pre-scaled
+    scores = scores.to(_wide(scores.dtype))
     if bias is not None:
         scores.add_(bias[rows] if bias.shape[0] > 1 else bias)
     if blocked is not None:  # finfo.min, not -inf: a fully masked row gets uniform weights, not NaN (as HF's eager path)
@@ -108,10 +122,11 @@ class _AttentionFn(torch.autograd.Function):
         b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         out = torch.empty(b, h, tq, v.shape[-1], dtype=q.dtype)
         dropped = torch.empty(b, h, tq, tk, dtype=torch.bool)
-        for rows in _chunks(b, h * tq * tk):
-            probs = _probs(q, k, blocked, bias, rows)
-            dropped[rows] = mask = drop_mask(tuple(probs.shape), p)
-            out[rows] = torch.matmul(probs.masked_fill_(mask, 0), v[rows])
+        with torch.autocast("cpu", enabled=False):  # the dtypes are set here, the same in backward
+            for rows in _chunks(b, h * tq * tk):
+                probs = _probs(q, k, blocked, bias, rows)
+                dropped[rows] = mask = drop_mask(tuple(probs.shape), p)
+                torch.matmul(probs.masked_fill_(mask, 0).to(v.dtype), v[rows], out=out[rows])
         ctx.save_for_backward(q, k, v, blocked, bias, dropped)
         ctx.scale, ctx.keep_scale = scale, keep_scale(p)
         return out.mul_(ctx.keep_scale)
@@ -119,15 +134,15 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, blocked, bias, dropped = ctx.saved_tensors  # q pre-scaled
-        grad = grad.contiguous() * ctx.keep_scale
+        grad = (grad.contiguous() * ctx.keep_scale).to(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for rows in _chunks(q.shape[0], q.shape[1] * q.shape[2] * k.shape[2]):
-            probs = _probs(q, k, blocked, bias, rows)  # recomputed: nothing [B,H,T,T] was kept
-            dv[rows] = torch.matmul(probs.masked_fill(dropped[rows], 0).transpose(-1, -2), grad[rows])
+            probs = _probs(q, k, blocked, bias, rows)  # recomputed in fp32: nothing [B,H,T,T] was kept
+            torch.matmul(probs.masked_fill(dropped[rows], 0).to(v.dtype).transpose(-1, -2), grad[rows], out=dv[rows])
             d_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2)).masked_fill_(dropped[rows], 0)
-            d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
-            dq[rows] = torch.matmul(d_scores, k[rows])
-            dk[rows] = torch.matmul(d_scores.transpose(-1, -2), q[rows])
+            d_scores = torch._softmax_backward_data(d_probs.to(probs.dtype), probs, -1, probs.dtype).to(q.dtype)
+            torch.matmul(d_scores, k[rows], out=dq[rows])
+            torch.matmul(d_scores.transpose(-1, -2), q[rows], out=dk[rows])
         return dq.mul_(ctx.scale), dk, dv, None, None, None, None
 
 
@@ -151,8 +166,9 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     blocked = bias = None
     if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.stride(-2) == 0:
         # padding only (one row expanded over the queries): an additive row [B,1,1,Tk] is cheaper to apply
-        bias = torch.zeros(attention_mask[..., :1, :].shape, dtype=query.dtype).masked_fill_(
-            ~attention_mask[..., :1, :], torch.finfo(query.dtype).min)
+        wide = _wide(query.dtype)  # the scores' dtype (see _probs)
+        bias = torch.zeros(attention_mask[..., :1, :].shape, dtype=wide).masked_fill_(
+            ~attention_mask[..., :1, :], torch.finfo(wide).min)
     elif attention_mask is not None and attention_mask.dtype == torch.bool:
         blocked = ~attention_mask
     elif attention_mask is not None:
@@ -213,18 +229,20 @@ def fast_dropout(model: nn.Module, enabled: bool = True):
 
 
 class _PackedLinear(nn.Module):
-    """``linear`` (weights prepacked for oneDNN) followed by ``post`` ("none" or "gelu": exact erf GELU)."""
+    """``linear`` (weights prepacked for oneDNN in ``dtype``) followed by ``post`` ("none" or "gelu": exact
+    erf GELU); the input is cast to ``dtype`` (bf16: as autocast would), the output is in ``dtype``."""
 
-    def __init__(self, linear: nn.Linear, post: str):
+    def __init__(self, linear: nn.Linear, post: str, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias, self.post = linear.bias, post
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), None)
+        self.bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
+        self.post, self.dtype = post, dtype
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled():  # the packed weight is a copy: gradients would never reach the real one
             raise RuntimeError("embtune.model.kernels.fused_linear is for encoding under torch.no_grad(), not training")
-        bias = self.bias.detach() if self.bias is not None else None
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, self.post, [], "none" if self.post == "gelu" else "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, self.post, [],
+                                                  "none" if self.post == "gelu" else "")
 
 
 def _exact_gelu(act) -> bool:
@@ -232,19 +250,21 @@ def _exact_gelu(act) -> bool:
 
 
 @contextlib.contextmanager
-def fused_linear(model: nn.Module, enabled: bool = True):
+def fused_linear(model: nn.Module, enabled: bool = True, dtype: torch.dtype = torch.float32):
     """Within the block (meant for ``torch.no_grad`` encoding of fp32 CPU models), every ``nn.Linear`` of
     ``model`` is a prepacked oneDNN product with its bias fused, and a feed-forward block's first product
     (a module with ``dense`` and an exact-GELU ``intermediate_act_fn``: BERT, RoBERTa, XLM-R, MPNet, ...)
-    has the GELU fused too. Everything is put back on exit; the weights are read when the block starts,
-    so do not train inside it. Does nothing when ``enabled`` is false, oneDNN is missing, or any weight
-    is not an fp32 CPU tensor.
+    has the GELU fused too. ``dtype=torch.bfloat16`` packs bf16 copies of the weights and casts each
+    layer's input to bf16, as bf16 autocast does for ``nn.Linear`` (the fp32 weights stay as they are).
+    Everything is put back on exit; the weights are read when the block starts, so do not train inside
+    it. Does nothing when ``enabled`` is false, oneDNN is missing, or any weight is not an fp32 CPU tensor.
 
     Raises:
         RuntimeError: (from a swapped layer) a forward with gradients enabled inside the block.
     """
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     usable = (enabled and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+              and dtype in (torch.float32, torch.bfloat16)
               and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears))
     if not usable:
         yield
@@ -254,7 +274,7 @@ def fused_linear(model: nn.Module, enabled: bool = True):
 
     def packed(parent: nn.Module, name: str, child: nn.Module) -> nn.Module | None:
         if type(child) is nn.Linear:
-            return _PackedLinear(child, "gelu" if name == "dense" and id(parent) in fused else "none")
+            return _PackedLinear(child, "gelu" if name == "dense" and id(parent) in fused else "none", dtype)
         return nn.Identity() if name == "intermediate_act_fn" and id(parent) in fused else None
 
     with _swapped(model, packed):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from embtune.model.embedder import Embedder
 from embtune.objectives.maxsim import TokenVectors
+from embtune.training.precision import use_bf16
 
 
 class MultiVectorEmbedder(Embedder):
@@ -71,17 +72,21 @@ class MultiVectorEmbedder(Embedder):
 
     @torch.no_grad()
     def encode(self, texts: list[str], kind: str = "document", batch_size: int = 64,
-               max_length: int | None = None, progress: Callable[[int], None] | None = None) -> TokenVectors:
+               max_length: int | None = None, progress: Callable[[int], None] | None = None,
+               bf16: bool | str = False) -> TokenVectors:
         """Token vectors of ``texts`` in length-sorted chunks of ``batch_size`` (float32, on the CPU).
 
         Args:
             kind: "query" or "document": picks the max length when ``max_length`` is None.
             progress: called with each chunk's number of texts once it is encoded (as in ``Embedder.encode``).
+            bf16: the tower's precision, as for :meth:`Embedder.encode`.
         """
         if max_length is None:
             max_length = self.query_max_length if kind == "query" else self.document_max_length
-        was_training = self.training
+        on = use_bf16(bf16, self.device, option="encode(bf16=...)")
+        was_training, was_bf16 = self.training, self.bf16
         self.eval()
+        self.bf16 = on
         order = np.argsort([-len(t) for t in texts], kind="stable")
         chunks = []
         try:
@@ -96,4 +101,5 @@ class MultiVectorEmbedder(Embedder):
                     progress(len(idx))
         finally:
             self.train(was_training)
+            self.bf16 = was_bf16
         return TokenVectors(chunks)

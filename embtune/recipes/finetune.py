@@ -38,6 +38,7 @@ from embtune.training import checkpoint, distributed
 from embtune.training.grad_cache import grad_cache_backward
 from embtune.training.numerics import finite_or_missing, skip_or_stop
 from embtune.training.optim import clamp_after_step, lr_at, param_groups
+from embtune.training.precision import precision_name, use_bf16
 from embtune.training.selection import Best, check_selection, evaluate_and_select
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,11 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         device = torch.device("cuda", proc.local_rank)
         torch.cuda.set_device(device)
     main = proc.main
+    bf16 = use_bf16(t.bf16, device)  # before the model loads: train.bf16=true on a CPU without bf16 is refused
+    use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # the same for eval.bf16
     if main:
         log.info(describe_held_out(data, evaluator))
+        log.info("precision: %s on %s (train.bf16=%s)", precision_name(bf16), device.type, t.bf16)
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
         from embtune.model.resolve import resolve_model_path
@@ -127,8 +131,6 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=t.lr, weight_decay=t.weight_decay)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda"
-                              and torch.cuda.is_bf16_supported())
 
     # -- the backward step, chosen once: (batch) -> (loss, metrics), gradients accumulated in .grad
     def loss_of(batch: dict, embeddings: dict | None = None) -> tuple[torch.Tensor, dict]:
@@ -136,16 +138,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
     if t.grad_cache:  # Gao et al. 2021: the same gradients, one mini-batch's activations at a time
         def backward(batch: dict) -> tuple[torch.Tensor, dict]:
-            return grad_cache_backward(trained, batch, lambda e: loss_of(batch, e), t.mini_batch_size, autocast)
+            return grad_cache_backward(trained, batch, lambda e: loss_of(batch, e), t.mini_batch_size)
     else:
         def backward(batch: dict) -> tuple[torch.Tensor, dict]:
-            with autocast:
-                loss, metrics = loss_of(batch)
+            loss, metrics = loss_of(batch)
             loss.backward()
             return loss, metrics
 
     # -- the loop; one step counter drives schedule, logging and checkpoints
     model.train()
+    model.bf16 = bf16  # the encoder's forward in bf16 autocast; embeddings, scores, loss and weights fp32
     step = epoch = done = seen = skipped = 0  # done: batches of this epoch trained on
     if state is not None:
         c = checkpoint.restore_training(state, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -240,7 +242,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
-        "unbatched_rows": unbatched,
+        "unbatched_rows": unbatched, "precision": precision_name(bf16),
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
         **({"selection": best.summary(), "last": last} if best.evaluations else {}),

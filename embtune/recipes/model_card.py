@@ -151,7 +151,8 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
         + (f", group size {negatives['group_size']}" if negatives.get("group_size") else ""),
         f"- Matryoshka dimensions: {dims if dims else 'off'}",
         f"- Steps: {summary.get('steps')}; "
-        + ", ".join(f"{k} {train[k]}" for k in _TRAIN_KEYS if train.get(k) is not None), "",
+        + ", ".join(f"{k} {train[k]}" for k in _TRAIN_KEYS if train.get(k) is not None)
+        + (f" (computed in {summary['precision']})" if summary.get("precision") else ""), "",
         "## Evaluation", "", *_metrics_table(summary.get("base") or {}, summary.get("final") or {}), "",
         "## Reproduce", "", "```bash", _command(config, overrides), "```", "",
         "## Library versions", "", *[f"- {k}: {v}" for k, v in _versions().items()], "",
