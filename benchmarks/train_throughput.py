@@ -4,8 +4,8 @@ all-MiniLM-L6-v2 (bundled) on SciFact train pairs, in-batch InfoNCE (τ = 0.05 =
 batch 32 on CPU, 128 on CUDA, query max length 64, document max length 256 (sentence-transformers: its
 single max_seq_length, 256). Sides, each in its own process (its own peak memory):
 
-- ``embtune``: at the precision ``train.bf16=auto`` picks here (bf16 autocast where the device has native
-  bf16, ``embtune.training.precision``), with the OpenMP settings the ``embtune`` command sets;
+- ``embtune``: in bf16 autocast where the device has native bf16 (``train.bf16=true`` there;
+  ``embtune.training.precision.native_bf16``), else fp32, with the OpenMP settings the ``embtune`` command sets;
 - ``st-fp32``: sentence-transformers in fp32;
 - ``st-bf16``: sentence-transformers under bf16 autocast (its trainer's ``bf16=True``), where the device
   has native bf16 (its fastest setting there; elsewhere st-fp32 is).
@@ -45,7 +45,7 @@ from harness import (  # noqa: E402
 )
 from sides import embtune_side, st_side  # noqa: E402
 
-from embtune.training.precision import use_bf16  # noqa: E402
+from embtune.training.precision import native_bf16  # noqa: E402
 
 
 def ratios(rate: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -89,7 +89,7 @@ def main() -> None:
     a = p.parse_args()
     device = pick_device(a.device)
     bs = a.batch_size or (128 if device.type == "cuda" else 32)
-    bf16 = use_bf16("auto", device)
+    bf16 = native_bf16(device)
     examples = scifact_examples(a.data, "train")
     rounds_of = a.rounds * (2 if a.contend else 1)
     plan = batch_plan(examples, bs, 2 * a.warmup + rounds_of * a.steps, a.seed)

@@ -5,7 +5,8 @@ fp32 master weights, optimiser state and gradients (Kalamkar et al. 2019, "A Stu
 Learning Training"). It pays only where the products run on bf16 hardware: CUDA devices that support it
 (``torch.cuda.is_bf16_supported``) and x86 CPUs with AVX512-BF16 dot products or AMX tiles (Intel Cooper
 Lake / Sapphire Rapids and later, AMD Zen 4 and later). Elsewhere oneDNN emulates bf16 by converting to
-fp32, slower than fp32 itself, so ``auto`` stays in fp32 there.
+fp32, slower than fp32 itself, so ``true`` is refused there. ``auto`` (the default) is bf16 on CUDA only
+until the CPU quality check is in (:func:`use_bf16`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def use_bf16(setting, device: torch.device | str, option: str = "train.bf16",
              flags: frozenset[str] | None = None) -> bool:
     """Whether to compute in bf16 autocast on ``device`` for ``setting`` of ``option``.
 
-    ``auto``: bf16 on a CUDA device that supports it and on a CPU with native bf16 dot products
-    (:func:`cpu_has_bf16`, ``flags`` for tests), fp32 elsewhere (MPS, and CPUs that would emulate it).
-    ``true``: bf16, required: refused where the device has no native bf16. ``false``: fp32.
+    ``auto``: bf16 on a CUDA device that supports it, fp32 elsewhere. On a CPU ``auto`` stays fp32 even with
+    native bf16: bf16 training there is faster, but its quality check (SciFact NDCG@10 over three seeds
+    against fp32, docs/performance.md) has not been run yet, and a default must not change results unchecked.
+    ``true``: bf16, required: refused where the device has no native bf16 (:func:`cpu_has_bf16`, ``flags``
+    for tests; on a CPU it would be emulated, slower than fp32). ``false``: fp32.
 
     Raises:
         ValueError: ``setting`` not auto/true/false, or true on a device without native bf16, naming
@@ -69,11 +72,21 @@ def use_bf16(setting, device: torch.device | str, option: str = "train.bf16",
         native = cpu_has_bf16(flags)
     else:
         native = False
+    if setting == "auto" and device.type == "cpu":
+        return False
     if setting is True and not native:
         why = f"no {' or '.join(BF16_CPU_FLAGS)} CPU flag" if device.type == "cpu" else "not supported"
         raise ValueError(f"{option}=true, but this {device.type} device has no native bf16 ({why}): it would be "
                          f"emulated, slower than fp32; use {option}=auto or false")
     return native
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 natively (``train.bf16=true`` is accepted there)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
 
 
 def precision_name(bf16: bool) -> str:
