@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from embtune.training import checkpoint
 from embtune.training.distributed import Dist
+from embtune.training.optim import transformer_layers
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +60,31 @@ def active(strategy: str, d: Dist) -> bool:
     return d.world > 1
 
 
+def agreed_signal(signum: int | None, d: Dist) -> int | None:
+    """The largest signal number any process has received (None: none), the same on every process, so that
+    all of them write their shards of the last checkpoint at the same step. One all-reduce."""
+    box = torch.tensor([signum or 0])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item()) or None
+
+
 def layers(tower: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of one tower (a transformers model, or a peft model around one): the modules
-    whose class the model names in ``_no_split_modules`` (``BertLayer``, ``Qwen2DecoderLayer``, ...),
-    else the members of its largest ``nn.ModuleList``; [] when it has neither."""
-    base = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    found = [m for m in tower.modules() if type(m).__name__ in names]
-    if found:
-        return found
-    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
+    """The transformer blocks of one tower (a transformers model, or a peft model around one): its list of
+    ``config.num_hidden_layers`` blocks (:func:`embtune.training.optim.transformer_layers`); [] when it has
+    none (then the whole tower is sharded as part of the root unit)."""
+    found = transformer_layers(tower)
+    return list(found) if found is not None else []
 
 
 def skeleton(model: nn.Module) -> nn.Module:
     """An unsharded copy of ``model`` whose parameters live on the meta device (no memory), made before
     :func:`wrap`; :func:`full_model` fills it with the gathered weights. Buffers (rotary tables, position
-    ids) are copied, since a state dict may leave them out; the token cache is shared, not copied."""
+    ids) are copied, since a state dict may leave them out; the tokenizer and token cache are shared."""
     memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             for p in model.parameters()}
-    if getattr(model, "token_cache", None) is not None:
-        memo[id(model.token_cache)] = model.token_cache
+    for shared in (getattr(model, "token_cache", None), getattr(model, "tokenizer", None)):
+        if shared is not None:
+            memo[id(shared)] = shared
     return copy.deepcopy(model, memo)
 
 
