@@ -36,18 +36,20 @@ def _torchrun(*args):
 
 @pytest.mark.slow
 @needs_dist
-@pytest.mark.parametrize("model, pooling, grad_cache", [
-    ("tiny_bert", "mean", "0"), ("tiny_bert", "mean", "1"), ("tiny_qwen2", "last_token", "0")],
-    ids=["encoder", "encoder-grad_cache", "decoder-last_token"])
-def test_fsdp_gradient_equals_the_single_process_gradient(model, pooling, grad_cache, tmp_path, request):
+@pytest.mark.parametrize("model, pooling, grad_cache, lora", [
+    ("tiny_bert", "mean", "0", "0"), ("tiny_bert", "mean", "1", "0"), ("tiny_qwen2", "last_token", "0", "0"),
+    ("tiny_qwen2", "last_token", "1", "1")],
+    ids=["encoder", "encoder-grad_cache", "decoder-last_token", "decoder-lora-grad_cache"])
+def test_fsdp_gradient_equals_the_single_process_gradient(model, pooling, grad_cache, lora, tmp_path, request):
     """Two processes, each 2 of 4 examples, sharded weights, cross-device hard negatives (and GradCache one
-    row at a time): every gradient, gathered whole, equals one process's on all 4 examples within 1e-5,
-    and so do the norm and the clipped gradients."""
+    row at a time; LoRA adapters on frozen base weights): every gradient, gathered whole, equals one
+    process's on all 4 examples within 1e-5, and so do the norm and the clipped gradients."""
     out = tmp_path / "grads.pt"
-    _torchrun(WORKER, request.getfixturevalue(model), out, pooling, grad_cache)
+    _torchrun(WORKER, request.getfixturevalue(model), out, pooling, grad_cache, lora)
     r = torch.load(out)
     ref, got = r["reference"], r["sharded"]
     assert set(ref) == set(got) and len(ref) > 10  # every trained weight and the learnable temperature
+    assert all(("lora_" in k) == (lora == "1") for k in ref if k != "loss.log_inv_temperature")
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-5
     assert ref["loss.log_inv_temperature"].abs().item() > 1e-3  # real gradients, and cross-device ones matter
     assert r["sharded_norm"].item() == pytest.approx(r["reference_norm"].item(), rel=1e-5)

@@ -59,8 +59,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     With ``resume_from=RUN_DIR`` (or a checkpoint file) the run continues from that run's latest usable
     checkpoint, under the checkpoint's config; the result equals an uninterrupted run's.
 
-    Under ``torchrun`` (``embtune.training.distributed``) every process trains its share of each batch; only
-    rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks)."""
+    Under ``torchrun`` or ``srun`` (``embtune.training.distributed``) every process trains its share of each
+    batch; only rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks). With
+    ``train.strategy=fsdp`` (``embtune.training.fsdp``) the weights are sharded, checkpoints too, and rank 0
+    saves the gathered whole model."""
     output_dir = Path(output_dir)
     state = resumed = None
     if cfg.get("resume_from"):
