@@ -51,6 +51,7 @@ class TrainSettings(TypedDict):
     layerwise_lr_decay: float
     seed: int
     device: str
+    strategy: Literal["ddp", "fsdp"]
     grad_cache: bool
     mini_batch_size: int
     bf16: bool | Literal["auto"]
@@ -292,11 +293,34 @@ def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teach
     if t.grad_cache and builds_multi_vector(cfg.model):
         raise ValueError("train.grad_cache=true with model=multi_vector: GradCache caches one vector per text, "
                          "not token vectors; train a multi-vector model without grad_cache")
+    check_strategy(t, cfg.model, evaluator)
     if cfg.matryoshka.dims and not objective.matryoshka:
         raise ValueError(f"matryoshka.dims with loss={loss_fn.name}: its class centres are full-size, so no loss "
                          "is taken at the smaller dims and the saved model would claim dims it was not trained at; "
                          "use matryoshka=off")
     return objective
+
+
+def check_strategy(t: DictConfig, model_cfg, evaluator) -> None:
+    """Refuse, before the model loads, what ``train.strategy=fsdp`` (``embtune.training.fsdp``) cannot do.
+
+    Raises:
+        ValueError: a strategy other than ddp/fsdp; with fsdp, evaluation during training
+            (``eval.every_steps``: rank 0 alone would evaluate a model whose weights are spread over every
+            process) or ``model=multi_vector`` (its token vectors and projection are not wired for sharding).
+    """
+    strategy = t.get("strategy", "ddp")
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"train.strategy must be ddp or fsdp, got {strategy!r}")
+    if strategy != "fsdp":
+        return
+    if evaluator.every_steps:
+        raise ValueError(f"train.strategy=fsdp with eval.every_steps={evaluator.every_steps}: rank 0 evaluates alone, "
+                         "but each process holds only a shard of the weights; evaluate after training "
+                         "(eval.every_steps=null) or use train.strategy=ddp")
+    if builds_multi_vector(model_cfg):
+        raise ValueError("train.strategy=fsdp with model=multi_vector: sharding a multi-vector model is not "
+                         "supported; use train.strategy=ddp")
 
 
 def check_multi_vector(model_cfg, negatives, matryoshka_dims, evaluator) -> None:

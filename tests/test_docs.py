@@ -239,6 +239,8 @@ def test_every_shown_command_composes(doc, cmd, tmp_path):
         return
     if any(o.startswith("hydra/launcher=submitit") for o in overrides):
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the [slurm] extra is not installed")
+    if "hydra/launcher=ray" in overrides:
+        pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is not installed")
     cfg = _compose(CONFIG_OF[program], _first_values(overrides) if multirun else overrides, hydra=True)
     if program == "embtune":  # the data can feed the loss and the negatives (no data or model loads)
         check_compatible(_trained_format(cfg, build(cfg, "data_format")), build(cfg, "negatives"), build(cfg, "loss"))

@@ -34,7 +34,7 @@ from embtune.recipes.model_card import model_card, typed_overrides
 from embtune.run.outputs import write_json
 from embtune.run.progress import print_comparison, progress_bar
 from embtune.run.redact import redact
-from embtune.training import checkpoint, distributed
+from embtune.training import checkpoint, distributed, fsdp
 from embtune.training.grad_cache import grad_cache_backward
 from embtune.training.numerics import finite_or_missing, skip_or_stop
 from embtune.training.optim import clamp_after_step, lr_at, param_groups
@@ -60,8 +60,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     With ``resume_from=RUN_DIR`` (or a checkpoint file) the run continues from that run's latest usable
     checkpoint, under the checkpoint's config; the result equals an uninterrupted run's.
 
-    Under ``torchrun`` (``embtune.training.distributed``) every process trains its share of each batch; only
-    rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks)."""
+    Under ``torchrun`` or ``srun`` (``embtune.training.distributed``) every process trains its share of each
+    batch; only rank 0 logs, evaluates and saves (``logger`` may be None on the other ranks). With
+    ``train.strategy=fsdp`` (``embtune.training.fsdp``) the weights are sharded, checkpoints too, and rank 0
+    saves the gathered whole model."""
     output_dir = Path(output_dir)
     state = resumed = None
     if cfg.get("resume_from"):
@@ -124,7 +126,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
     # -- optimiser and schedule
     loader, sampler, rng = make_loader(examples, objective, t, proc, model)
-    trained = distributed.wrap(model, proc, device)  # DDP: gradients averaged over processes at backward
+    sharded = fsdp.active(t.get("strategy", "ddp"), proc)  # FSDP2: weights, gradients, optimiser state split
+    plain = fsdp.skeleton(model) if sharded else None  # the unsharded layout (meta device): rank 0 saves into it
+    trained = fsdp.wrap(model, proc, device) if sharded else distributed.wrap(model, proc, device)  # DDP: averaged
+    clip = fsdp.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_  # the norm over every shard
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
     total = t.max_steps or t.epochs * len(loader)
     warmup = min(math.ceil(t.warmup_ratio * total), total - 1)  # the first step at lr 0 must not be the only one
@@ -154,17 +159,22 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                                         loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint)
         step, epoch, done, seen, skipped = c["step"], c["epoch"], c["done"], c["seen"], c["skipped"]
         best.load_state_dict(state.get("selection"))
+        if state.get("shards"):  # weights, optimiser state and this process's random state, from its shards
+            fsdp.restore_sharded(state, model, optimizer, rng, proc)
     startup = time.perf_counter() - started
     start = time.perf_counter() - (state["seconds"] if state else 0.0)  # a resumed run's clock goes on
     saved_config = redact(OmegaConf.to_container(cfg, resolve=True))
     if main:
         logger.log({"time/startup_s": startup}, step=step)
 
-    def save_checkpoint() -> Path:
-        return checkpoint.save(output_dir, {**checkpoint.training_state(
+    def save_checkpoint() -> Path | None:
+        state = {**checkpoint.training_state(
             model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, negatives_rng=rng, step=step,
             epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
-            fingerprint=data.fingerprint, config=saved_config), "selection": best.state_dict()})
+            fingerprint=data.fingerprint, config=saved_config, weights=not sharded), "selection": best.state_dict()}
+        if sharded:  # every process writes its shards
+            return fsdp.save_sharded(output_dir, state, model, optimizer, rng, proc)
+        return checkpoint.save(output_dir, state)
 
     every_eval, last, stopped = evaluator.every_steps, None, False  # last: the latest evaluation's metrics
 
@@ -175,7 +185,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             for idx, batch in loader:
                 loss, extra = backward(_to(batch, device))
                 distributed.average_gradients(loss_params, proc)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                grad_norm = clip(params, t.max_grad_norm)
                 lr = t.lr * lr_at(step, total, warmup)  # the configured rate this step used (the top layer's)
                 if torch.isfinite(loss) and torch.isfinite(grad_norm):
                     optimizer.step()
@@ -203,16 +213,19 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                         logger.log({f"eval/{k}": v for k, v in last.items()}, step=step)
                     stopped = best.should_stop
                 every, path = t.checkpoint_every, None
-                if main and (stop.signum or (every is not None and (step == total or stopped
-                                                                    or (every and step % every == 0)))):
-                    path = save_checkpoint()  # rank 0's: the weights are the same on every process
-                if stop.signum:
-                    raise checkpoint.stop_after_signal(stop.signum, step, path)
+                signum = fsdp.agreed_signal(stop.signum, proc) if sharded else stop.signum  # all save at one step
+                if (main or sharded) and (signum or (every is not None and (step == total or stopped
+                                                                            or (every and step % every == 0)))):
+                    path = save_checkpoint()  # rank 0's: the weights are the same on every process (fsdp: shards)
+                if signum:
+                    raise checkpoint.stop_after_signal(signum, step, path)
                 if step >= total or stopped:
                     break
             else:
                 epoch, done = epoch + 1, 0
     train_seconds = time.perf_counter() - start
+    if sharded:  # the whole weights, gathered into rank 0's unsharded copy, which evaluates and saves
+        model = fsdp.full_model(trained, plain, proc, device)
     if not main:  # rank 0 evaluates and saves
         distributed.barrier(proc)
         return {"base": {}, "final": {}, "steps": step}

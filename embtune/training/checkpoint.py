@@ -8,6 +8,10 @@ truncated or damaged file is recognised and the previous checkpoint is used inst
 
 The payload is ``torch.save`` of plain containers and tensors, read back with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs code stored in it.
+
+A ``train.strategy=fsdp`` run keeps its weights and optimiser state out of this file, sharded by
+``torch.distributed.checkpoint`` into a folder beside it that the file names (``shards``; written and read
+by :mod:`embtune.training.fsdp`); the rest of the state is this same file.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def load(where: str | Path) -> tuple[dict, Path]:
     """
     where = Path(where).expanduser()
     if where.is_file():
-        return _current(read(where)), where
+        return _with_shards(_current(read(where)), where), where
     folder = where / FOLDER if (where / FOLDER).is_dir() else where
     candidates = [folder / LAST, folder / PREV]
     if not any(p.exists() for p in candidates):
@@ -134,8 +138,13 @@ def load(where: str | Path) -> tuple[dict, Path]:
         if problems:
             log.warning("%s; resuming from the previous checkpoint %s (step %d)", "; ".join(problems), path,
                         state["step"])
-        return _current(state), path
+        return _with_shards(_current(state), path), path
     raise CheckpointError(f"{where}: no usable checkpoint: {'; '.join(problems)}")
+
+
+def _with_shards(state: dict, path: Path) -> dict:
+    """A sharded run's state with ``shards_dir``, the folder of its shards beside the file read."""
+    return {**state, "shards_dir": str(path.parent / state["shards"])} if state.get("shards") else state
 
 
 def upgrade_config(config: dict, version: int) -> dict:
@@ -274,21 +283,23 @@ class StopOnSignal:
 
 def training_state(*, model, optimizer, scheduler, loss_fn, negatives_rng: random.Random, step: int, epoch: int,
                    done: int, seen: int, skipped: int, seconds: float, base: dict, fingerprint: str,
-                   config: dict) -> dict:
+                   config: dict, weights: bool = True) -> dict:
     """Everything a resumed run needs, as one dict: weights (model and loss, e.g. a learnable temperature),
     optimiser and scheduler state, the position in the data (``epoch``, ``done`` = batches of that epoch
     already trained on), counters, every random state, the base metrics, the data's fingerprint and the
-    config. Read it back with :func:`restore_training`."""
-    return {"format": FORMAT, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "epoch": epoch, "done": done, "seen": seen, "skipped": skipped, "seconds": seconds,
-            "rng": rng_state(negatives_rng), "base": base, "fingerprint": fingerprint, "config": config}
+    config. Read it back with :func:`restore_training`. ``weights=False`` leaves out the model's weights
+    and the optimiser state (a sharded run writes them through :func:`embtune.training.fsdp.save_sharded`)."""
+    state = {"format": FORMAT, "loss": loss_fn.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+             "epoch": epoch, "done": done, "seen": seen, "skipped": skipped, "seconds": seconds,
+             "rng": rng_state(negatives_rng), "base": base, "fingerprint": fingerprint, "config": config}
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()} if weights else state
 
 
 def restore_training(state: dict, *, model, optimizer, scheduler, loss_fn, negatives_rng: random.Random,
                      fingerprint: str) -> dict:
     """Load a :func:`training_state` dict into the run's objects; returns the counters
-    (``step, epoch, done, seen, skipped, seconds``).
+    (``step, epoch, done, seen, skipped, seconds``). A sharded run's weights and optimiser state are not in
+    ``state`` (``shards``): :func:`embtune.training.fsdp.restore_sharded` loads them.
 
     Raises:
         ValueError: the data differs from the data the checkpoint was trained on.
@@ -296,9 +307,10 @@ def restore_training(state: dict, *, model, optimizer, scheduler, loss_fn, negat
     if state["fingerprint"] != fingerprint:
         raise ValueError("the training data changed since the checkpoint was written (sha256 fingerprint "
                          f"{state['fingerprint'][:12]} then, {fingerprint[:12]} now); resume with the same data")
-    model.load_state_dict(state["model"])
+    if not state.get("shards"):
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     loss_fn.load_state_dict(state["loss"])
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"], negatives_rng)
     return {k: state[k] for k in ("step", "epoch", "done", "seen", "skipped", "seconds")}

@@ -1,6 +1,8 @@
-"""Several processes under ``torchrun``: DDP, a rank-sharded batch sampler, cross-device candidates.
+"""Several processes under ``torchrun`` or SLURM's ``srun``: DDP, a rank-sharded batch sampler, cross-device
+candidates.
 
-One process per device (``torchrun --nproc_per_node N -m embtune.cli ...``). ``train.batch_size`` is
+One process per device (``torchrun --nproc_per_node N -m embtune.cli ...``, or ``srun --ntasks N python -m
+embtune.cli ...``: :func:`process_env` reads either launcher's variables). ``train.batch_size`` is
 the batch of one process; a step sees W·B examples. The gradient is that of the whole W·B batch on one
 process, whatever W (``tests/test_cross_device.py`` checks it within 1e-5):
 
@@ -19,6 +21,7 @@ This holds for losses that average over anchors (InfoNCE, triplet); losses that 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,14 +47,83 @@ class Dist:
 
 
 def setup(device_kind: str) -> Dist:
-    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on
-    CPU. A plain ``python -m embtune.cli`` run is a world of one and starts nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """Join the process group when started by ``torchrun`` or ``srun`` with more than one process
+    (:func:`process_env`): NCCL on CUDA, gloo on CPU. A plain ``python -m embtune.cli`` run is a world of
+    one and starts nothing.
+
+    Raises:
+        ValueError: (from :func:`process_env`) SLURM variables that do not make a process group.
+    """
+    env = process_env(os.environ)
+    if env is None:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if env["launcher"] == "torchrun":  # its rendezvous set MASTER_ADDR/PORT, RANK, WORLD_SIZE
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
+                                    rank=env["rank"], world_size=env["world"])
+    return Dist(dist.get_rank(), dist.get_world_size(), env["local_rank"])
+
+
+def process_env(environ) -> dict | None:
+    """This process's place in a multi-process run, from its launcher's environment variables, or None for
+    a world of one.
+
+    - ``torchrun`` (``WORLD_SIZE`` set; it wins when SLURM's variables are there too, as under
+      ``srun torchrun ...``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; its rendezvous gives the address.
+    - ``srun`` (``SLURM_PROCID`` and ``SLURM_NTASKS`` > 1, no ``WORLD_SIZE``): rank ``SLURM_PROCID``,
+      world ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``; the address is ``MASTER_ADDR``, else the first
+      host of ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST``; :func:`first_host`); the port ``MASTER_PORT``,
+      else 20000 + the last four digits of ``SLURM_JOB_ID`` (the same on every task of a job, and
+      different for jobs sharing a node, unless their ids end alike), else 29500.
+
+    Returns:
+        ``{launcher, rank, world, local_rank, master_addr, master_port}`` (address and port None under
+        torchrun), or None when there is one process.
+    Raises:
+        ValueError: a SLURM rank outside 0..world−1, or no node list and no ``MASTER_ADDR``.
+    """
+    if "WORLD_SIZE" in environ:
+        world = int(environ["WORLD_SIZE"])
+        if world == 1:
+            return None
+        return {"launcher": "torchrun", "rank": int(environ.get("RANK", "0")), "world": world,
+                "local_rank": int(environ.get("LOCAL_RANK", "0")), "master_addr": None, "master_port": None}
+    if "SLURM_PROCID" not in environ or int(environ.get("SLURM_NTASKS", "1")) <= 1:
+        return None
+    rank, world = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"])
+    if not 0 <= rank < world:
+        raise ValueError(f"SLURM_PROCID={rank} not in 0..SLURM_NTASKS-1 ({world - 1})")
+    nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not environ.get("MASTER_ADDR") and not nodes:
+        raise ValueError("srun with SLURM_NTASKS > 1 but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set: "
+                         "set MASTER_ADDR to the host of task 0")
+    job = environ.get("SLURM_JOB_ID", "")
+    port = int(environ.get("MASTER_PORT") or (20000 + int(job[-4:]) if job.isdigit() else 29500))
+    return {"launcher": "srun", "rank": rank, "world": world, "local_rank": int(environ.get("SLURM_LOCALID", "0")),
+            "master_addr": environ.get("MASTER_ADDR") or first_host(nodes), "master_port": port}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list in its compact form: ``node[01-03,07],gpu5`` -> ``node01``,
+    ``a1,b2`` -> ``a1``, ``rack[2-3]-n[4-5]`` -> ``rack2-n4`` (the first value of every bracket, zero
+    padding kept). ``scontrol show hostnames`` expands the whole list; only the first host is needed here.
+
+    Raises:
+        ValueError: an empty list or an unclosed bracket.
+    """
+    host, depth, balanced = "", 0, True
+    for ch in nodelist.strip():  # up to the first comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        balanced = balanced and 0 <= depth <= 1
+        if ch == "," and depth == 0:
+            break
+        host += ch
+    if not host or depth != 0 or not balanced:
+        raise ValueError(f"SLURM node list {nodelist!r}: not a host list like node[01-03,07]")
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], host)
 
 
 def barrier(d: Dist) -> None:

@@ -14,6 +14,14 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def transformer_layers(tower: nn.Module) -> nn.ModuleList | None:
+    """The ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks nearest the root of one tower (see
+    :func:`layer_depths` for the names it takes in each family), or None when it has none."""
+    n = getattr(tower.config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in tower.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    return min(lists, key=lambda item: item[0].count("."))[1] if lists else None  # T5: encoder.block, not block.N.layer
+
+
 def layer_depths(tower: nn.Module) -> tuple[dict[int, int], int]:
     """The depth of each parameter of one transformer ``tower``, read from the model's own structure.
 
@@ -30,12 +38,11 @@ def layer_depths(tower: nn.Module) -> tuple[dict[int, int], int]:
     Raises:
         ValueError: the tower has no such list (ALBERT's layers, for one, share a single set of weights).
     """
-    n = getattr(tower.config, "num_hidden_layers", None)
-    lists = [(name, m) for name, m in tower.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not lists:
+    layers = transformer_layers(tower)
+    if layers is None:
+        n = getattr(tower.config, "num_hidden_layers", None)
         raise ValueError(f"train.layerwise_lr_decay: {type(tower).__name__} has no list of num_hidden_layers={n} "
                          "layers to decay over; set train.layerwise_lr_decay=1.0")
-    _, layers = min(lists, key=lambda item: item[0].count("."))  # T5: encoder.block, not block.N.layer
     in_layer = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
     depths, seen_layer = {}, False
     for p in tower.parameters():

@@ -1,0 +1,137 @@
+"""How processes find each other: torchrun's variables, SLURM's (srun without torchrun), SLURM host lists,
+and a multi-node-style torchrun (c10d rendezvous, ``--nnodes 1``) training run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import REPO
+
+from embtune.training import distributed
+from embtune.training.distributed import first_host, process_env
+
+LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+               "TORCHELASTIC_RUN_ID")
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node[01-03,07]", "node01"),            # a range then a single value; zero padding kept
+    ("node[07,01-03]", "node07"),            # the first listed, not the smallest
+    ("gpu5", "gpu5"),                        # one host
+    ("a1,b[2-4]", "a1"),                     # several groups: the first group's first host
+    ("c[10-11],node[01-02]", "c10"),         # the comma inside brackets is not a separator
+    ("rack[2-3]-n[4-5]", "rack2-n4"),        # two brackets in one name
+    ("n[7]", "n7"),
+    ("10.0.0.5", "10.0.0.5"),
+])
+def test_first_host_of_a_slurm_host_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("bad", ["", "node[01-03", "node]1["])
+def test_a_malformed_host_list_is_refused(bad):
+    with pytest.raises(ValueError, match="SLURM node list"):
+        first_host(bad)
+
+
+def test_slurm_variables_give_rank_world_local_rank_address_and_port():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-13]",
+           "SLURM_JOB_ID": "4711234"}
+    assert process_env(env) == {"launcher": "srun", "rank": 3, "world": 8, "local_rank": 1,
+                                "master_addr": "gpu12", "master_port": 20000 + 1234}
+    # MASTER_ADDR / MASTER_PORT given: they win over the node list and the job id
+    given = process_env({**env, "MASTER_ADDR": "head", "MASTER_PORT": "6000"})
+    assert (given["master_addr"], given["master_port"]) == ("head", 6000)
+    # SLURM_NODELIST when SLURM_JOB_NODELIST is missing; no job id: torch's usual port
+    old = process_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "x[3-4]"})
+    assert (old["master_addr"], old["master_port"], old["local_rank"]) == ("x3", 29500, 0)
+
+
+def test_torchrun_variables_win_over_slurm_ones():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n1",
+           "WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}  # srun torchrun ...: torchrun's own numbering
+    got = process_env(env)
+    assert (got["launcher"], got["rank"], got["world"], got["local_rank"]) == ("torchrun", 2, 4, 0)
+    assert process_env({**env, "WORLD_SIZE": "1"}) is None  # torchrun --nproc_per_node 1: a world of one
+
+
+def test_one_slurm_task_or_none_is_a_world_of_one():
+    assert process_env({}) is None
+    assert process_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1"}) is None
+    assert process_env({"SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1"}) is None  # not a task of a step
+
+
+def test_slurm_variables_that_make_no_group_are_refused():
+    with pytest.raises(ValueError, match="SLURM_PROCID=4 not in 0..SLURM_NTASKS-1"):
+        process_env({"SLURM_PROCID": "4", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1"})
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        process_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def _free_port(low: int = 0, high: int = 0) -> int:
+    """A port nothing listens on: any (the system's pick), or the first free one in low..high−1."""
+    for port in range(low, high) if high else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {low}..{high - 1}")
+
+
+def _srun_task(rank: int, job_id: str, out: str) -> None:
+    """One of the two tasks srun would start: SLURM's variables only, no torchrun."""
+    for k in LAUNCH_VARS:
+        os.environ.pop(k, None)
+    os.environ.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+                       "SLURM_JOB_NODELIST": "localhost,node[02-03]", "SLURM_JOB_ID": job_id})
+    d = distributed.setup("cpu")
+    ranks = distributed.gather_no_grad(torch.tensor([d.rank]))  # every process's rank, by collective
+    result = {"rank": d.rank, "world": d.world, "local_rank": d.local_rank, "group_rank": torch.distributed.get_rank(),
+              "ranks": ranks.tolist(), "backend": torch.distributed.get_backend()}
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    distributed.teardown()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_srun_variables_set_by_hand_form_a_group_of_two(tmp_path):
+    port = _free_port(24000 + os.getpid() % 5000, 30000)  # embtune's port from a job id: 20000 + its last 4 digits
+    job_id = f"9{port - 20000:04d}"
+    mp.spawn(_srun_task, args=(job_id, str(tmp_path / "task")), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"task.{r}").read_text()) for r in (0, 1)]
+    for r, g in enumerate(got):
+        assert (g["rank"], g["world"], g["local_rank"], g["group_rank"]) == (r, 2, r, r)
+        assert g["ranks"] == [0, 1] and g["backend"] == "gloo"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_torchrun_c10d_rendezvous_one_node_trains_and_rank_zero_saves_once(tiny_bert, tmp_path):
+    """The multi-node command shape (``--nnodes``, ``--node_rank``, ``--rdzv_backend c10d``,
+    ``--rdzv_endpoint``) on one machine: 2 gloo processes train a tiny model; only rank 0 logs and saves."""
+    from test_data_loaders import write_beir
+
+    run, data, beir = tmp_path / "run", tmp_path / "pairs.jsonl", write_beir(tmp_path / "beir")
+    data.write_text("".join(json.dumps({"query": f"question {i}", "positive": f"answer {i}"}) + "\n" for i in range(16)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "embtune-test",
+           "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "data=jsonl", f"data.path={data}",
+           f"data.test_path={beir}", "train.batch_size=4", "train.max_steps=2", "train.log_every=1",
+           "eval.before=false", "negatives.cross_device=true", "logger=none", f"hydra.run.dir={run}"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in train if "train/loss" in e]
+    assert [e["step"] for e in train] == [1, 2]  # one line a step: rank 1 logged nothing
+    assert all(e["train/candidates"] == 8.0 for e in train)  # 2 processes x 4 positives: the group formed
+    # saved once: a second save of model/ would have raised FileExistsError and failed the run
+    assert [p.name for p in run.glob("model*")] == ["model"] and (run / "model" / "model.safetensors").is_file()
