@@ -33,6 +33,7 @@ class DataProblems:
         self.drop_bad_rows, self.hint = drop_bad_rows, hint
         self.dropped_rows, self.warnings = 0, 0
         self.first: list[str] = []
+        self.logged: list[str] = []  # the messages printed one by one (kept with cached data, printed again)
 
     def bad_row(self, message: str) -> None:
         """A row that cannot be used; ``message`` starts with ``file:line:`` and names the field.
@@ -51,6 +52,7 @@ class DataProblems:
         if len(self.first) < 5:
             self.first.append(message)
         if self.warnings <= _LOGGED:
+            self.logged.append(message)
             log.warning("%s", message)
         elif self.warnings == _LOGGED + 1:
             log.warning("more data warnings: counted, not printed (see summary.json data.problems)")
@@ -58,6 +60,26 @@ class DataProblems:
     def summary(self) -> dict:
         """``{"warnings", "dropped_rows", "first"}``: counts and the first five messages."""
         return {"warnings": self.warnings, "dropped_rows": self.dropped_rows, "first": list(self.first)}
+
+    def record(self) -> dict:
+        """What :meth:`replay` needs: the summary and the messages printed."""
+        return {**self.summary(), "logged": list(self.logged)}
+
+    def replay(self, record: dict) -> None:
+        """Count and print again the problems of a :meth:`record` (cached data met them when it was read)."""
+        for message in record["logged"]:
+            self.warnings += 1
+            if len(self.first) < 5:
+                self.first.append(message)
+            if self.warnings <= _LOGGED:
+                self.logged.append(message)
+                log.warning("%s", message)
+        extra = record["warnings"] - len(record["logged"])  # beyond the printed ones: counted only
+        if extra > 0:
+            if self.warnings <= _LOGGED:
+                log.warning("more data warnings: counted, not printed (see summary.json data.problems)")
+            self.warnings += extra
+        self.dropped_rows += record["dropped_rows"]
 
 
 def check_label_range(examples: list, origins: list[int], source: list, loss, field: str,

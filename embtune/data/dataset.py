@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from embtune.data.checks import DataProblems
@@ -64,14 +65,15 @@ class RetrievalSet:
 
     Attributes:
         queries: query id -> query text.
-        corpus: document id -> document text. Every document is a ranking candidate.
+        corpus: document id -> document text (a dict, or a :class:`~embtune.data.examples.TextMap` on disk).
+            Every document is a ranking candidate.
         qrels: query id -> {document id -> relevance grade (int, > 0 is relevant)}; every judged query,
             those whose grades are all 0 too (they score 0, as in pytrec_eval). A judged document may be
             missing from the corpus: it can never be retrieved but still counts as relevant.
     """
 
     queries: dict[str, str]
-    corpus: dict[str, str]
+    corpus: Mapping[str, str]
     qrels: dict[str, dict[str, int]]
 
     def __len__(self) -> int:
@@ -88,7 +90,8 @@ class TrainingData:
     """What a loader returns.
 
     Attributes:
-        rows: training rows, each a dict of column -> value (``data_format`` reads them).
+        rows: training rows, each a dict of column -> value (``data_format`` reads them): a list, or a
+            :class:`~embtune.data.rows.RowTable` (the rows of a file, kept on disk).
         test: held-out retrieval set for evaluation, or None when the data has none.
         name: a short description of the source (path or hub name).
         fingerprint: sha256 hex digest of the rows and the test set (see :func:`fingerprint`).
@@ -99,11 +102,11 @@ class TrainingData:
         held_out: the record of the dev split made (sizes, seed), also in ``summary()``, or None.
     """
 
-    rows: list[dict]
+    rows: Sequence[dict]
     test: RetrievalSet | None
     name: str
     fingerprint: str = ""
-    source: list[tuple[str, int]] = field(default_factory=list)
+    source: Sequence[tuple[str, int]] = field(default_factory=list)
     problems: DataProblems = field(default_factory=DataProblems)
     dev: DevSplit | None = None
     held_out: dict | None = None
@@ -124,13 +127,38 @@ class TrainingData:
         return out
 
 
-def fingerprint(rows: list[dict], test: RetrievalSet | None) -> str:
-    """sha256 over a canonical JSON dump of the rows and the test set: equal data, equal digest."""
+def fingerprint(rows, test: RetrievalSet | None) -> str:
+    """sha256 over a canonical JSON dump of the rows and the test set: equal data, equal digest.
+
+    The bytes hashed: for each row ``json.dumps(row, sort_keys=True, ensure_ascii=False)`` and a newline;
+    then, with a test set, ``json.dumps(part, sort_keys=True, ensure_ascii=False)`` of its queries, its
+    corpus and its qrels, in that order. Rows are read one at a time and a large mapping (a corpus kept
+    on disk) is dumped key by key, with the same bytes as one ``json.dumps``.
+    """
     h = hashlib.sha256()
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
         h.update(b"\n")
-    if test is not None:
-        for part in (test.queries, test.corpus, test.qrels):
-            h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+    feed_test(h, test)
+    return h.hexdigest()
+
+
+def feed_test(h, test: RetrievalSet | None) -> None:
+    """Add the test set's part of :func:`fingerprint` to the sha256 object ``h``."""
+    if test is None:
+        return
+    for part in (test.queries, test.corpus, test.qrels):
+        h.update(b"{")
+        for n, key in enumerate(sorted(part)):
+            item = f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(part[key], sort_keys=True, ensure_ascii=False)}"
+            h.update((", " + item if n else item).encode())
+        h.update(b"}")
+
+
+def held_out_digest(test: RetrievalSet | None) -> str:
+    """sha256 of the test set's part of :func:`fingerprint` alone ("" without a test set)."""
+    if test is None:
+        return ""
+    h = hashlib.sha256()
+    feed_test(h, test)
     return h.hexdigest()

@@ -8,17 +8,29 @@ when wanted, comes from a BEIR folder (``test_path``) read by :mod:`embtune.data
 Text files (JSON Lines, JSON, CSV, TSV) are read here line by line rather than by ``datasets``' builders,
 so that every error names ``file:line`` and CSV cells stay strings; the binary forms (Parquet, Arrow,
 ``save_to_disk`` folders) are read by ``datasets``, their rows numbered from 1.
+
+Rows are streamed into a :class:`~embtune.data.rows.RowTable` (an Arrow file in ``$EMBTUNE_CACHE/rows``),
+checked once as they are read; a later run on the same file bytes and options opens that table instead of
+reading the file (see :mod:`embtune.data.rows`). A ``.json`` list is parsed whole (JSON has no line to
+stop at); every other form is read a batch of rows at a time.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from embtune.data import rows as row_tables
 from embtune.data.beir import load_beir_test, read_json_objects, read_lines, subsample
 from embtune.data.checks import DataProblems
-from embtune.data.dataset import DevSplit, RetrievalSet, TrainingData
+from embtune.data.dataset import DevSplit, RetrievalSet, TrainingData, feed_test, fingerprint, held_out_digest
+from embtune.data.tables import BATCH_ROWS
+
+log = logging.getLogger(__name__)
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv")
 _BINARY = (".parquet", ".arrow")  # read by datasets
@@ -85,26 +97,56 @@ def load_jsonl(
     problems = DataProblems(drop_bad_rows)
     if file.is_dir() or file.name.lower().endswith(_BINARY):
         rows, where = read_with_datasets(file, split)
-        if not rows:
-            raise ValueError(f"{path}: no rows")
-        rows, source = _sample(rows, [(where, i) for i in range(1, len(rows) + 1)], max_train_pairs, seed)
-        return TrainingData(rows=rows, test=_test_set(test_path, test_split, problems), name=str(path),
-                            source=source, problems=problems, dev=dev)
-    rows, lines = read_rows(file, problems)
-    if not rows:
-        raise ValueError(f"{path}: empty training file (no rows)")
-    source = [(str(file), line) for line in lines]
-    rows, source = _sample(rows, source, max_train_pairs, seed)
-    return TrainingData(rows=rows, test=_test_set(test_path, test_split, problems), name=str(path), source=source,
+        empty = f"{path}: no rows"
+    else:
+        rows, where, empty = iter_rows(file, problems), str(file), f"{path}: empty training file (no rows)"
+    return _stored(("jsonl", [file], where), rows, empty, max_train_pairs, seed, problems,
+                   lambda: _test_set(test_path, test_split, problems), str(path), dev)
+
+
+def _stored(what: tuple, rows: Iterator[tuple[int, dict]], empty: str, k: int | None, seed: int,
+            problems: DataProblems, test: Callable[[], RetrievalSet | None], name: str, dev: DevSplit | None,
+            **options) -> TrainingData:
+    """TrainingData over a :class:`~embtune.data.rows.RowTable` of ``rows`` (``(line, row)`` pairs, read only
+    when the table is not cached), sampled to ``k`` rows, with the test set ``test()``.
+
+    ``what`` = ``(kind, files, where)``: the files whose bytes key the cache (empty: no cache) and the
+    name messages give the rows. Raises ValueError ``empty`` when no row is left."""
+    kind, files, where = what
+    key = row_tables.rows_key(kind, files, where=where, k=k, seed=seed, drop_bad_rows=problems.drop_bad_rows,
+                              **options) if files else None
+    hit = row_tables.cached(key) if key else None
+    if hit is not None:
+        table, meta = hit
+        log.info("data %s: %d rows read from the cache %s (the file's bytes are unchanged)", name, len(table),
+                 table.path.parent)
+        problems.replay(meta["problems"])
+        held_out = test()
+        digest = meta["fingerprint"] if meta["test_digest"] == held_out_digest(held_out) else fingerprint(table, held_out)
+        return TrainingData(rows=table, test=held_out, name=name, fingerprint=digest, source=table.source,
+                            problems=problems, dev=dev)
+    table, h = row_tables.build(key if k is None else None, where, rows)
+    if not len(table):
+        row_tables.discard(table)
+        raise ValueError(empty)
+    if k is not None:
+        table, h = row_tables.sampled(table, subsample(list(range(len(table))), k, seed), key)
+    met = problems.record()  # the rows' problems; the test set's are met again each run
+    held_out = test()
+    feed_test(h, held_out)
+    digest = h.hexdigest()
+    if key:
+        row_tables.save_meta(table, key, digest, held_out_digest(held_out), met)
+    return TrainingData(rows=table, test=held_out, name=name, fingerprint=digest, source=table.source,
                         problems=problems, dev=dev)
 
 
-def read_rows(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
-    """Rows of a ``.jsonl``/``.jsonl.gz``/``.json``/``.csv``/``.tsv`` file and the line of each (see
-    :func:`load_jsonl`). Raises ValueError for another suffix."""
+def iter_rows(file: Path, problems: DataProblems) -> Iterator[tuple[int, dict]]:
+    """``(line, row)`` of each row of a ``.jsonl``/``.jsonl.gz``/``.json``/``.csv``/``.tsv`` file (see
+    :func:`load_jsonl`), read as iterated. Raises ValueError for another suffix (at once)."""
     name = file.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_jsonl(file, problems)
+        return read_json_objects(file, problems)
     if name.endswith(".json"):
         return _read_json(file, problems)
     if name.endswith((".csv", ".tsv")):
@@ -113,9 +155,10 @@ def read_rows(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]
                      "or a save_to_disk folder")
 
 
-def read_with_datasets(path: Path, split: str) -> tuple[list[dict], str]:
-    """Rows of a ``.parquet`` / ``.arrow`` file or a ``save_to_disk`` folder, read with ``datasets``, and the
-    name that messages give them (``path``, or ``path[split]`` for a DatasetDict).
+def read_with_datasets(path: Path, split: str) -> tuple[Iterator[tuple[int, dict]], str]:
+    """``(row number, row)`` of a ``.parquet`` / ``.arrow`` file or a ``save_to_disk`` folder, read with
+    ``datasets`` / ``pyarrow`` a record batch at a time, and the name that messages give them (``path``,
+    or ``path[split]`` for a DatasetDict).
 
     Raises:
         ValueError: a folder that ``save_to_disk`` did not write (a BEIR folder is named as such), or a
@@ -135,18 +178,37 @@ def read_with_datasets(path: Path, split: str) -> tuple[list[dict], str]:
             if split not in ds:
                 raise ValueError(f"{path}: a DatasetDict with splits {sorted(ds)}, not {split!r}: pick one with "
                                  "data.split=<split>")
-            return ds[split].to_list(), f"{path}[{split}]"
-        return ds.to_list(), str(path)
+            return _numbered(_dataset_batches(ds[split])), f"{path}[{split}]"
+        return _numbered(_dataset_batches(ds)), str(path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.name.lower().endswith(".parquet"):  # read in place: datasets' parquet builder would copy it to its cache
-        return pq.read_table(path).to_pylist(), str(path)
+        return _numbered(b.to_pylist() for b in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)), str(path)
     try:  # the Arrow stream format, as save_to_disk and datasets' cache write it
-        return datasets.Dataset.from_file(str(path), in_memory=True).to_list(), str(path)
+        ds = datasets.Dataset.from_file(str(path), in_memory=False)
+        return _numbered(_dataset_batches(ds)), str(path)
     except pa.ArrowInvalid:  # the Arrow IPC file format (pyarrow.feather, pandas.to_feather)
-        with pa.memory_map(str(path)) as f:
-            return pa.ipc.open_file(f).read_all().to_pylist(), str(path)
+        def batches():
+            with pa.memory_map(str(path)) as f:
+                reader = pa.ipc.open_file(f)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i).to_pylist()
+        return _numbered(batches()), str(path)
+
+
+def _dataset_batches(ds) -> Iterator[list[dict]]:
+    """The rows of a ``datasets.Dataset``, a list of dicts per batch (as ``to_list`` gives them)."""
+    for start in range(0, len(ds), BATCH_ROWS):
+        yield ds.select(range(start, min(start + BATCH_ROWS, len(ds)))).to_list()
+
+
+def _numbered(batches) -> Iterator[tuple[int, dict]]:
+    n = 0
+    for batch in batches:
+        for row in batch:
+            n += 1
+            yield n, row
 
 
 def load_hf(
@@ -189,25 +251,19 @@ def load_hf(
     dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     local = Path(name).expanduser()
     problems = DataProblems(drop_bad_rows)
+    test = (lambda: _test_set(test_path, "test", problems))  # noqa: E731
     if local.is_file() and local.name.lower().endswith(_SUFFIXES):
         if subset is not None:
             raise ValueError(f"{name}: 'subset' ({subset!r}) applies to hub data sets, not to a local file")
-        rows, lines = read_rows(local, problems)
-        if not rows:
-            raise ValueError(f"{name}: empty training file (no rows)")
-        rows, source = _sample(rows, [(str(local), line) for line in lines], max_train_pairs, seed)
-        return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
-                            problems=problems, dev=dev)
+        return _stored(("hf", [local], str(local)), iter_rows(local, problems), f"{name}: empty training file (no rows)",
+                       max_train_pairs, seed, problems, test, str(name), dev)
     saved = local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file())
     if saved or (local.is_file() and local.name.lower().endswith(_BINARY)):
         if subset is not None:
             raise ValueError(f"{name}: 'subset' ({subset!r}) applies to hub data sets, not to a local file")
         rows, where = read_with_datasets(local, split)
-        if not rows:
-            raise ValueError(f"{name}: no rows")
-        rows, source = _sample(rows, [(where, i) for i in range(1, len(rows) + 1)], max_train_pairs, seed)
-        return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
-                            problems=problems, dev=dev)
+        return _stored(("hf", [local], where), rows, f"{name}: no rows", max_train_pairs, seed, problems, test,
+                       str(name), dev)
     if local.is_file():
         builder = next((b for s, b in _HF_BUILDERS.items() if local.name.lower().endswith(s)), None)
         if builder is None:
@@ -219,95 +275,104 @@ def load_hf(
         raise FileNotFoundError(f"{name}: no such file or folder")
     else:
         ds = datasets.load_dataset(name, subset, split=split)
-    rows = ds.to_list()
-    if not rows:
-        raise ValueError(f"{name}: split {split!r} has no rows")
-    source = [(f"{name}[{split}]", i) for i in range(1, len(rows) + 1)]
-    rows, source = _sample(rows, source, max_train_pairs, seed)
-    return TrainingData(rows=rows, test=_test_set(test_path, "test", problems), name=str(name), source=source,
-                        problems=problems, dev=dev)
+    files = [Path(f["filename"]) for f in ds.cache_files]  # datasets' own Arrow files: their bytes key our cache
+    return _stored(("hf", files, f"{name}[{split}]"), _numbered(_dataset_batches(ds)),
+                   f"{name}: split {split!r} has no rows", max_train_pairs, seed, problems, test, str(name), dev,
+                   subset=subset)
 
 
-def _read_jsonl(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
-    pairs = list(read_json_objects(file, problems))
-    return [obj for _, obj in pairs], [line for line, _ in pairs]
-
-
-def _read_json(file: Path, problems: DataProblems) -> tuple[list[dict], list[int]]:
+def _read_json(file: Path, problems: DataProblems) -> Iterator[tuple[int, dict]]:
     text = "".join(t for _, t in read_lines(file))  # a JSON list is parsed whole: a byte error cannot be dropped
     if not text.strip():
-        return [], []
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines under a .json name
-            return _read_jsonl(file, problems)
+            yield from read_json_objects(file, problems)
+            return
         raise ValueError(f"{file}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{file}: expected a JSON list of objects (or JSON Lines), got one {type(data).__name__}")
-    rows, lines = [], []
     for i, row in enumerate(data, 1):
         if isinstance(row, dict):
-            rows.append(row), lines.append(i)
+            yield i, row
         else:
             problems.bad_row(f"{file}: element {i}: expected a JSON object, got {type(row).__name__}")
-    return rows, lines
 
 
-def _read_table(file: Path, delimiter: str, problems: DataProblems) -> tuple[list[dict], list[int]]:
-    lines = list(read_lines(file, problems))
-    header, records = _parse_table(file, lines, delimiter, csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+class _Quiet:
+    """Problems of a pass that only looks (lines that are not UTF-8 are skipped here and reported once,
+    by the pass that yields the rows)."""
+
+    drop_bad_rows = True
+
+    def bad_row(self, message: str) -> None:
+        pass
+
+    warn = bad_row
+
+
+def _read_table(file: Path, delimiter: str, problems: DataProblems) -> Iterator[tuple[int, dict]]:
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    if delimiter == "\t":  # a first pass: does every row split right without quoting?
+        header, records = _parse_table(file, read_lines(file, _Quiet()), delimiter, quoting)
+        if header is not None and any(len(v) != len(header) for _, v in records):
+            try:  # quoted TSV (pandas, csv.writer): fields that hold a TAB or a newline are in double quotes
+                quoted, records = _parse_table(file, read_lines(file, _Quiet()), delimiter, csv.QUOTE_MINIMAL)
+                if quoted == header and all(len(v) == len(header) for _, v in records):
+                    quoting = csv.QUOTE_MINIMAL
+            except (ValueError, csv.Error):
+                pass
+    header, records = _parse_table(file, read_lines(file, problems), delimiter, quoting)
     if header is None:
-        return [], []
-    if delimiter == "\t" and any(len(v) != len(header) for _, v in records):
-        try:  # quoted TSV (pandas, csv.writer): fields that hold a TAB or a newline are in double quotes
-            quoted = _parse_table(file, lines, delimiter, csv.QUOTE_MINIMAL)
-        except (ValueError, csv.Error):
-            quoted = None, []
-        if quoted[0] == header and all(len(v) == len(header) for _, v in quoted[1]):
-            records = quoted[1]
-    rows, starts = [], []
+        return
     for start, values in records:
         if len(values) != len(header):
             tip = " (a TAB or newline inside a TSV field must be quoted)" if delimiter == "\t" else ""
             problems.bad_row(f"{file}:{start}: expected {len(header)} fields ({', '.join(header)}), got "
                              f"{len(values)}{tip}")
             continue
-        rows.append(dict(zip(header, values)))
-        starts.append(start)
-    return rows, starts
+        yield start, dict(zip(header, values))
 
 
-def _parse_table(file: Path, lines: list[tuple[int, str]], delimiter: str, quoting: int):
-    """``(header, [(first line of the record, values)])`` of CSV/TSV text, or ``(None, [])`` when empty."""
-    physical: list[int] = []  # line numbers of the lines fed so far (dropped lines leave gaps)
+def _parse_table(file: Path, lines: Iterator[tuple[int, str]], delimiter: str, quoting: int):
+    """``(header, records)`` of CSV/TSV text, records an iterator of ``(first line of the record, values)``,
+    or ``(None, [])`` when empty. The header is read (and checked) at once."""
+    fed: deque[int] = deque()  # line numbers of the lines fed and not yet consumed (dropped lines leave gaps)
+    last = [0]
 
     def feed():
         for n, text in lines:
-            physical.append(n)
+            fed.append(n)
+            last[0] = n
             yield text
 
     reader = csv.reader(feed(), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader, None)
-        if header is None:
-            return None, []
-        header = [h.strip() for h in header]
-        if len(set(header)) != len(header) or "" in header:
-            raise ValueError(f"{file}:{physical[0]}: header {header} has an empty or repeated column name")
-        records, consumed = [], reader.line_num
-        for values in reader:
-            if values:  # not a blank line
-                records.append((physical[consumed], values))
-            consumed = reader.line_num
     except csv.Error as e:
-        raise ValueError(f"{file}:{physical[-1]}: {e}") from None
-    return header, records
+        raise ValueError(f"{file}:{last[0]}: {e}") from None
+    if header is None:
+        return None, []
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header) or "" in header:
+        raise ValueError(f"{file}:{fed[0]}: header {header} has an empty or repeated column name")
 
+    def records():
+        base, consumed = 0, reader.line_num  # fed[k - base]: the line number of the k-th line fed
+        try:
+            for values in reader:
+                if values:  # not a blank line
+                    yield fed[consumed - base], values
+                consumed = reader.line_num
+                while base < consumed:
+                    fed.popleft()
+                    base += 1
+        except csv.Error as e:
+            raise ValueError(f"{file}:{last[0]}: {e}") from None
 
-def _sample(rows: list[dict], source: list, k: int | None, seed: int) -> tuple[list[dict], list]:
-    keep = subsample(list(range(len(rows))), k, seed)
-    return [r for i, r in enumerate(rows) if i in keep], [s for i, s in enumerate(source) if i in keep]
+    return header, records()
 
 
 def _dev_split(test_path: str | None, dev_queries: int | None, dev_ratio: float, seed: int) -> DevSplit | None:
