@@ -96,17 +96,28 @@ def make_loader(examples: list, objective, t: DictConfig, proc: distributed.Dist
     ``train.no_duplicates``, an objective that names the texts of an example (``objective.batch_texts``)
     gets batches in which none of them repeats; one that groups examples (``objective.batch_group``,
     e.g. the rows of one query) gets each group in one batch. No batch is smaller than
-    ``train.min_batch_size`` (null: half of ``train.batch_size``, at least 2). Under torchrun every
+    ``train.min_batch_size`` (null: half of ``train.batch_size``, at least 2). Examples kept on disk
+    (:class:`~embtune.data.examples.ExampleTable`) are planned from their text ids, never their texts: the
+    ids are equal exactly where the texts are, so the plan is the same. Under torchrun every
     global batch holds a multiple of W rows and each process takes its equal share
     (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text either."""
     rng = random.Random(t.seed + proc.rank)  # negative sampling
     floor = t.get("min_batch_size", 1)  # 1 (no floor): a config saved before the floor existed (resumed)
     floor = floor if floor is not None else max(2, -(-t.batch_size // 2))
     texts_of = group_of = None
-    if t.no_duplicates and objective.batch_texts(examples[0]) is not None:
-        texts_of = lambda i: objective.batch_texts(examples[i])  # noqa: E731
-    if objective.batch_group(examples[0]) is not None:
-        group_of = lambda i: objective.batch_group(examples[i])  # noqa: E731
+    if hasattr(examples, "ids"):  # an ExampleTable: its text ids (equal text, equal id) plan the same batches
+        fields = objective.batch_fields or ()
+        if t.no_duplicates and fields:
+            columns = [examples.ids(f) for f in fields]
+            texts_of = lambda i: tuple(int(c[i]) for c in columns)  # noqa: E731
+        if objective.group_field is not None:
+            groups = examples.ids(objective.group_field)
+            group_of = lambda i: int(groups[i])  # noqa: E731
+    else:
+        if t.no_duplicates and objective.batch_texts(examples[0]) is not None:
+            texts_of = lambda i: objective.batch_texts(examples[i])  # noqa: E731
+        if objective.batch_group(examples[0]) is not None:
+            group_of = lambda i: objective.batch_group(examples[i])  # noqa: E731
     sampler = NoDuplicatesBatchSampler(texts_of, len(examples), t.batch_size * proc.world, seed=t.seed,
                                        min_size=min(floor, t.batch_size) * proc.world, multiple=proc.world,
                                        group_of=group_of)

@@ -155,14 +155,25 @@ def make_examples(data, data_format, objective) -> tuple[list, Callable[[int], s
     (:mod:`embtune.objectives`: e.g. scores checked against the loss's range, pairs merged into classes),
     with bad rows raised or dropped under ``data.problems``' policy.
 
+    Rows kept on disk (a :class:`~embtune.data.rows.RowTable`) give an :class:`~embtune.data.examples.
+    ExampleTable`, built a row at a time into ``$EMBTUNE_CACHE/examples/<key>`` and opened from there by a
+    later run with the same data fingerprint, data format settings and objective (its problems counted and
+    printed again); a list of rows gives a list of examples.
+
     Returns:
         ``(examples, row_of)``: ``row_of(i)`` names example i's source row (``file:line``) for messages.
     Raises:
         ValueError: a bad row (file, line, field), or no example left.
     """
-    examples, origins = data_format.convert(data.rows, data.source, data.problems)
-    examples, origins = objective.examples(examples, origins, data, data_format)
-    if not examples:
+    from embtune.data.rows import RowTable
+
+    if isinstance(data.rows, RowTable):
+        examples = _stored_examples(data, data_format, objective)
+        origins = examples.origins()
+    else:
+        examples, origins = data_format.convert(data.rows, data.source, data.problems)
+        examples, origins = objective.examples(examples, origins, data, data_format)
+    if not len(examples):
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
     if data.problems.warnings:
@@ -175,3 +186,52 @@ def make_examples(data, data_format, objective) -> tuple[list, Callable[[int], s
         return "{}:{}".format(*data.source[origins[i]])
 
     return examples, row_of
+
+
+def _stored_examples(data, data_format, objective):
+    """:func:`make_examples` for rows on disk: the cached ExampleTable, or one built a chunk of rows at a time."""
+    from embtune.data.cache import cache_dir
+    from embtune.data.examples import VERSION, ExampleWriter, cached_examples
+    from embtune.data.tables import BATCH_ROWS, digest
+
+    loss = objective.loss_fn
+    settings = {k: v for k, v in vars(data_format).items() if not k.startswith("_") and k != "columns"}
+    key = digest(VERSION, data.fingerprint, type(data_format).__qualname__, settings, type(objective).__qualname__,
+                 getattr(loss, "name", None), getattr(loss, "label_range", None), data.problems.drop_bad_rows)
+    folder = cache_dir() / "examples" / key
+    examples = cached_examples(folder)
+    if examples is not None:
+        log.info("data %s: examples read from the cache %s", data.name, folder)
+        data.problems.replay(examples.meta["problems"])
+        return examples
+    mark = (data.problems.warnings, data.problems.dropped_rows, len(data.problems.logged))
+    writer = ExampleWriter(folder)
+    try:
+        data_format.prepare(data.rows)
+        made = data_format.iter_examples(data.rows, data.source, data.problems)
+        if objective.per_example:  # checked a chunk at a time
+            chunk: list = []
+            for pair in made:
+                chunk.append(pair)
+                if len(chunk) == BATCH_ROWS:
+                    _add(writer, chunk, objective, data, data_format)
+                    chunk = []
+            _add(writer, chunk, objective, data, data_format)
+        else:  # the objective reshapes the examples as a whole (e.g. pairs into classes)
+            _add(writer, list(made), objective, data, data_format)
+        if writer.cls is None:
+            raise ValueError(f"data {data.name}: no training examples")
+    except BaseException:
+        writer.abort()
+        raise
+    p = data.problems
+    met = {"warnings": p.warnings - mark[0], "dropped_rows": p.dropped_rows - mark[1], "logged": p.logged[mark[2]:],
+           "first": p.logged[mark[2]:][:5]}
+    return writer.close({"problems": met, "rows": len(data.rows), "origins": writer.origins})
+
+
+def _add(writer, pairs: list, objective, data, data_format) -> None:
+    examples, origins = objective.examples([e for e, _ in pairs], [i for _, i in pairs], data, data_format)
+    writer.origins = origins is not None
+    for j, e in enumerate(examples):
+        writer.add(e, origins[j] if origins is not None else None)

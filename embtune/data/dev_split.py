@@ -13,9 +13,20 @@ negative for a training query is fair game as a dev candidate).
 from __future__ import annotations
 
 import hashlib
+import heapq
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
+from embtune.data.cache import cache_dir
 from embtune.data.dataset import RetrievalSet, TrainingData
+from embtune.data.examples import DOCUMENT, TextMap, TextTable, TextWriter
 from embtune.data.formats import EXAMPLE_KIND
+from embtune.data.rows import RowTable
+from embtune.data.tables import Writer, digest, numbers, open_table, read_json, write_json
+
+VERSION = 1  # bump when the split or its files change: old splits are then made again
 
 
 def _texts(value) -> list[str]:
@@ -62,34 +73,66 @@ def split_dev(rows: list[dict], columns: dict[str, str | None], n: int, seed: in
         set (query ids ``q0..``, document ids ``d0..`` in order of first appearance), and how many
         training rows were dropped for sharing a query or positive text with the dev side.
     """
-    q_col, p_col, n_col = columns["query"], columns["positive"], columns.get("negatives")
-    queries = distinct_queries(rows, columns)
-    held = set(sorted(queries, key=lambda q: hashlib.sha256(f"{seed}:{q}".encode()).hexdigest())[:n])
-    doc_ids: dict[str, str] = {}
-    for r in rows:  # every positive and negative of the whole data set is a candidate
-        for t in _texts(r.get(p_col)) + (_texts(r.get(n_col)) if n_col else []):
-            doc_ids.setdefault(t, f"d{len(doc_ids)}")
-    query_ids = {q: f"q{i}" for i, q in enumerate(q for q in queries if q in held)}
-    qrels: dict[str, dict[str, int]] = {qid: {} for qid in query_ids.values()}
-    dev_rows = [i for i, r in enumerate(rows) if _well_formed(r, q_col, p_col, n_col) and r[q_col] in held]
-    for i in dev_rows:
-        for t in _texts(rows[i].get(p_col)):
-            qrels[query_ids[rows[i][q_col]]][doc_ids[t]] = 1
-    dev_texts = held | {t for i in dev_rows for t in _texts(rows[i].get(p_col))}
-    dev_set, train, dropped = set(dev_rows), [], 0
-    for i, r in enumerate(rows):
-        if i in dev_set:
-            continue
-        if not _well_formed(r, q_col, p_col, n_col):  # stays, for the data format to report with its file:line
-            train.append(i)
-            continue
-        if dev_texts.intersection([r[q_col], *_texts(r[p_col])]):
-            dropped += 1
-        else:
-            train.append(i)
-    dev = RetrievalSet(queries={qid: q for q, qid in query_ids.items()},
-                       corpus={d: t for t, d in doc_ids.items()}, qrels=qrels)
+    train, dev, dropped, _ = _split(rows, columns, lambda _: n, seed)
     return train, dev, dropped
+
+
+def _split(rows, columns: dict[str, str | None], size_of, seed: int, folder: Path | None = None):
+    """:func:`split_dev` in three passes over ``rows``, each reading one row at a time; ``size_of(distinct
+    queries)`` gives n. The candidates go to a dict, or with ``folder`` to a text table there (the corpus
+    is then a :class:`~embtune.data.examples.TextMap` over it). Holds a digest per distinct query and a
+    key per distinct candidate text, never the texts. Returns ``(train, dev, dropped, distinct queries)``."""
+    q_col, p_col, n_col = columns["query"], columns["positive"], columns.get("negatives")
+    first: dict[bytes, int] = {}  # sha256(seed:query) of each distinct query -> its rank of first appearance
+    docs = TextWriter(folder) if folder is not None else None
+    doc_ids: dict[str, int] = {}
+    try:
+        for r in rows:  # pass 1: the distinct queries; every positive and negative of the data is a candidate
+            if _well_formed(r, q_col, p_col, n_col):
+                first.setdefault(hashlib.sha256(f"{seed}:{r[q_col]}".encode()).digest(), len(first))
+            for t in _texts(r.get(p_col)) + (_texts(r.get(n_col)) if n_col else []):
+                if docs is not None:
+                    docs.add(t, DOCUMENT)
+                else:
+                    doc_ids.setdefault(t, len(doc_ids))
+        held = set(heapq.nsmallest(size_of(len(first)), first))  # hex digests sort as their bytes do
+        doc_of = (lambda t: docs.id_of(t)) if docs is not None else doc_ids.__getitem__  # noqa: E731
+        query_ids: dict[str, str] = {}
+        by_rank: dict[int, str] = {}
+        qrels: dict[str, dict[str, int]] = {}
+        dev_rows: set[int] = set()
+        dev_texts: set[str] = set()
+        for i, r in enumerate(rows):  # pass 2: the held queries' rows, their positives relevant
+            if not _well_formed(r, q_col, p_col, n_col):
+                continue
+            d = hashlib.sha256(f"{seed}:{r[q_col]}".encode()).digest()
+            if d in held:
+                dev_rows.add(i)
+                by_rank[first[d]] = r[q_col]
+                positives = _texts(r[p_col])
+                dev_texts.update([r[q_col], *positives])
+                for t in positives:
+                    qrels.setdefault(r[q_col], {})[f"d{doc_of(t)}"] = 1
+        for rank in sorted(by_rank):  # query ids in order of first appearance
+            query_ids[by_rank[rank]] = f"q{len(query_ids)}"
+        train, dropped = [], 0
+        for i, r in enumerate(rows):  # pass 3: no query or positive text of the dev side trains
+            if i in dev_rows:
+                continue
+            if not _well_formed(r, q_col, p_col, n_col):  # stays, for the data format to report with its file:line
+                train.append(i)
+            elif dev_texts.intersection([r[q_col], *_texts(r[p_col])]):
+                dropped += 1
+            else:
+                train.append(i)
+        corpus = TextMap(docs.close()) if docs is not None else {f"d{k}": t for t, k in doc_ids.items()}
+    except BaseException:
+        if docs is not None:
+            docs.abort()
+        raise
+    dev = RetrievalSet(queries={qid: q for q, qid in query_ids.items()}, corpus=corpus,
+                       qrels={qid: qrels[q] for q, qid in query_ids.items()})
+    return train, dev, dropped, len(first)
 
 
 def hold_out_dev(data: TrainingData, data_format) -> TrainingData:
@@ -97,6 +140,10 @@ def hold_out_dev(data: TrainingData, data_format) -> TrainingData:
     and its format names query and positive columns (``pairwise`` without a label, ``triplet``,
     ``multi_negative``); otherwise ``data`` itself. The rows keep their ``file:line`` sources; the
     fingerprint is that of the training rows and the dev set.
+
+    Rows kept on disk (a :class:`~embtune.data.rows.RowTable`) are split a row at a time, the candidates
+    written to ``$EMBTUNE_CACHE/dev/<key>`` (key: the data's fingerprint, the columns and the split's
+    settings) and read from there by a later run, with the split itself.
 
     Raises:
         ValueError: an explicit ``data.dev_queries`` at or above the number of distinct queries.
@@ -113,18 +160,57 @@ def hold_out_dev(data: TrainingData, data_format) -> TrainingData:
     if not isinstance(n_col, str):  # sentence-transformers' negative_1..n columns: not candidates here
         n_col = None
     columns = {"query": q_col, "positive": p_col, "negatives": n_col}
+    if isinstance(data.rows, RowTable):
+        return _stored_split(data, columns, spec)
     n_queries = len(distinct_queries(data.rows, columns))
     n = spec.size(n_queries)
     if n == 0:
-        return TrainingData(rows=data.rows, test=None, name=data.name, fingerprint=data.fingerprint,
-                            source=data.source, problems=data.problems,
-                            held_out={"dev_queries": 0, "reason": f"only {n_queries} distinct queries"})
+        return _no_split(data, n_queries)
     keep, dev, dropped = split_dev(data.rows, columns, n, spec.seed)
     source = [data.source[i] for i in keep] if data.source else []
     record = {"dev_queries": len(dev.qrels), "of_queries": n_queries, "candidates": len(dev.corpus),
               "dropped_train_rows": dropped, "seed": spec.seed}
     return TrainingData(rows=[data.rows[i] for i in keep], test=dev, name=data.name, source=source,
                         problems=data.problems, held_out=record)
+
+
+def _no_split(data: TrainingData, n_queries: int) -> TrainingData:
+    return TrainingData(rows=data.rows, test=None, name=data.name, fingerprint=data.fingerprint,
+                        source=data.source, problems=data.problems,
+                        held_out={"dev_queries": 0, "reason": f"only {n_queries} distinct queries"})
+
+
+def _stored_split(data: TrainingData, columns: dict, spec) -> TrainingData:
+    """:func:`hold_out_dev` for rows on disk, from ``$EMBTUNE_CACHE/dev/<key>`` when it was made before."""
+    folder = cache_dir() / "dev" / digest(VERSION, data.fingerprint, columns, spec.queries, spec.ratio, spec.seed)
+    meta = read_json(folder / "meta.json")
+    if meta is not None and meta.get("version") == VERSION:
+        if meta["dev"] is None:
+            return _no_split(data, meta["of_queries"])
+        keep = numbers(open_table(folder / "keep.arrow").column("row"), np.int64)
+        dev = RetrievalSet(queries=meta["dev"]["queries"], corpus=TextMap(TextTable(folder)), qrels=meta["dev"]["qrels"])
+        return TrainingData(rows=data.rows.subset(keep), test=dev, name=data.name, fingerprint=meta["fingerprint"],
+                            source=data.source.subset(keep), problems=data.problems, held_out=meta["record"])
+    sizes = {}
+
+    def size_of(n_queries: int) -> int:
+        sizes["of_queries"] = n_queries
+        return spec.size(n_queries)
+
+    keep, dev, dropped, n_queries = _split(data.rows, columns, size_of, spec.seed, folder)
+    if not dev.qrels:  # too few queries to split
+        write_json(folder / "meta.json", {"version": VERSION, "dev": None, "of_queries": n_queries})
+        return _no_split(data, n_queries)
+    w = Writer(folder / "keep.arrow", pa.schema([("row", pa.int64())]))
+    w.write({"row": np.asarray(keep, dtype=np.int64)})
+    w.close()
+    record = {"dev_queries": len(dev.qrels), "of_queries": n_queries, "candidates": len(dev.corpus),
+              "dropped_train_rows": dropped, "seed": spec.seed}
+    split = TrainingData(rows=data.rows.subset(keep), test=dev, name=data.name, source=data.source.subset(keep),
+                         problems=data.problems, held_out=record)
+    write_json(folder / "meta.json", {"version": VERSION, "dev": {"queries": dev.queries, "qrels": dev.qrels},
+                                      "record": record, "fingerprint": split.fingerprint, "of_queries": n_queries})
+    return split
 
 
 def describe_held_out(data: TrainingData, evaluator) -> str:

@@ -136,7 +136,9 @@ class _RowFormat:
             ValueError: a role with no column in any row (configured or recognised), naming the
                 ``data_format.<role>=<column>`` override and the columns the rows have.
         """
-        present = list(dict.fromkeys(k for row in rows for k in row))
+        present = getattr(rows, "columns", None)  # a RowTable knows its columns; a list is looked through
+        if present is None:
+            present = list(dict.fromkeys(k for row in rows for k in row))
         columns: dict = {}
         for role in self.roles:
             col = getattr(self, role)
@@ -172,9 +174,22 @@ class _RowFormat:
             ValueError: a role no row has (see :meth:`resolve_columns`), or a bad row (``file:line: field ...``),
                 unless ``problems`` allows dropping it.
         """
+        self.prepare(rows)
+        out, origins = [], []
+        for example, i in self.iter_examples(rows, source, problems):
+            out.append(example)
+            origins.append(i)
+        return out, origins
+
+    def prepare(self, rows) -> None:
+        """Resolve the columns for ``rows`` (and reset what a format numbers per data set), before
+        :meth:`iter_examples`."""
         if rows and self.roles:
             self.columns = self.resolve_columns(rows)
-        out, origins, source = [], [], list(source)
+
+    def iter_examples(self, rows, source=(), problems=None):
+        """``(example, row index)`` for each example of ``rows``, one row read at a time (after
+        :meth:`prepare`); a bad row is raised or dropped as in :meth:`convert`."""
         for i, row in enumerate(rows):
             try:
                 made = self._row(row, _where(source, i))
@@ -183,9 +198,8 @@ class _RowFormat:
                     raise
                 problems.bad_row(str(e))
                 continue
-            out.extend(made)
-            origins.extend([i] * len(made))
-        return out, origins
+            for example in made:
+                yield example, i
 
     def __call__(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> list:
         return self.convert(rows, source, problems)[0]
@@ -372,9 +386,8 @@ class Pointwise(_RowFormat):
     def __init__(self, texts: list[str] = ("text",), label: str = "label"):
         self.texts, self.label = list(texts), label
 
-    def convert(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> tuple[list, list[int]]:
-        self._classes: dict[str, int] = {}  # labels numbered in order of first appearance, per call
-        return super().convert(rows, source, problems)
+    def prepare(self, rows) -> None:
+        self._classes: dict[str, int] = {}  # labels numbered in order of first appearance, per data set
 
     def _row(self, row: dict, where: str) -> list[LabeledText]:
         if self.label not in row or isinstance(row[self.label], (list, dict)) or row[self.label] is None:
@@ -400,9 +413,8 @@ class RawTexts(_RowFormat):
     def __init__(self, columns: list[str] = ("query", "positive")):
         self.columns = list(columns)
 
-    def convert(self, rows: list[dict], source: list[tuple[str, int]] = (), problems=None) -> tuple[list, list[int]]:
+    def prepare(self, rows) -> None:
         self._seen: set[str] = set()  # a text seen in an earlier row is not repeated
-        return super().convert(rows, source, problems)
 
     def _row(self, row: dict, where: str) -> list[Example]:
         texts = [t for col in self.columns for t in _texts(row, col, where, allow_empty_list=True) if t.strip()]

@@ -24,6 +24,7 @@ class Classification(Objective):
     """
 
     matryoshka = False
+    per_example = False  # pairs merge into classes across rows
 
     def examples(self, examples: list, origins: list[int] | None, data, data_format) -> tuple[list, list[int] | None]:
         if examples and isinstance(examples[0], Example):

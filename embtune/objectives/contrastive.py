@@ -26,14 +26,12 @@ class Contrastive(Objective):
     """
 
     candidates = in_batch = True
+    batch_fields = ("query", "positive")
 
     @property
     def group_size(self) -> int:
         """Positive + sampled negatives per anchor (1: no negatives are encoded)."""
         return self.negatives.group_size if self.negatives.needs_negatives else 1
-
-    def batch_texts(self, example) -> tuple[str, ...]:
-        return example.query, example.positive
 
     def collate(self, model, examples: list, rng: random.Random) -> dict:
         return candidate_batch(model, examples, self.group_size, rng)

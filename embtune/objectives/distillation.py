@@ -23,6 +23,7 @@ class Distillation(Objective):
     """
 
     candidates = distils = True
+    batch_fields = ("query", "positive")
 
     def check(self, data_format, teacher) -> None:
         """A distillation loss needs hard negatives (its candidate list) and teacher scores from a teacher
@@ -43,9 +44,6 @@ class Distillation(Objective):
         if teacher is not None and getattr(data_format, "has_scores", False):
             raise ValueError("both a teacher and teacher-score columns are set: pick one (teacher=... or "
                              "data_format.positive_scores/negative_scores)")
-
-    def batch_texts(self, example) -> tuple[str, ...]:
-        return example.query, example.positive
 
     def collate(self, model, examples: list, rng: random.Random) -> dict:
         return candidate_batch(model, examples, self.negatives.group_size, rng, teacher=True)

@@ -29,6 +29,7 @@ class MultiPositive(Objective):
     """
 
     candidates = in_batch = True
+    batch_fields, group_field = ("query", "positive"), "query"
 
     @property
     def group_size(self) -> int:
@@ -43,12 +44,6 @@ class MultiPositive(Objective):
             raise ValueError(f"negatives={self.negatives.name} selects the hardest negatives around one positive per "
                              f"anchor, but loss={self.loss_fn.name} gives an anchor several: use negatives=in_batch, "
                              "hard or cross_batch")
-
-    def batch_texts(self, example) -> tuple[str, ...]:
-        return example.query, example.positive
-
-    def batch_group(self, example) -> str:
-        return example.query
 
     def collate(self, model, examples: list, rng: random.Random) -> dict:
         """:func:`~embtune.data.batching.candidate_batch` of the B rows, except that ``query`` holds the

@@ -32,6 +32,9 @@ class Objective:
 
     candidates = in_batch = distils = False
     matryoshka = True
+    batch_fields: tuple[str, ...] | None = None  # the fields whose texts may not repeat in a batch (batch_texts)
+    group_field: str | None = None  # examples equal in this field are planned into one batch (batch_group)
+    per_example = True  # examples() treats each example on its own, so it may run on a part of the data
 
     def __init__(self, loss_fn, negatives, formats: frozenset[str]):
         self.loss_fn, self.negatives, self.formats = loss_fn, negatives, formats
@@ -59,13 +62,13 @@ class Objective:
         """Once the model is loaded, before the optimiser is made (ArcFace's class centres)."""
 
     def batch_texts(self, example) -> tuple[str, ...] | None:
-        """Texts of ``example`` that must not appear twice in one batch (``train.no_duplicates``); None:
-        batches are plain shuffled slices."""
-        return None
+        """Texts of ``example`` that must not appear twice in one batch (``train.no_duplicates``): those of
+        ``batch_fields``; None: batches are plain shuffled slices."""
+        return None if self.batch_fields is None else tuple(getattr(example, f) for f in self.batch_fields)
 
     def batch_group(self, example) -> str | None:
-        """Examples with the same group are planned into one batch (None: no grouping)."""
-        return None
+        """Examples with the same group (their ``group_field``) are planned into one batch (None: no grouping)."""
+        return None if self.group_field is None else getattr(example, self.group_field)
 
     def collate(self, model, examples: list, rng: random.Random) -> dict:
         """One batch of ``examples``, tokenised: ``{column: tokens, ...}`` plus the tensors the loss needs."""
