@@ -106,29 +106,50 @@ def check_label_range(examples: list, origins: list[int], source: list, loss, fi
     return keep_e, keep_o
 
 
-def text_report(examples: list, test, tokenizer, query_max_length: int, document_max_length: int) -> dict:
+def text_report(examples, test, tokenizer, query_max_length: int, document_max_length: int, cache=None) -> dict:
     """Count awkward but valid texts of the training examples and the test set.
 
     Query-side fields (``embtune.data.formats.QUERY_FIELDS``) are measured against ``query_max_length``, the others against
-    ``document_max_length`` (as the batches are tokenised). Counts are over distinct texts.
+    ``document_max_length`` (as the batches are tokenised). Counts are over distinct texts, tokenised
+    :data:`CHUNK` at a time (only lengths are kept). Examples kept on disk (an ExampleTable) are read from
+    its text table, a corpus on disk (a :class:`~embtune.data.examples.TextMap`) from its own; with ``cache``
+    (the run's :class:`~embtune.data.token_cache.TokenCache`) the report is kept beside the token ids and
+    read back by a later run of the same tokenizer and data.
 
     Returns:
         ``{"train": {"queries": {...}, "documents": {...}}, "test": {...}}``, each with ``distinct``,
         ``empty``, ``whitespace_only``, ``non_ascii``, ``truncated`` (longer than the max length in
         tokens, special tokens included) and ``max_tokens``.
     """
-    queries, documents = set(), set()
-    for e in examples:
-        for name, value in zip(e._fields, e):
-            if isinstance(value, str):
-                (queries if tower(name) == "query" else documents).add(value)
-            elif isinstance(value, tuple):
-                documents.update(v for v in value if isinstance(v, str))
-    report = {"train": {"queries": _counts(queries, tokenizer, query_max_length),
-                        "documents": _counts(documents, tokenizer, document_max_length)}}
-    if test is not None:
-        report["test"] = {"queries": _counts(set(test.queries.values()), tokenizer, query_max_length),
-                          "documents": _counts(set(test.corpus.values()), tokenizer, document_max_length)}
+    from embtune.data.examples import DOCUMENT, QUERY, TextMap
+    from embtune.data.tables import read_json, write_json
+
+    stored = getattr(examples, "texts", None)
+    file = cache.report_file(examples.key, query_max_length, document_max_length) \
+        if cache is not None and stored is not None else None
+    report = read_json(file) if file is not None else None
+    if report is None:
+        if stored is not None:
+            train = {"queries": _counts(_stored_texts(stored, QUERY), tokenizer, query_max_length),
+                     "documents": _counts(_stored_texts(stored, DOCUMENT), tokenizer, document_max_length)}
+        else:
+            queries, documents = set(), set()
+            for e in examples:
+                for name, value in zip(e._fields, e):
+                    if isinstance(value, str):
+                        (queries if tower(name) == "query" else documents).add(value)
+                    elif isinstance(value, tuple):
+                        documents.update(v for v in value if isinstance(v, str))
+            train = {"queries": _counts([sorted(queries)], tokenizer, query_max_length),
+                     "documents": _counts([sorted(documents)], tokenizer, document_max_length)}
+        report = {"train": train}
+        if test is not None:
+            corpus = (_stored_texts(test.corpus.texts, DOCUMENT) if isinstance(test.corpus, TextMap)
+                      else [sorted(set(test.corpus.values()))])
+            report["test"] = {"queries": _counts([sorted(set(test.queries.values()))], tokenizer, query_max_length),
+                              "documents": _counts(corpus, tokenizer, document_max_length)}
+        if file is not None:
+            write_json(file, report)
     for split, parts in report.items():
         for role, c in parts.items():
             if c["truncated"]:
@@ -141,13 +162,31 @@ def text_report(examples: list, test, tokenizer, query_max_length: int, document
     return report
 
 
-def _counts(texts: set[str], tokenizer, max_length: int) -> dict:
-    texts = sorted(texts)
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]] if texts else []
-    return {"distinct": len(texts), "empty": sum(t == "" for t in texts),
-            "whitespace_only": sum(t != "" and not t.strip() for t in texts),
-            "non_ascii": sum(not t.isascii() for t in texts),
-            "truncated": sum(n > max_length for n in lengths), "max_tokens": max(lengths, default=0)}
+CHUNK = 512  # texts per tokenizer call in text_report: its memory is one chunk's token lists
+
+
+def _stored_texts(texts, bits: int):
+    """The distinct texts of a TextTable that a field of ``bits`` holds, a record batch at a time."""
+    for _, _, chunk in texts.batches(bits):
+        yield chunk
+
+
+def _counts(chunks, tokenizer, max_length: int) -> dict:
+    """The counts of :func:`text_report` over distinct texts given as lists (chunks)."""
+    c = {"distinct": 0, "empty": 0, "whitespace_only": 0, "non_ascii": 0, "truncated": 0, "max_tokens": 0}
+    for texts in chunks:
+        for i in range(0, len(texts), CHUNK):
+            part = texts[i:i + CHUNK]
+            lengths = [len(ids) for ids in tokenizer(part, truncation=False, verbose=False,
+                                                     return_attention_mask=False,
+                                                     return_token_type_ids=False)["input_ids"]]
+            c["distinct"] += len(part)
+            c["empty"] += sum(t == "" for t in part)
+            c["whitespace_only"] += sum(t != "" and not t.strip() for t in part)
+            c["non_ascii"] += sum(not t.isascii() for t in part)
+            c["truncated"] += sum(n > max_length for n in lengths)
+            c["max_tokens"] = max(c["max_tokens"], *lengths)
+    return c
 
 
 def make_examples(data, data_format, objective) -> tuple[list, Callable[[int], str]]:

@@ -13,7 +13,7 @@ negative for a training query is fair game as a dev candidate).
 from __future__ import annotations
 
 import hashlib
-import heapq
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -80,59 +80,67 @@ def split_dev(rows: list[dict], columns: dict[str, str | None], n: int, seed: in
 def _split(rows, columns: dict[str, str | None], size_of, seed: int, folder: Path | None = None):
     """:func:`split_dev` in three passes over ``rows``, each reading one row at a time; ``size_of(distinct
     queries)`` gives n. The candidates go to a dict, or with ``folder`` to a text table there (the corpus
-    is then a :class:`~embtune.data.examples.TextMap` over it). Holds a digest per distinct query and a
-    key per distinct candidate text, never the texts. Returns ``(train, dev, dropped, distinct queries)``."""
+    is then a :class:`~embtune.data.examples.TextMap` over it, and no Python object per text is held).
+    A query is known by the first 16 bytes of sha256(f"{seed}:{query}"), which order the queries as the
+    full hex digests do. Returns ``(train, dev, dropped, distinct queries)``."""
     q_col, p_col, n_col = columns["query"], columns["positive"], columns.get("negatives")
-    first: dict[bytes, int] = {}  # sha256(seed:query) of each distinct query -> its rank of first appearance
+
+    def candidates(r) -> list[str]:
+        return _texts(r.get(p_col)) + (_texts(r.get(n_col)) if n_col else [])
+
+    def query_key(q: str) -> bytes:
+        return hashlib.sha256(f"{seed}:{q}".encode()).digest()[:16]
+
     docs = TextWriter(folder) if folder is not None else None
     doc_ids: dict[str, int] = {}
+    keys = bytearray()  # the query key of each well-formed row, in row order
     try:
         for r in rows:  # pass 1: the distinct queries; every positive and negative of the data is a candidate
             if _well_formed(r, q_col, p_col, n_col):
-                first.setdefault(hashlib.sha256(f"{seed}:{r[q_col]}".encode()).digest(), len(first))
-            for t in _texts(r.get(p_col)) + (_texts(r.get(n_col)) if n_col else []):
+                keys += query_key(r[q_col])
+            for t in candidates(r):
                 if docs is not None:
                     docs.add(t, DOCUMENT)
                 else:
                     doc_ids.setdefault(t, len(doc_ids))
-        held = set(heapq.nsmallest(size_of(len(first)), first))  # hex digests sort as their bytes do
-        doc_of = (lambda t: docs.id_of(t)) if docs is not None else doc_ids.__getitem__  # noqa: E731
-        query_ids: dict[str, str] = {}
-        by_rank: dict[int, str] = {}
-        qrels: dict[str, dict[str, int]] = {}
-        dev_rows: set[int] = set()
-        dev_texts: set[str] = set()
-        for i, r in enumerate(rows):  # pass 2: the held queries' rows, their positives relevant
-            if not _well_formed(r, q_col, p_col, n_col):
-                continue
-            d = hashlib.sha256(f"{seed}:{r[q_col]}".encode()).digest()
-            if d in held:
-                dev_rows.add(i)
-                by_rank[first[d]] = r[q_col]
-                positives = _texts(r[p_col])
-                dev_texts.update([r[q_col], *positives])
-                for t in positives:
-                    qrels.setdefault(r[q_col], {})[f"d{doc_of(t)}"] = 1
-        for rank in sorted(by_rank):  # query ids in order of first appearance
-            query_ids[by_rank[rank]] = f"q{len(query_ids)}"
-        train, dropped = [], 0
-        for i, r in enumerate(rows):  # pass 3: no query or positive text of the dev side trains
-            if i in dev_rows:
-                continue
-            if not _well_formed(r, q_col, p_col, n_col):  # stays, for the data format to report with its file:line
-                train.append(i)
-            elif dev_texts.intersection([r[q_col], *_texts(r[p_col])]):
-                dropped += 1
-            else:
-                train.append(i)
         corpus = TextMap(docs.close()) if docs is not None else {f"d{k}": t for t, k in doc_ids.items()}
     except BaseException:
         if docs is not None:
             docs.abort()
         raise
-    dev = RetrievalSet(queries={qid: q for q, qid in query_ids.items()}, corpus=corpus,
-                       qrels={qid: qrels[q] for q, qid in query_ids.items()})
-    return train, dev, dropped, len(first)
+    distinct = np.unique(np.frombuffer(bytes(keys), dtype="S16")) if keys else []  # sorted, as the digests
+    del keys
+    held = set(distinct[:size_of(len(distinct))].tolist())
+    held = {k.ljust(16, b"\0") for k in held}  # numpy's S16 drops trailing zero bytes
+    query_ids: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    dev_rows: set[int] = set()
+    dev_texts: set[str] = set()
+    occurrence = 0  # candidates numbered as in pass 1
+    for i, r in enumerate(rows):  # pass 2: the held queries' rows, their positives relevant
+        texts = candidates(r)
+        if _well_formed(r, q_col, p_col, n_col) and query_key(r[q_col]) in held:
+            q = r[q_col]
+            dev_rows.add(i)
+            qid = query_ids.setdefault(q, f"q{len(query_ids)}")  # in order of first appearance
+            positives = _texts(r[p_col])
+            dev_texts.update([q, *positives])
+            grades = qrels.setdefault(qid, {})
+            for j, t in enumerate(positives):
+                grades[f"d{docs.ids[occurrence + j] if docs is not None else doc_ids[t]}"] = 1
+        occurrence += len(texts)
+    train, dropped = array("q"), 0
+    for i, r in enumerate(rows):  # pass 3: no query or positive text of the dev side trains
+        if i in dev_rows:
+            continue
+        if not _well_formed(r, q_col, p_col, n_col):  # stays, for the data format to report with its file:line
+            train.append(i)
+        elif dev_texts.intersection([r[q_col], *_texts(r[p_col])]):
+            dropped += 1
+        else:
+            train.append(i)
+    dev = RetrievalSet(queries={qid: q for q, qid in query_ids.items()}, corpus=corpus, qrels=qrels)
+    return train.tolist() if docs is None else np.frombuffer(train, dtype=np.int64), dev, dropped, len(distinct)
 
 
 def hold_out_dev(data: TrainingData, data_format) -> TrainingData:

@@ -4,9 +4,9 @@ A folder ``$EMBTUNE_CACHE/examples/<key>/`` (the key: the data's fingerprint, th
 and the objective, :func:`embtune.data.checks.make_examples`) holds
 
 - ``texts.arrow``: column ``text``, the distinct texts; a text's id is its row (first appearance order);
-- ``ids.arrow``: by id, ``key_hi``/``key_lo`` (its 128-bit BLAKE2b key, :func:`embtune.data.tables.text_key`)
-  and ``towers`` (bit 1: a query-tower field holds it, bit 2: a document-tower field); by key order,
-  ``sorted_hi``/``sorted_lo``/``sorted_id``, to find a text's id by binary search;
+- ``ids.arrow``: ``towers`` by id (bit 1: a query-tower field holds the text, bit 2: a document-tower
+  field), and the texts' 128-bit BLAKE2b keys (:func:`embtune.data.tables.text_key`) in key order,
+  ``sorted_hi``/``sorted_lo``, with ``sorted_id``, to find a text's id by binary search;
 - ``examples.arrow``: one row per example, one column per field of its kind (:class:`~embtune.data.formats.
   Example`, ``ScoredPair``, ``RankedList``, ``LabeledText``): a text as its id (int64), a tuple of texts as
   a list of ids, numbers as float64 / int64 (an absent score as null), and ``origin``, the row it came from;
@@ -93,15 +93,16 @@ class TextTable:
                 return int(s_id[j])
         return None
 
-    def batches(self, towers: int = QUERY | DOCUMENT) -> Iterator[tuple[np.ndarray, list[str]]]:
-        """``(ids, texts)`` of the texts a field of ``towers`` holds, a record batch at a time (read, not
-        mapped: a full pass leaves nothing behind)."""
+    def batches(self, towers: int = QUERY | DOCUMENT) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+        """``(first id, mask, texts)`` a record batch at a time (read, not mapped: a full pass leaves
+        nothing behind): ``mask`` [n] marks the batch's texts that a field of ``towers`` holds, ``texts``
+        are those texts, in id order."""
         start = 0
         for batch in iter_batches(self.folder / "texts.arrow"):
             n = batch.num_rows
-            ids = np.flatnonzero(self.towers[start:start + n] & towers) + start
+            mask = (self.towers[start:start + n] & towers) > 0
             col = batch.column(0)
-            yield ids, [col[int(i - start)].as_py() for i in ids]
+            yield start, mask, [col[int(j)].as_py() for j in np.flatnonzero(mask)]
             start += n
 
 
@@ -137,50 +138,73 @@ class TextMap(Mapping):
 
 
 class TextWriter:
-    """Builds a :class:`TextTable` in ``folder``: :meth:`add` returns a text's id (a new one for a new text),
-    writing new texts a record batch at a time. Holds one key and one id per distinct text while building."""
+    """Builds a :class:`TextTable` in ``folder`` from texts added one at a time, duplicates included.
+
+    :meth:`add` logs each occurrence (its text to a scratch Arrow file, its 16-byte key to a byte array)
+    and returns the occurrence's number; :meth:`close` numbers the distinct keys by first occurrence
+    (one sort), writes each distinct text once, in that order, and keeps ``ids`` [occurrences], the id of
+    each occurrence. No Python object per text is held: 17 bytes per occurrence while building.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._writer = Writer(self.folder / "texts.arrow", pa.schema([("text", pa.large_string())]))
-        self._ids: dict[bytes, int] = {}
-        self._keys: list[bytes] = []
+        self._scratch = Writer(self.folder / "occurrences.arrow", pa.schema([("text", pa.large_string())]))
+        self._keys = bytearray()
         self._towers = bytearray()
         self._pending: list[str] = []
+        self.ids: np.ndarray | None = None
+        self.occurrences = 0
 
     def add(self, text: str, towers: int = QUERY | DOCUMENT) -> int:
-        key = text_key(text)
-        i = self._ids.get(key)
-        if i is None:
-            i = self._ids[key] = len(self._keys)
-            self._keys.append(key)
-            self._towers.append(0)
-            self._pending.append(text)
-            if len(self._pending) == BATCH_ROWS:
-                self._writer.write({"text": self._pending})
-                self._pending = []
-        self._towers[i] |= towers
-        return i
-
-    def id_of(self, text: str) -> int:
-        """The id :meth:`add` gave ``text`` (KeyError when it was never added)."""
-        return self._ids[text_key(text)]
+        self._keys += text_key(text)
+        self._towers.append(towers)
+        self._pending.append(text)
+        if len(self._pending) == BATCH_ROWS:
+            self._scratch.write({"text": self._pending})
+            self._pending = []
+        self.occurrences += 1
+        return self.occurrences - 1
 
     def close(self) -> TextTable:
-        self._writer.write({"text": self._pending})
-        self._writer.close()
-        hi, lo = key_halves(self._keys) if self._keys else (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
-        order = np.lexsort((lo, hi))
-        table = pa.table({"key_hi": hi, "key_lo": lo, "towers": np.frombuffer(bytes(self._towers), np.uint8),
-                          "sorted_hi": hi[order], "sorted_lo": lo[order], "sorted_id": order.astype(np.int64)})
-        w = Writer(self.folder / "ids.arrow", table.schema)
-        w.write({name: table.column(name) for name in table.column_names})
+        self._scratch.write({"text": self._pending})
+        scratch = self._scratch.close()
+        keys = np.frombuffer(bytes(self._keys), dtype=">u8").astype(np.uint64).reshape(-1, 2)
+        self._keys = bytearray()
+        hi, lo = keys[:, 0].copy(), keys[:, 1].copy()
+        del keys
+        order = np.lexsort((lo, hi))  # stable: within a key, occurrences in order, the first one first
+        new = np.ones(len(order), dtype=bool)
+        new[1:] = (hi[order][1:] != hi[order][:-1]) | (lo[order][1:] != lo[order][:-1])
+        group = np.cumsum(new) - 1  # the distinct key of each sorted occurrence, in key order
+        first = order[new]  # first occurrence of each distinct key, in key order
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))  # id = rank of the first occurrence
+        self.ids = np.empty(len(order), dtype=np.int64)
+        self.ids[order] = rank[group]
+        del group, order, new
+        towers = np.zeros(len(first), dtype=np.uint8)
+        np.bitwise_or.at(towers, self.ids, np.frombuffer(bytes(self._towers), dtype=np.uint8))
+        self._towers = bytearray()
+        is_first = np.zeros(len(self.ids), dtype=bool)
+        is_first[first] = True
+        texts = Writer(self.folder / "texts.arrow", pa.schema([("text", pa.large_string())]))
+        start = 0
+        for batch in iter_batches(scratch):
+            n = batch.num_rows
+            keep = np.flatnonzero(is_first[start:start + n])
+            if len(keep):
+                texts.write({"text": batch.column(0).take(pa.array(keep))})
+            start += n
+        texts.close()
+        scratch.unlink()
+        w = Writer(self.folder / "ids.arrow", pa.schema([("towers", pa.uint8()), ("sorted_hi", pa.uint64()),
+                                                           ("sorted_lo", pa.uint64()), ("sorted_id", pa.int64())]))
+        w.write({"towers": towers, "sorted_hi": hi[first], "sorted_lo": lo[first], "sorted_id": rank})
         w.close()
-        self._ids, self._keys = {}, []
         return TextTable(self.folder)
 
     def abort(self) -> None:
-        self._writer.abort()
+        self._scratch.abort()
 
 
 class ExampleTable(Sequence):
@@ -248,7 +272,7 @@ class ExampleTable(Sequence):
 
 class ExampleWriter:
     """Builds an :class:`ExampleTable` in ``folder`` from examples added one at a time (their kind is that
-    of the first). Holds the ids and numbers (a few bytes per example) and one key per distinct text."""
+    of the first). Holds a few bytes per example and per text (see :class:`TextWriter`)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -287,6 +311,8 @@ class ExampleWriter:
         columns, schema = {}, []
         for name, stored in self.fields:
             values = np.frombuffer(self._cols[name], dtype=np.int64 if self._cols[name].typecode == "q" else np.float64)
+            if stored in ("text", "texts"):  # occurrence numbers -> text ids
+                values = self.texts.ids[values]
             if stored in ("texts", "floats"):
                 offsets = np.concatenate([[0], np.cumsum(np.frombuffer(self._lengths[name], dtype=np.int64))])
                 columns[name] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))

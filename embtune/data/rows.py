@@ -71,15 +71,15 @@ class RowTable(Sequence):
     def __iter__(self) -> Iterator[dict]:
         start = 0
         for batch in iter_batches(self.path, ["row"]):
-            texts = batch.column(0)
+            n = batch.num_rows
             if self.index is None:
-                picks = range(len(texts))
+                texts = batch.column(0).to_pylist()
             else:
-                lo, hi = np.searchsorted(self.index, [start, start + len(texts)])
-                picks = (self.index[lo:hi] - start).tolist()
-            for j in picks:
-                yield json.loads(texts[j].as_py())
-            start += len(texts)
+                lo, hi = np.searchsorted(self.index, [start, start + n])
+                texts = batch.column(0).take(pa.array(self.index[lo:hi] - start)).to_pylist()
+            for text in texts:
+                yield json.loads(text)
+            start += n
 
     def __eq__(self, other) -> bool:
         if isinstance(other, (RowTable, list, tuple)):

@@ -79,48 +79,49 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
             self.set_epoch(current, start)
         return self._unbatched[epoch]
 
-    def _texts(self, unit: list[int]) -> set[str]:
+    def _texts(self, unit: list[int]) -> set:
         return {t for i in unit for t in self.texts_of(i)} if self.texts_of is not None else set()
 
     def _make_plan(self) -> list[list[int]]:
         order = list(range(len(self.units)))
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        units = [self.units[u] for u in order]
-        texts = [self._texts(u) for u in units]
-        batches = self._greedy(units, texts)
-        if self.drop_last and batches and sum(map(len, batches[-1])) < self.batch_size:
+        units = _Ordered(self.units, order)  # position p -> unit; texts looked up as they are needed
+        batches = self._greedy(units)
+        if self.drop_last and batches and sum(len(units[u]) for u in batches[-1]) < self.batch_size:
             batches.pop()
         if self.min_size > 1:
-            batches = self._floor(batches, {id(u): t for u, t in zip(units, texts)})
-        plan = [[i for u in b for i in u] for b in batches]
+            batches = self._floor(batches, units)
+        plan = [[i for u in b for i in units[u]] for b in batches]
         if self.multiple > 1:
             plan = [b[:len(b) - len(b) % self.multiple] for b in plan]
         plan = [b for b in plan if b]
         self._unbatched[self.epoch] = self.n - sum(map(len, plan))
         return plan
 
-    def _greedy(self, units: list[list[int]], texts: list[set[str]]) -> list[list[list[int]]]:
+    def _greedy(self, units) -> list[list[int]]:
+        """Step 1: batches of unit positions. Only the units waiting for a later batch keep their texts."""
         upcoming, waiting = iter(range(len(units))), deque()
-        batches: list[list[list[int]]] = []
+        batches: list[list[int]] = []
         while True:
             batch, size, seen = [], 0, set()
 
-            def fits(u: int) -> bool:
+            def fits(u: int, texts: set) -> bool:
                 nonlocal size
-                if size + len(units[u]) > self.batch_size or texts[u] & seen:
+                if size + len(units[u]) > self.batch_size or texts & seen:
                     return False
-                batch.append(units[u])
+                batch.append(u)
                 size += len(units[u])
-                seen.update(texts[u])
+                seen.update(texts)
                 return True
 
             for _ in range(len(waiting)):  # earlier clashes get the first chance
-                u = waiting.popleft()
-                if not fits(u):
-                    waiting.append(u)
+                u, texts = waiting.popleft()
+                if not fits(u, texts):
+                    waiting.append((u, texts))
             for u in upcoming:
-                if not fits(u):
-                    waiting.append(u)
+                texts = self._texts(units[u])
+                if not fits(u, texts):
+                    waiting.append((u, texts))
                 if size >= self.batch_size:
                     break
             if not batch:
@@ -128,19 +129,26 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
             batches.append(batch)
         return batches
 
-    def _floor(self, batches: list[list[list[int]]], texts: dict[int, set[str]]) -> list[list[list[int]]]:
+    def _floor(self, batches: list[list[int]], units) -> list[list[int]]:
         """Step 2 of the class docstring: merge short batches, then fill them from the latest full ones."""
+        texts: dict[int, set] = {}
+
+        def text_of(u):
+            if u not in texts:
+                texts[u] = self._texts(units[u])
+            return texts[u]
+
         def rows(b):
-            return sum(map(len, b))
+            return sum(len(units[u]) for u in b)
 
         def clash(u, b):
-            return any(texts[id(u)] & texts[id(v)] for v in b)
+            return any(text_of(u) & text_of(v) for v in b)
 
         full = [b for b in batches if rows(b) >= self.min_size]
-        short: list[list[list[int]]] = []
+        short: list[list[int]] = []
         for u in (u for b in batches if rows(b) < self.min_size for u in b):  # first fit, in plan order
             for b in short:
-                if rows(b) + len(u) <= self.batch_size and not clash(u, b):
+                if rows(b) + len(units[u]) <= self.batch_size and not clash(u, b):
                     b.append(u)
                     break
             else:
@@ -150,7 +158,7 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
                 for u in reversed(list(donor)):
                     if rows(b) >= self.min_size:
                         break
-                    if (rows(donor) - len(u) >= self.min_size and rows(b) + len(u) <= self.batch_size
+                    if (rows(donor) - len(units[u]) >= self.min_size and rows(b) + len(units[u]) <= self.batch_size
                             and not clash(u, b)):
                         donor.remove(u)
                         b.append(u)
@@ -166,15 +174,41 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         return len(self._plan)
 
 
-def _units(n: int, group_of: Callable[[int], str] | None, batch_size: int) -> list[list[int]]:
+def _units(n: int, group_of: Callable[[int], str] | None, batch_size: int):
     """Rows 0..n−1 as planning units: one row each, or the rows of each group (first appearance order),
     split into pieces of at most ``batch_size``."""
     if group_of is None:
-        return [[i] for i in range(n)]
-    groups: dict[str, list[int]] = {}
+        return _Singles(n)
+    groups: dict = {}
     for i in range(n):
         groups.setdefault(group_of(i), []).append(i)
     return [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+
+
+class _Singles:
+    """The units of ungrouped rows, ``[i]`` for row i, without a list per row."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> list[int]:
+        return [i]
+
+
+class _Ordered:
+    """Units in a shuffled order: position p -> ``units[order[p]]``."""
+
+    def __init__(self, units, order: list[int]):
+        self.units, self.order = units, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, p: int) -> list[int]:
+        return self.units[self.order[p]]
 
 
 class ShuffledBatchSampler(NoDuplicatesBatchSampler):

@@ -107,13 +107,14 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
         model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
                                                data.fingerprint, cache_dir())
+        model.token_cache.prepare(model, examples)  # examples on disk: their token ids too, a chunk at a time
     dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
     objective.start(model, examples, evaluator.batch_size)  # e.g. ArcFace's class centres from the data
     loss_fn.to(device)
     # summary.json's text counts: rank 0 writes the summary, so only it tokenises every text for them
-    texts = (text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length)
-             if main else None)
+    texts = (text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length,
+                         cache=model.token_cache) if main else None)
 
     # -- base metrics
     if state is not None:  # resumed: the base metrics were logged by the first run
