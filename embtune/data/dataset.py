@@ -149,8 +149,9 @@ def feed_test(h, test: RetrievalSet | None) -> None:
         return
     for part in (test.queries, test.corpus, test.qrels):
         h.update(b"{")
-        for n, key in enumerate(sorted(part)):
-            item = f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(part[key], sort_keys=True, ensure_ascii=False)}"
+        items = part.sorted_items() if hasattr(part, "sorted_items") else ((k, part[k]) for k in sorted(part))
+        for n, (key, value) in enumerate(items):  # a corpus on disk streams its items in key order
+            item = f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, sort_keys=True, ensure_ascii=False)}"
             h.update((", " + item if n else item).encode())
         h.update(b"}")
 

@@ -24,7 +24,7 @@ from embtune.data.dataset import RetrievalSet, TrainingData
 from embtune.data.examples import DOCUMENT, TextMap, TextTable, TextWriter
 from embtune.data.formats import EXAMPLE_KIND
 from embtune.data.rows import RowTable
-from embtune.data.tables import Writer, digest, numbers, open_table, read_json, write_json
+from embtune.data.tables import Writer, digest, numbers, read_json, read_table, write_json
 
 VERSION = 1  # bump when the split or its files change: old splits are then made again
 
@@ -195,7 +195,7 @@ def _stored_split(data: TrainingData, columns: dict, spec) -> TrainingData:
     if meta is not None and meta.get("version") == VERSION:
         if meta["dev"] is None:
             return _no_split(data, meta["of_queries"])
-        keep = numbers(open_table(folder / "keep.arrow").column("row"), np.int64)
+        keep = numbers(read_table(folder / "keep.arrow").column("row"), np.int64)
         dev = RetrievalSet(queries=meta["dev"]["queries"], corpus=TextMap(TextTable(folder)), qrels=meta["dev"]["qrels"])
         return TrainingData(rows=data.rows.subset(keep), test=dev, name=data.name, fingerprint=meta["fingerprint"],
                             source=data.source.subset(keep), problems=data.problems, held_out=meta["record"])

@@ -31,14 +31,17 @@ import pyarrow as pa
 from embtune.data.formats import Example, LabeledText, RankedList, ScoredPair, tower
 from embtune.data.tables import (
     BATCH_ROWS,
+    BatchCache,
     ListColumn,
     StringColumn,
     Writer,
     iter_batches,
     key_halves,
+    lexicographic,
     numbers,
     open_table,
     read_json,
+    read_table,
     text_key,
     write_json,
 )
@@ -67,7 +70,8 @@ class TextTable:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._texts = StringColumn(open_table(self.folder / "texts.arrow").column("text"))
-        ids = open_table(self.folder / "ids.arrow")
+        self.starts = self._texts.starts
+        ids = read_table(self.folder / "ids.arrow")
         self.towers = numbers(ids.column("towers"), np.uint8)
         self._sorted = [numbers(ids.column(c), t) for c, t in
                         (("sorted_hi", np.uint64), ("sorted_lo", np.uint64), ("sorted_id", np.int64))]
@@ -135,6 +139,16 @@ class TextMap(Mapping):
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def sorted_items(self) -> Iterator[tuple[str, str]]:
+        """``(key, text)`` in sorted key order (as ``sorted(mapping)``), reading the texts a record batch at a
+        time instead of through the map, so a full pass (the fingerprint's) leaves no mapped pages behind."""
+        cache = BatchCache(self.texts.folder / "texts.arrow", self.texts.starts)
+        try:
+            for i in lexicographic(len(self.texts)):
+                yield f"{self.prefix}{i}", cache[i]
+        finally:
+            cache.close()
 
 
 class TextWriter:
@@ -221,7 +235,7 @@ class ExampleTable(Sequence):
         self.cls = KINDS[self.meta["kind"]]
         self.fields = [tuple(f) for f in self.meta["fields"]]
         self.texts = TextTable(self.folder)
-        table = open_table(self.folder / "examples.arrow")
+        table = read_table(self.folder / "examples.arrow")  # ids and numbers: a few bytes an example
         self._columns = {}
         for name, stored in self.fields:
             col = table.column(name)

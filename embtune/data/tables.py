@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -80,6 +81,55 @@ def open_table(path: str | Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
+def read_table(path: str | Path) -> pa.Table:
+    """The whole table of an Arrow IPC file, read into memory (for the small numeric tables: ids, sizes)."""
+    with pa.OSFile(str(path), "rb") as f:
+        return pa.ipc.open_file(f).read_all()
+
+
+class BatchCache:
+    """``cache[i]`` -> the text in row i of a one-string-column file, read a record batch at a time (not
+    mapped) and kept for the ``keep`` most recently used batches: an access order that moves forward
+    through a few places at once (as :func:`lexicographic`'s) reads each batch about once.
+
+    Args:
+        path: the Arrow IPC file.
+        starts: the first row of each record batch, and the number of rows at the end.
+    """
+
+    def __init__(self, path: str | Path, starts: np.ndarray, keep: int = 16):
+        self._file = pa.OSFile(str(path), "rb")
+        self._reader = pa.ipc.open_file(self._file)
+        self._starts, self.keep = starts, keep
+        self._cache: OrderedDict[int, list[str]] = OrderedDict()
+
+    def __getitem__(self, i: int) -> str:
+        b = int(np.searchsorted(self._starts, i, side="right")) - 1
+        texts = self._cache.get(b)
+        if texts is None:
+            texts = self._cache[b] = self._reader.get_batch(b).column(0).to_pylist()
+            if len(self._cache) > self.keep:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(b)
+        return texts[i - int(self._starts[b])]
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._file.close()
+
+
+def lexicographic(n: int) -> Iterator[int]:
+    """0..n−1 in the order their decimal strings sort (0, 1, 10, 100, ..., 11, ...), without sorting."""
+    if n > 0:
+        yield 0
+    stack = list(range(min(9, n - 1), 0, -1))
+    while stack:
+        x = stack.pop()
+        yield x
+        stack.extend(c for c in range(min(x * 10 + 9, n - 1), x * 10 - 1, -1) if c >= x * 10)
+
+
 def iter_batches(path: str | Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """The record batches of an Arrow IPC file in order, each read (not mapped) and dropped after use."""
     with pa.OSFile(str(path), "rb") as f:
@@ -95,7 +145,7 @@ class StringColumn:
 
     def __init__(self, column: pa.ChunkedArray):
         self._chunks = [c.cast(pa.large_string()) if c.type != pa.large_string() else c for c in column.chunks]
-        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+        self._starts = self.starts = np.cumsum([0] + [len(c) for c in self._chunks])
         self._offsets = [np.frombuffer(c.buffers()[1], dtype=np.int64)[c.offset:c.offset + len(c) + 1]
                          for c in self._chunks]
         self._data = [c.buffers()[2] for c in self._chunks]
