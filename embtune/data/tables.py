@@ -97,22 +97,22 @@ class BatchCache:
         starts: the first row of each record batch, and the number of rows at the end.
     """
 
-    def __init__(self, path: str | Path, starts: np.ndarray, keep: int = 16):
+    def __init__(self, path: str | Path, starts: np.ndarray, keep: int = 8):
         self._file = pa.OSFile(str(path), "rb")
         self._reader = pa.ipc.open_file(self._file)
         self._starts, self.keep = starts, keep
-        self._cache: OrderedDict[int, list[str]] = OrderedDict()
+        self._cache: OrderedDict[int, pa.Array] = OrderedDict()
 
     def __getitem__(self, i: int) -> str:
         b = int(np.searchsorted(self._starts, i, side="right")) - 1
         texts = self._cache.get(b)
         if texts is None:
-            texts = self._cache[b] = self._reader.get_batch(b).column(0).to_pylist()
+            texts = self._cache[b] = self._reader.get_batch(b).column(0)
             if len(self._cache) > self.keep:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(b)
-        return texts[i - int(self._starts[b])]
+        return texts[i - int(self._starts[b])].as_py()
 
     def close(self) -> None:
         self._cache.clear()
