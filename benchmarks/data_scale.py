@@ -162,11 +162,14 @@ def main() -> None:
                 print(f"{n:>9,} rows {state}: embtune / sentence-transformers: startup "
                       f"{e['startup_s'] / s['startup_s']:.2f}x, first step {e['step_s'] / s['step_s']:.2f}x, "
                       f"peak RSS {e['rss_gib'] / s['rss_gib']:.2f}x")
-    first = a.sizes[0]
+    first, last = a.sizes[0], a.sizes[-1]
     for n in a.sizes[1:]:
         for state in ("cold", "warm"):
             grow = results[n, "embtune", state]["rss_gib"] - results[first, "embtune", state]["rss_gib"]
             print(f"embtune {state}: peak RSS at {n:,} rows is {grow:+.2f} GiB from {first:,} rows")
+    warm = results[last, "embtune", "warm"]
+    print(f"SUMMARY data_scale: {last:,} rows warm: startup {warm['startup_s']:.1f} s, peak RSS {warm['rss_gib']:.2f} GiB "
+          f"({warm['rss_gib'] - results[first, 'embtune', 'warm']['rss_gib']:+.2f} GiB from {first:,} rows)")
 
 
 if __name__ == "__main__":

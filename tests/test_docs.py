@@ -317,6 +317,7 @@ QUICK_BENCHMARKS = {
     "grad_cache.py": ["--batch-size", "8", "--mini-batch-size", "4", "--plain-batch-size", "4", "--rounds", "1"],
     "mine_scale.py": ["--passages", "200", "--queries", "20"],
     "search_crossover.py": ["--docs", "500", "--queries", "10", "--rounds", "1"],
+    "data_scale.py": ["--sizes", "200", "--skip-peer", "--batch-size", "4"],
 }
 
 

@@ -20,6 +20,7 @@ mapped: a batch reads its own rows and texts, nothing else. :class:`TextMap` is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -162,7 +163,7 @@ class TextWriter:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._scratch = Writer(self.folder / "occurrences.arrow", pa.schema([("text", pa.large_string())]))
+        self._scratch = Writer(self.folder / f"occurrences.{os.getpid()}.arrow", pa.schema([("text", pa.large_string())]))
         self._keys = bytearray()
         self._towers = bytearray()
         self._pending: list[str] = []
@@ -289,7 +290,8 @@ class ExampleWriter:
     of the first). Holds a few bytes per example and per text (see :class:`TextWriter`)."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+        self.final = Path(folder)  # built beside it, then renamed: processes building the same never mix files
+        self.folder = self.final.with_name(f"{self.final.name}.{os.getpid()}.tmp")
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         self.texts = TextWriter(self.folder)
@@ -342,7 +344,13 @@ class ExampleWriter:
         w.close()
         write_json(self.folder / "meta.json", {"version": VERSION, "kind": self.cls.__name__,
                                                "fields": self.fields, "examples": len(self._origin), **meta})
-        return ExampleTable(self.folder)
+        if cached_examples(self.final) is None:  # an unreadable or older entry (or none): ours replaces it
+            shutil.rmtree(self.final, ignore_errors=True)
+        try:
+            os.rename(self.folder, self.final)
+        except OSError:  # another process put its (equal) folder there first
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return ExampleTable(self.final)
 
     def abort(self) -> None:
         self.texts.abort()

@@ -17,6 +17,7 @@ stop at); every other form is read a batch of rows at a time.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import logging
@@ -126,11 +127,15 @@ def _stored(what: tuple, rows: Iterator[tuple[int, dict]], empty: str, k: int | 
         return TrainingData(rows=table, test=held_out, name=name, fingerprint=digest, source=table.source,
                             problems=problems, dev=dev)
     table, h = row_tables.build(key if k is None else None, where, rows)
+    if key is None:  # nothing to key a cache by (a data set held in memory): the table lives for this run
+        atexit.register(row_tables.discard, table)
     if not len(table):
         row_tables.discard(table)
         raise ValueError(empty)
     if k is not None:
         table, h = row_tables.sampled(table, subsample(list(range(len(table))), k, seed), key)
+        if key is None:
+            atexit.register(row_tables.discard, table)
     met = problems.record()  # the rows' problems; the test set's are met again each run
     held_out = test()
     feed_test(h, held_out)
