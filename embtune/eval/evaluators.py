@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -29,6 +30,21 @@ def _log_result(what: str, started: float, metric: str, metrics: dict) -> None:
     value = metrics.get(metric)
     shown = f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "missing"
     log.info("evaluated %s in %.1f s: %s %s", what, time.perf_counter() - started, metric, shown)
+
+
+class _Documents(Sequence):
+    """The texts of ``corpus`` in the order of ``ids``, looked up as they are read (``len``, index, slice)."""
+
+    def __init__(self, corpus, ids: list[str]):
+        self.corpus, self.ids = corpus, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.corpus[d] for d in self.ids[i]]
+        return self.corpus[self.ids[i]]
 
 
 class Retrieval:
@@ -93,7 +109,7 @@ class Retrieval:
         what = f"{data.name} {'dev split' if data.held_out else 'test set'}"
         log.info("evaluating %s: %d queries, %d documents", what, len(qids), len(dids))
         started = time.perf_counter()
-        docs = [test.corpus[i] for i in dids]
+        docs = _Documents(test.corpus, dids)  # read a chunk at a time: a corpus on disk stays there
         with encoding_progress(f"evaluate {what}", len(qids) + len(dids)) as advance:
             q = model.encode([test.queries[i] for i in qids], kind="query", batch_size=self.batch_size,
                              progress=advance, bf16=self.bf16)
