@@ -151,8 +151,12 @@ def test_batches_are_planned_the_same_from_text_ids_as_from_texts(tmp_path):
         plans = []
         for examples in (stored, listed):
             _, sampler, _ = make_loader(examples, objective, t, Dist(), model=None)
-            plans.append([list(sampler) for _ in [sampler.set_epoch(e) for e in range(3)]])
-        assert plans[0] == plans[1] and len(plans[0][0]) > 1
+            epochs = []
+            for e in range(3):
+                sampler.set_epoch(e)
+                epochs.append(list(sampler))
+            plans.append(epochs)
+        assert plans[0] == plans[1] and len(plans[0][0]) > 1 and plans[0][0] != plans[0][1]
 
 
 def test_the_sampler_plans_text_ids_as_it_plans_texts():

@@ -59,12 +59,16 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self.units = _units(n, group_of, batch_size)
         self.epoch, self.start = 0, 0
         self._unbatched: dict[int, int] = {}
+        self._plan: list[list[int]] | None = None
         self._plan = self._make_plan()
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Plan epoch ``epoch``; iteration begins at batch ``start`` (a resumed run's position)."""
-        self.epoch, self.start = epoch, start
-        self._plan = self._make_plan()
+        """Plan epoch ``epoch``; iteration begins at batch ``start`` (a resumed run's position). The plan of
+        the epoch already planned is kept (it depends on the seed and the epoch alone)."""
+        if epoch != self.epoch or self._plan is None:
+            self.epoch = epoch
+            self._plan = self._make_plan()
+        self.start = start
 
     @property
     def unbatched(self) -> int:
