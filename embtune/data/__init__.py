@@ -1,8 +1,9 @@
 """Data sets: what every loader returns, and the loaders' config targets.
 
 A loader (``data=stdlib|beir|jsonl|hf``) returns a :class:`TrainingData`: raw training rows (dicts whose
-columns the ``data_format`` maps into examples) and an optional held-out :class:`RetrievalSet` that the
-evaluation ranks. IDs are always strings.
+columns the ``data_format`` maps into examples; ``jsonl`` and ``hf`` keep them in an Arrow file, see
+:mod:`embtune.data.rows`) and an optional held-out :class:`RetrievalSet` that the evaluation ranks. IDs are
+always strings.
 """
 
 from embtune.data.beir import load_beir
