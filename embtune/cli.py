@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from embtune.config import CONFIG_PATH, normalize
 from embtune.run.outputs import clear_run, rank, record_failure, refuse_if_used
@@ -23,7 +24,14 @@ from embtune.run.outputs import clear_run, rank, record_failure, refuse_if_used
 log = logging.getLogger("embtune")
 
 # errors whose message is the whole story (bad input, bad settings, missing files): shown as one line
-USER_ERRORS = (ValueError, OSError)
+USER_ERRORS = (ValueError, OSError, MissingMandatoryValue)
+
+
+def _message(e: BaseException) -> str:
+    """The one-line message of a user error."""
+    if isinstance(e, MissingMandatoryValue):  # omegaconf's text spans lines (full_key, object_type)
+        return f"{e.full_key} has no value (??? in its config): set it, e.g. {e.full_key}=..."
+    return str(e)
 
 
 def quiet_libraries() -> None:
@@ -105,7 +113,7 @@ def main(cfg: DictConfig) -> float | None:
         if not multirun:
             if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
                 # bad data or settings: the message names the file, row and field; a traceback adds nothing
-                raise SystemExit(f"Error: {redact_text(str(e))}\n(traceback: {output_dir / 'summary.json'}; "
+                raise SystemExit(f"Error: {redact_text(_message(e))}\n(traceback: {output_dir / 'summary.json'}; "
                                  "HYDRA_FULL_ERROR=1 prints it here)") from None
             raise
         log.exception("job %s failed; the sweep goes on (recorded in %s)", hc.job.num, output_dir / "summary.json")

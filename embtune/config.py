@@ -391,6 +391,8 @@ def check_train_settings(t: DictConfig, objective: Objective, negatives, loss_fn
         raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
     if t.on_nonfinite not in ("skip", "stop"):
         raise ValueError(f"train.on_nonfinite must be skip or stop, got {t.on_nonfinite!r}")
+    if t.log_every < 1:
+        raise ValueError(f"train.log_every must be an integer >= 1 (steps between train/* log lines), got {t.log_every}")
     if t.checkpoint_every is not None and t.checkpoint_every < 0:
         raise ValueError(f"train.checkpoint_every must be >= 0 (0: only at the end) or null (never), got "
                          f"{t.checkpoint_every}")

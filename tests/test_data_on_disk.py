@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from embtune.data import Listwise, MultiNegative, Pairwise, Pointwise, RawTexts, ScoredPairs, Triplet
-from embtune.data.batching import make_loader
+from embtune.data.batching import plan_batches
 from embtune.data.cache import cache_dir
 from embtune.data.checks import make_examples, text_report
 from embtune.data.dataset import TrainingData
@@ -150,7 +150,7 @@ def test_batches_are_planned_the_same_from_text_ids_as_from_texts(tmp_path):
         listed = Pairwise()(rows)
         plans = []
         for examples in (stored, listed):
-            _, sampler, _ = make_loader(examples, objective, t, Dist(), model=None)
+            sampler, _ = plan_batches(examples, objective, t, Dist())
             epochs = []
             for e in range(3):
                 sampler.set_epoch(e)

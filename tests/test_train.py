@@ -222,4 +222,16 @@ def test_data_that_makes_no_batch_above_the_floor_is_a_clear_error(tmp_path, tin
     path = tmp_path / "one_positive.jsonl"  # every row has the same positive: no two rows fit in one batch
     path.write_text("".join(json.dumps({"query": f"q{i}", "positive": "P"}) + "\n" for i in range(5)))
     with pytest.raises(ValueError, match=r"no batch of at least 4 examples \(train.min_batch_size\) .* 5 examples"):
-        _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "data.dev_queries=0", "eval.before=false"])
+        # a model that does not exist: the data is refused before any model loads
+        _run(tmp_path / "run", "/nonexistent/model", ["data=jsonl", f"data.path={path}", "data.dev_queries=0"])
+
+
+def test_data_smaller_than_half_a_batch_is_one_batch_of_all_of_it(tmp_path, tiny_bert):
+    path = tmp_path / "three.jsonl"  # 3 examples, batch 8: the default floor (4) would leave nothing to train on
+    path.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}"}) + "\n" for i in range(3)))
+    summary = _run(tmp_path / "run", tiny_bert, ["data=jsonl", f"data.path={path}", "data.dev_queries=0",
+                                                 "eval.before=false", "train.max_steps=null", "train.epochs=2"])
+    assert summary["steps"] == 2 and summary["unbatched_rows"] == 0  # one batch of all three rows per epoch
+    with pytest.raises(ValueError, match=r"no batch of at least 4 examples"):  # an explicit floor stays strict
+        _run(tmp_path / "run2", "/nonexistent/model", ["data=jsonl", f"data.path={path}", "data.dev_queries=0",
+                                                       "train.min_batch_size=4"])

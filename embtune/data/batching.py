@@ -2,7 +2,7 @@
 
 Each text column is padded only to its own longest text and tokenised for its tower
 (:func:`embtune.data.formats.tower`). Hard negatives are sampled per step: K = ``group_size`` − 1 per
-anchor, without replacement, padded and masked where a row has fewer. :func:`make_loader` plans the
+anchor, without replacement, padded and masked where a row has fewer. :func:`plan_batches` plans the
 batches (no repeated text where the objective asks for it; each process's share under torchrun).
 """
 
@@ -85,9 +85,9 @@ def _sample_negatives(examples: list[Example], k: int, rng: random.Random
     return texts, torch.tensor(mask), torch.tensor(scores, dtype=torch.float32)
 
 
-def make_loader(examples: list, objective, t: DictConfig, proc: distributed.Dist, model):
-    """``(loader, sampler, rng)``: the DataLoader yields ``(indices, batch)`` (indices into ``examples``,
-    kept for messages that name rows; ``batch`` from ``objective.collate``); ``sampler.set_epoch(epoch,
+def plan_batches(examples: list, objective, t: DictConfig, proc: distributed.Dist):
+    """``(sampler, rng)`` for ``examples``, made before any model loads (so a data set too small for the
+    batch floor is refused first); :func:`make_loader` then serves the batches. ``sampler.set_epoch(epoch,
     start)`` plans an epoch from ``(seed, epoch)`` alone and starts at batch ``start`` (a resumed run's
     position); ``sampler.unbatched_in(epoch)`` counts the rows left out of that epoch's plan; ``rng``
     draws the hard negatives (a checkpoint saves its state).
@@ -96,14 +96,16 @@ def make_loader(examples: list, objective, t: DictConfig, proc: distributed.Dist
     ``train.no_duplicates``, an objective that names the texts of an example (``objective.batch_texts``)
     gets batches in which none of them repeats; one that groups examples (``objective.batch_group``,
     e.g. the rows of one query) gets each group in one batch. No batch is smaller than
-    ``train.min_batch_size`` (null: half of ``train.batch_size``, at least 2). Examples kept on disk
+    ``train.min_batch_size`` (null: half of ``train.batch_size``, at least 2, or every example when there
+    are fewer). Examples kept on disk
     (:class:`~embtune.data.examples.ExampleTable`) are planned from their text ids, never their texts: the
     ids are equal exactly where the texts are, so the plan is the same. Under torchrun every
     global batch holds a multiple of W rows and each process takes its equal share
     (``distributed.ShardedBatchSampler``), so cross-device candidates never repeat a text either."""
     rng = random.Random(t.seed + proc.rank)  # negative sampling
     floor = t.get("min_batch_size", 1)  # 1 (no floor): a config saved before the floor existed (resumed)
-    floor = floor if floor is not None else max(2, -(-t.batch_size // 2))
+    if floor is None:  # half a batch, at least 2; a data set smaller than that is one batch of all of it
+        floor = min(max(2, -(-t.batch_size // 2)), max(2, len(examples) // proc.world))
     texts_of = group_of = None
     if hasattr(examples, "ids"):  # an ExampleTable: its text ids (equal text, equal id) plan the same batches
         fields = objective.batch_fields or ()
@@ -127,10 +129,17 @@ def make_loader(examples: list, objective, t: DictConfig, proc: distributed.Dist
                          "lower or train.no_duplicates=false")
     if proc.world > 1:
         sampler = distributed.ShardedBatchSampler(sampler, proc.rank, proc.world)
+    return sampler, rng
+
+
+def make_loader(examples: list, objective, t: DictConfig, model, sampler, rng) -> torch.utils.data.DataLoader:
+    """The DataLoader over ``examples`` in the batches ``sampler`` plans (:func:`plan_batches`): it yields
+    ``(indices, batch)`` (indices into ``examples``, kept for messages that name rows; ``batch`` from
+    ``objective.collate(model, examples, rng)``)."""
     # a generator of its own, so creating the iterator never draws from the global torch RNG that dropout
     # uses (a resumed run then equals an uninterrupted one)
     loader = torch.utils.data.DataLoader(range(len(examples)), batch_sampler=sampler,
                                          generator=torch.Generator().manual_seed(t.seed),
                                          collate_fn=lambda idx: (idx, objective.collate(
                                              model, [examples[i] for i in idx], rng)))
-    return loader, sampler, rng
+    return loader

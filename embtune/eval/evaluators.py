@@ -19,7 +19,7 @@ import torch
 
 from embtune.data import TrainingData
 from embtune.eval.index import CHUNK_SIZE, CorpusSearch, encoded_corpus
-from embtune.eval.metrics import evaluate_retrieval, sts_spearman
+from embtune.eval.metrics import KEYS, evaluate_retrieval, sts_spearman
 from embtune.objectives.maxsim import evaluate_maxsim
 from embtune.run.progress import encoding_progress
 
@@ -71,6 +71,7 @@ class Retrieval:
     """
 
     uses_data = True  # ranks the data's held-out set (``data.test``)
+    metrics = KEYS  # what it reports (and dim<d>/<name> per Matryoshka dimension); eval.metric is one of them
 
     def __init__(self, batch_size: int = 64, k: int = 100, ignore_identical_ids: bool = True, before: bool = True,
                  after: bool = True, cache_base: bool = True, metric: str = "ndcg@10", every_steps: int | None = None,
@@ -139,6 +140,7 @@ class STS:
     """
 
     uses_data = False  # reads its own file, not the data's held-out set
+    metrics = ("spearman",)  # and dim<d>/spearman per Matryoshka dimension
 
     def __init__(self, path: str, text1: str = "sentence1", text2: str = "sentence2", score: str = "score",
                  batch_size: int = 64, before: bool = True, after: bool = True, cache_base: bool = True,

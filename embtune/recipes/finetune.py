@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune.config import build, check_run
-from embtune.data.batching import make_loader
+from embtune.data.batching import make_loader, plan_batches
 from embtune.data.cache import cache_dir
 from embtune.data.checks import make_examples, text_report
 from embtune.data.dev_split import describe_held_out, hold_out_dev
@@ -81,7 +81,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
         data = hold_out_dev(data, data_format)
     patience = t.get("early_stopping_patience")
-    check_selection(evaluator.every_steps, evaluator.keep, patience)
+    check_selection(evaluator.every_steps, evaluator.keep, patience, evaluator.metric, evaluator.metrics,
+                    evaluates=data.test is not None or not evaluator.uses_data)
     best = Best(evaluator.metric, evaluator.keep, patience)  # the best evaluation during training and its weights
     teacher = build(cfg, "teacher") if cfg.get("teacher") else None
     objective = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
@@ -98,6 +99,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     main = proc.main
     bf16 = use_bf16(t.bf16, device)  # before the model loads: train.bf16=true on a CPU without bf16 is refused
     use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # the same for eval.bf16
+    sampler, rng = plan_batches(examples, objective, t, proc)  # before the model: too few rows is refused here
     if main:
         log.info(describe_held_out(data, evaluator))
         log.info("precision: %s on %s (train.bf16=%s)", precision_name(bf16), device.type, t.bf16)
@@ -126,7 +128,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
-    loader, sampler, rng = make_loader(examples, objective, t, proc, model)
+    loader = make_loader(examples, objective, t, model, sampler, rng)
     sharded = fsdp.active(t.get("strategy", "ddp"), proc)  # FSDP2: weights, gradients, optimiser state split
     plain = fsdp.skeleton(model) if sharded else None  # the unsharded layout (meta device): rank 0 saves into it
     trained = fsdp.wrap(model, proc, device) if sharded else distributed.wrap(model, proc, device)  # DDP: averaged

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import torch
 
@@ -22,20 +23,33 @@ log = logging.getLogger(__name__)
 KEEP = ("best", "last")
 
 
-def check_selection(every_steps, keep: str, patience) -> None:
+def check_selection(every_steps, keep: str, patience, metric: str | None = None, reported: tuple = (),
+                    evaluates: bool = True) -> None:
     """Refuse, before any model loads, selection settings that cannot work.
 
+    ``metric``: ``eval.metric``, which must be one of ``reported`` (the evaluator's metric names) or
+    ``dim<d>/<name>`` of one; ``evaluates``: whether there is anything to evaluate (a test set, a dev
+    split, or an evaluator with its own file).
+
     Raises:
-        ValueError: ``eval.every_steps`` not a positive integer or null, ``eval.keep`` not best/last,
-            ``train.early_stopping_patience`` not a positive integer or null, or set without
-            ``eval.every_steps`` (nothing to be patient about).
+        ValueError: ``eval.metric`` not a metric the evaluator reports (a typo would select nothing and
+            make every sweep value NaN), ``eval.every_steps`` not a positive integer or null, or set with
+            nothing to evaluate, ``eval.keep`` not best/last, ``train.early_stopping_patience`` not a
+            positive integer or null, or set without ``eval.every_steps`` (nothing to be patient about).
     """
+    if metric is not None and reported and re.sub(r"^dim\d+/", "", str(metric)) not in reported:
+        raise ValueError(f"eval.metric={metric!r}: this evaluator reports {', '.join(reported)} "
+                         "(and dim<d>/<name> at each Matryoshka dimension)")
     def positive_int(x):
         return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
     if every_steps is not None and not positive_int(every_steps):
         raise ValueError(f"eval.every_steps={every_steps!r}: must be an integer >= 1, or null (no evaluation "
                          "during training)")
+    if every_steps is not None and not evaluates:
+        raise ValueError(f"eval.every_steps={every_steps}: there is nothing to evaluate (the data has no test set and "
+                         "no dev split: data.dev_queries=0 or too few queries); drop eval.every_steps or hold out a "
+                         "dev split")
     if keep not in KEEP:
         raise ValueError(f"eval.keep={keep!r}: must be best or last")
     if patience is not None and not positive_int(patience):
