@@ -214,3 +214,66 @@ def test_awkward_text_trains_evaluates_and_is_counted(tmp_path, tiny_bert):
                  "documents": {"distinct": 4, "empty": 1, "whitespace_only": 0, "non_ascii": 2, "truncated": 1}},
     }
     assert texts["train"]["documents"]["max_tokens"] == 302  # 300 words + [CLS] + [SEP]
+
+
+def _numbered_rows(n):
+    return [{"query": f"q{i}", "positive": f"p{i}"} for i in range(1, n + 1)]
+
+
+def test_every_bad_row_is_named_in_one_error(tmp_path):
+    rows = _numbered_rows(30)
+    del rows[7]["positive"], rows[23]["positive"]  # lines 8 and 24
+    data = load_jsonl(str(_file(tmp_path, "t.jsonl", _jsonl(rows))))
+    with pytest.raises(ValueError) as e:
+        Pairwise().convert(data.rows, data.source, data.problems)
+    f = tmp_path / "t.jsonl"
+    assert str(e.value) == ("2 bad rows (set data.drop_bad_rows=true to drop such rows with a warning):\n"
+                            f"  {f}:8: missing field 'positive' (row has ['query'])\n"
+                            f"  {f}:24: missing field 'positive' (row has ['query'])")
+
+
+def test_a_bad_csv_line_and_an_empty_cell_are_named_together_in_file_order(tmp_path):
+    lines = ["query,positive"] + [f"q{n},p{n}" for n in range(2, 41)]  # the record on line n is q{n},p{n}
+    lines[6], lines[31] = "q7,", "q32,p32,extra"  # line 7: an empty positive; line 32: three fields
+    path = _file(tmp_path, "t.csv", "\n".join(lines) + "\n")
+    data = load_jsonl(str(path))
+    assert len(data.rows) == 38 and data.rows[5] == {"query": "q7", "positive": None}  # line 32 is not a row
+    with pytest.raises(ValueError) as e:
+        Pairwise().convert(data.rows, data.source, data.problems)
+    assert str(e.value).splitlines() == [
+        "2 bad rows (set data.drop_bad_rows=true to drop such rows with a warning):",
+        f"  {path}:7: field 'positive' must be a string or a non-empty list of strings, got NoneType (a JSON null "
+        "or an empty CSV/TSV cell)",
+        f"  {path}:32: expected 2 fields (query, positive), got 3"]
+    dropped = load_jsonl(str(path), drop_bad_rows=True)
+    assert len(Pairwise().convert(dropped.rows, dropped.source, dropped.problems)[0]) == 37  # 39 records - 2
+    assert dropped.problems.dropped_rows == 2
+
+
+def test_many_bad_rows_list_the_first_twenty_and_count_the_rest(tmp_path):
+    rows = [{"query": f"q{i}"} for i in range(1, 26)] + _numbered_rows(2)  # lines 1-25 lack a positive
+    data = load_jsonl(str(_file(tmp_path, "t.jsonl", _jsonl(rows))))
+    with pytest.raises(ValueError) as e:
+        Pairwise().convert(data.rows, data.source, data.problems)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("25 bad rows (")
+    assert [line.split(":")[-2] for line in lines[1:21]] == [str(n) for n in range(1, 21)]  # file:LINE: ...
+    assert lines[21:] == ["  and 5 more"]
+
+
+def test_training_names_every_bad_row_before_the_model_loads(tmp_path):
+    from embtune.recipes.finetune import train
+    from embtune.run.logger import RunLogger
+
+    rows = _numbered_rows(12)
+    rows[2]["positive"] = ["fine", 3]  # line 3: a wrong type (the data format's check)
+    path = _file(tmp_path, "t.jsonl", _jsonl(rows[:6]) + '{"query": \n' + _jsonl(rows[6:]))  # line 7: bad JSON
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"model.name_or_path={tmp_path / 'no-such-model'}", "data=jsonl", f"data.path={path}", "logger=none"])
+    with pytest.raises(ValueError) as e:  # the model path does not exist: the data is refused first
+        train(cfg, tmp_path / "run", RunLogger(tmp_path / "run", wandb=False))
+    assert str(e.value).splitlines() == [
+        "2 bad rows (set data.drop_bad_rows=true to drop such rows with a warning):",
+        f"  {path}:3: field 'positive' must be a string or a non-empty list of strings, got list: \"['fine', 3]\"",
+        f"  {path}:7: bad JSON (Expecting value at column 10); expected one JSON object a line"]  # the line stripped

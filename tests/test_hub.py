@@ -8,6 +8,7 @@ into a local "hub" folder.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ TINY = ["train.batch_size=8", "train.max_steps=1", "data.max_train_pairs=16", "d
 
 class StandInHub:
     """What embtune uses of ``huggingface_hub.HfApi``: ``create_repo`` answers with the repo's URL (a bare
-    NAME under ``stand-in-user``), ``upload_folder`` copies the folder to ``root/OWNER/NAME``."""
+    NAME under ``stand-in-user``), ``upload_folder`` copies the folder to ``root/OWNER/NAME`` (leaving out the
+    names ``ignore_patterns`` matches), ``upload_file`` writes the bytes given there."""
 
     def __init__(self, root: Path):
         self.root, self.calls = root, []
@@ -46,8 +48,20 @@ class StandInHub:
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         self.calls.append(("upload_folder", repo_id, {"folder_path": str(folder_path), **kwargs}))
-        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
+        ignore = kwargs.get("ignore_patterns") or []
+        for f in Path(folder_path).rglob("*"):
+            rel = f.relative_to(folder_path)
+            if f.is_file() and not any(fnmatch.fnmatch(rel.as_posix(), p) for p in ignore):
+                (self.root / repo_id / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, self.root / repo_id / rel)
         return SimpleNamespace(oid="c0ffee" * 6 + "abcd")
+
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        self.calls.append(("upload_file", repo_id, {"path_in_repo": path_in_repo, **kwargs}))
+        assert isinstance(path_or_fileobj, bytes)  # the card's text, not a file of the local folder
+        (self.root / repo_id / path_in_repo).parent.mkdir(parents=True, exist_ok=True)
+        (self.root / repo_id / path_in_repo).write_bytes(path_or_fileobj)
+        return SimpleNamespace(oid="cafe" * 10)
 
 
 def _logged_in(monkeypatch, root: Path) -> StandInHub:
@@ -111,9 +125,11 @@ def pushed_run(tmp_path_factory, tiny_bert):
 
 def test_a_run_pushes_exactly_its_model_folder_with_the_card_at_the_end(pushed_run):
     run_dir, stand_in, summary, lines = pushed_run
-    assert [c[:2] for c in stand_in.calls] == [("create_repo", "org/tiny"), ("upload_folder", "org/tiny")]
+    assert [c[:2] for c in stand_in.calls] == [("create_repo", "org/tiny"), ("upload_folder", "org/tiny"),
+                                               ("upload_file", "org/tiny")]
     assert stand_in.calls[0][2]["private"] is False and stand_in.calls[0][2]["exist_ok"] is True
     assert stand_in.calls[1][2]["folder_path"] == str(run_dir / "model")
+    assert stand_in.calls[2][2]["path_in_repo"] == "README.md"
     uploaded = stand_in.root / "org" / "tiny"
     assert _files(uploaded) == _files(run_dir / "model")  # the model folder, all of it and nothing else
     assert "README.md" in _files(uploaded) and "model.safetensors" in _files(uploaded)
@@ -125,7 +141,9 @@ def test_a_run_pushes_exactly_its_model_folder_with_the_card_at_the_end(pushed_r
     assert "model pushed to " + url in lines
     recorded = json.loads((run_dir / "summary.json").read_text())
     assert recorded["status"] == "completed" and recorded["hub"]["url"] == url == summary["hub"]["url"]
-    assert recorded["hub"]["repo_id"] == "org/tiny" and recorded["hub"]["commit"] == "c0ffee" * 6 + "abcd"
+    assert recorded["hub"]["repo_id"] == "org/tiny" and recorded["hub"]["commit"] == "cafe" * 10  # the card's
+    local = (run_dir / "model" / "README.md").read_text()
+    assert 'SentenceTransformer("path/to/model")' in local and "org/tiny" not in local  # left as it was
 
 
 def test_the_token_is_written_nowhere(pushed_run):
@@ -138,12 +156,41 @@ def test_embtune_push_uploads_a_finished_run_later(pushed_run, monkeypatch, tmp_
     run_dir = pushed_run[0]
     stand_in = _logged_in(monkeypatch, tmp_path / "hub")
     assert hub.main([str(run_dir), "later", "--private"]) == 0
-    assert [c[:2] for c in stand_in.calls] == [("create_repo", "later"), ("upload_folder", "stand-in-user/later")]
+    assert [c[:2] for c in stand_in.calls] == [("create_repo", "later"), ("upload_folder", "stand-in-user/later"),
+                                               ("upload_file", "stand-in-user/later")]
     assert stand_in.calls[0][2]["private"] is True  # a bare NAME goes under the token's account
     assert _files(tmp_path / "hub" / "stand-in-user" / "later") == _files(run_dir / "model")
     assert capsys.readouterr().out.strip() == f"pushed {run_dir / 'model'} to https://huggingface.co/stand-in-user/later"
     assert json.loads((run_dir / "summary.json").read_text())["hub"]["repo_id"] == "stand-in-user/later"
     assert not _token_in_any_file(run_dir, tmp_path)
+
+
+def test_each_push_names_its_own_repo_and_leaves_the_local_card_alone(monkeypatch, tmp_path):
+    run_dir = _folder(tmp_path, {"status": "completed"})
+    card = '# tiny\n\n```python\nmodel = SentenceTransformer("path/to/model")\nembtune.load("path/to/model")\n```\n'
+    (run_dir / "model" / "README.md").write_text(card)
+    before = (run_dir / "model" / "README.md").stat().st_mtime_ns
+    stand_in = _logged_in(monkeypatch, tmp_path / "hub")
+    assert hub.main([str(run_dir), "alice/first"]) == 0
+    assert hub.main([str(run_dir), "alice/second"]) == 0
+    for repo in ("first", "second"):
+        pushed = (stand_in.root / "alice" / repo / "README.md").read_text()
+        assert pushed == card.replace("path/to/model", f"alice/{repo}")  # written out by hand: only the id differs
+        assert _files(stand_in.root / "alice" / repo) == _files(run_dir / "model")
+    assert (run_dir / "model" / "README.md").read_text() == card
+    assert (run_dir / "model" / "README.md").stat().st_mtime_ns == before
+    assert [c[2].get("ignore_patterns") for c in stand_in.calls if c[0] == "upload_folder"] == [["README.md"]] * 2
+
+
+def test_embtune_push_names_an_unreadable_summary(monkeypatch, tmp_path):
+    stand_in = _logged_in(monkeypatch, tmp_path / "hub")
+    run_dir = _folder(tmp_path, None)
+    (run_dir / "summary.json").write_text("{bad")
+    summary = re.escape(str(run_dir / "summary.json"))
+    with pytest.raises(SystemExit, match=f"^Error: {summary}: unreadable \\(Expecting property name enclosed in double "
+                                         "quotes: line 1 column 2"):
+        hub.main([str(run_dir), "org/tiny"])
+    assert stand_in.calls == []
 
 
 def test_a_failed_upload_keeps_the_completed_run_and_masks_the_token(monkeypatch, tmp_path, caplog):

@@ -1,7 +1,7 @@
 """What is wrong or unusual in the data, found before any model loads, and told to the user.
 
 - :class:`DataProblems`: a bad row (bad JSON, a missing or wrong-typed field, an unknown id, ...) is an
-  error naming file, line and field, or, with ``data.drop_bad_rows=true``, a warning and the row is
+  error naming file, line and field (every bad row of a pass in one error, when the pass collects them), or, with ``data.drop_bad_rows=true``, a warning and the row is
   dropped. Warnings are counted and summarised in ``summary.json`` (``data.problems``).
 - :func:`check_label_range`: labels a loss cannot take (``pointwise_bce`` needs [0, 1]).
 - :func:`text_report`: awkward but valid text (empty, whitespace only, non-ASCII, longer than the
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from embtune.data.formats import tower
@@ -18,6 +19,7 @@ from embtune.data.formats import tower
 log = logging.getLogger(__name__)
 
 _LOGGED = 20  # warnings printed one by one; beyond this they are only counted
+_LISTED = 20  # bad rows named one by one in the error; beyond this they are only counted
 DROP_HINT = "set data.drop_bad_rows=true to drop such rows with a warning"
 
 
@@ -25,26 +27,52 @@ class DataProblems:
     """Collects a data set's bad rows and warnings.
 
     Args:
-        drop_bad_rows: False: a bad row raises ``ValueError``. True: it is dropped with a warning.
+        drop_bad_rows: False: a bad row is an error. True: it is dropped with a warning.
         hint: appended to the error in the first case (what the user can do).
+        collect: with ``drop_bad_rows=False``, keep the bad rows met (:attr:`bad`) instead of raising at the
+            first, so that one error (:meth:`raise_bad`) names them all; the loaders of
+            :mod:`embtune.data.files` collect, and :func:`make_examples` (or another reader of their rows)
+            raises.
     """
 
-    def __init__(self, drop_bad_rows: bool = False, hint: str = DROP_HINT):
-        self.drop_bad_rows, self.hint = drop_bad_rows, hint
+    def __init__(self, drop_bad_rows: bool = False, hint: str = DROP_HINT, collect: bool = False):
+        self.drop_bad_rows, self.hint, self.collect = drop_bad_rows, hint, collect
         self.dropped_rows, self.warnings = 0, 0
         self.first: list[str] = []
         self.logged: list[str] = []  # the messages printed one by one (kept with cached data, printed again)
+        self.bad: list[str] = []  # bad rows collected and not yet raised
 
     def bad_row(self, message: str) -> None:
         """A row that cannot be used; ``message`` starts with ``file:line:`` and names the field.
 
         Raises:
-            ValueError: the message (plus the hint), unless bad rows may be dropped.
+            ValueError: the message (plus the hint), unless bad rows may be dropped or are collected.
         """
         if not self.drop_bad_rows:
-            raise ValueError(f"{message} ({self.hint})" if self.hint else message)
+            self.bad.append(message)
+            if not self.collect:
+                self.raise_bad()
+            return
         self.dropped_rows += 1
         self.warn(f"{message}; row dropped")
+
+    def raise_bad(self) -> None:
+        """Raise the bad rows collected, if any, as one error: a single one as ``file:line: reason (hint)``;
+        several as a count, then one ``file:line: reason`` a line in file order (the first :data:`_LISTED`,
+        then how many more).
+
+        Raises:
+            ValueError: when a bad row was collected (they are then forgotten).
+        """
+        bad, self.bad = self.bad, []
+        if not bad:
+            return
+        bad.sort(key=_file_line)  # the file's own problems and the format's, in file order
+        hint = f" ({self.hint})" if self.hint else ""
+        if len(bad) == 1:
+            raise ValueError(bad[0] + hint)
+        more = f"\n  and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
+        raise ValueError(f"{len(bad)} bad rows{hint}:\n  " + "\n  ".join(bad[:_LISTED]) + more)
 
     def warn(self, message: str) -> None:
         """Something the user should know that does not stop the run."""
@@ -80,6 +108,12 @@ class DataProblems:
                 log.warning("more data warnings: counted, not printed (see summary.json data.problems)")
             self.warnings += extra
         self.dropped_rows += record["dropped_rows"]
+
+
+def _file_line(message: str) -> tuple[str, int]:
+    """``(file, line)`` of a ``file:line: ...`` message (``(message, 0)`` for another)."""
+    m = re.match(r"(.*?):(\d+): ", message)
+    return (m[1], int(m[2])) if m else (message, 0)
 
 
 def check_label_range(examples: list, origins: list[int], source: list, loss, field: str,
@@ -202,16 +236,23 @@ def make_examples(data, data_format, objective) -> tuple[list, Callable[[int], s
     Returns:
         ``(examples, row_of)``: ``row_of(i)`` names example i's source row (``file:line``) for messages.
     Raises:
-        ValueError: a bad row (file, line, field), or no example left.
+        ValueError: the bad rows (file, line, field: every one met, the file's own included, in one error),
+            or no example left.
     """
     from embtune.data.rows import RowTable
 
-    if isinstance(data.rows, RowTable):
-        examples = _stored_examples(data, data_format, objective)
-        origins = examples.origins()
-    else:
-        examples, origins = data_format.convert(data.rows, data.source, data.problems)
-        examples, origins = objective.examples(examples, origins, data, data_format)
+    problems, collect = data.problems, data.problems.collect
+    problems.collect = True  # every bad row of the data in one error, with those met while reading the file
+    try:
+        if isinstance(data.rows, RowTable):
+            examples = _stored_examples(data, data_format, objective)
+            origins = examples.origins()
+        else:
+            examples, origins = data_format.convert(data.rows, data.source, problems)
+            examples, origins = objective.examples(examples, origins, data, data_format)
+        problems.raise_bad()
+    finally:
+        problems.collect = collect
     if not len(examples):
         raise ValueError(f"data {data.name}: no training examples")
     log.info("data %s: %d rows -> %d examples", data.name, len(data.rows), len(examples))
@@ -258,6 +299,7 @@ def _stored_examples(data, data_format, objective):
             _add(writer, chunk, objective, data, data_format)
         else:  # the objective reshapes the examples as a whole (e.g. pairs into classes)
             _add(writer, list(made), objective, data, data_format)
+        data.problems.raise_bad()  # before the cache keeps examples without the bad rows
         if writer.cls is None:
             raise ValueError(f"data {data.name}: no training examples")
     except BaseException:

@@ -55,7 +55,8 @@ def load_jsonl(
     - ``.jsonl`` (or ``.jsonl.gz``): one JSON object a line; blank lines are skipped.
     - ``.json``: a JSON list of objects (a ``.json`` file holding JSON Lines is read as ``.jsonl``).
     - ``.csv`` / ``.tsv``: a header row naming the columns, then one row a line. Values stay strings
-      (no type inference: ``"5.000"`` is not turned into a float). TSV is split on TAB with
+      (no type inference: ``"5.000"`` is not turned into a float); an empty cell is None, a missing value
+      (a required text left empty is a bad row, as a JSON null is). TSV is split on TAB with
       ``csv.QUOTE_NONE``: a quote is an ordinary character, because real TSV text (STS-B, BEIR qrels)
       contains unbalanced quotes. A TSV whose rows only split right with double-quote quoting (as
       pandas and ``csv`` write fields holding a TAB or a newline) is read with that quoting instead.
@@ -112,7 +113,19 @@ def _stored(what: tuple, rows: Iterator[tuple[int, dict]], empty: str, k: int | 
     when the table is not cached), sampled to ``k`` rows, with the test set ``test()``.
 
     ``what`` = ``(kind, files, where)``: the files whose bytes key the cache (empty: no cache) and the
-    name messages give the rows. Raises ValueError ``empty`` when no row is left."""
+    name messages give the rows. Raises ValueError ``empty`` when no row is left.
+
+    The rows' bad rows (and the test set's) are collected in ``problems`` rather than raised at the first:
+    the data format's convert (or :func:`~embtune.data.checks.make_examples`) raises them with its own, in
+    one error."""
+    problems.collect = True
+    try:
+        return _store(what, rows, empty, k, seed, problems, test, name, dev, **options)
+    finally:
+        problems.collect = False  # a bad row met from now on raises, with those collected
+
+
+def _store(what, rows, empty, k, seed, problems, test, name, dev, **options) -> TrainingData:
     kind, files, where = what
     key = row_tables.rows_key(kind, files, where=where, k=k, seed=seed, drop_bad_rows=problems.drop_bad_rows,
                               **options) if files else None
@@ -131,6 +144,7 @@ def _stored(what: tuple, rows: Iterator[tuple[int, dict]], empty: str, k: int | 
         atexit.register(row_tables.discard, table)
     if not len(table):
         row_tables.discard(table)
+        problems.raise_bad()
         raise ValueError(empty)
     if k is not None:
         table, h = row_tables.sampled(table, subsample(list(range(len(table))), k, seed), key)
@@ -140,7 +154,7 @@ def _stored(what: tuple, rows: Iterator[tuple[int, dict]], empty: str, k: int | 
     held_out = test()
     feed_test(h, held_out)
     digest = h.hexdigest()
-    if key:
+    if key and not problems.bad:  # with bad rows to report, the next run reads the file again
         row_tables.save_meta(table, key, digest, held_out_digest(held_out), met)
     return TrainingData(rows=table, test=held_out, name=name, fingerprint=digest, source=table.source,
                         problems=problems, dev=dev)
@@ -338,7 +352,7 @@ def _read_table(file: Path, delimiter: str, problems: DataProblems) -> Iterator[
             problems.bad_row(f"{file}:{start}: expected {len(header)} fields ({', '.join(header)}), got "
                              f"{len(values)}{tip}")
             continue
-        yield start, dict(zip(header, values))
+        yield start, {h: v if v != "" else None for h, v in zip(header, values)}  # an empty cell: no value
 
 
 def _parse_table(file: Path, lines: Iterator[tuple[int, str]], delimiter: str, quoting: int):

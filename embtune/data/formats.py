@@ -103,6 +103,9 @@ def _texts(row: dict, col: str, where: str, allow_list: bool = True, allow_empty
             and all(isinstance(v, str) for v in value)):
         return list(value)
     expected = "a string or a non-empty list of strings" if allow_list else "a string"
+    if value is None:
+        raise ValueError(f"{where}: field {col!r} must be {expected}, got NoneType (a JSON null or an empty "
+                         "CSV/TSV cell)")
     raise ValueError(f"{where}: field {col!r} must be {expected}, got {type(value).__name__}: {str(value)[:80]!r}")
 
 
@@ -171,14 +174,24 @@ class _RowFormat:
         """Returns ``(examples, origins)``: ``origins[j]`` is the index in ``rows`` of example j.
 
         Raises:
-            ValueError: a role no row has (see :meth:`resolve_columns`), or a bad row (``file:line: field ...``),
-                unless ``problems`` allows dropping it.
+            ValueError: a role no row has (see :meth:`resolve_columns`), or the bad rows (``file:line: field
+                ...``, with those ``problems`` collected while the file was read, in one error), unless
+                ``problems`` allows dropping them.
         """
         self.prepare(rows)
         out, origins = [], []
-        for example, i in self.iter_examples(rows, source, problems):
-            out.append(example)
-            origins.append(i)
+        collect = problems is not None and problems.collect
+        if problems is not None:
+            problems.collect = True  # every bad row, then one error
+        try:
+            for example, i in self.iter_examples(rows, source, problems):
+                out.append(example)
+                origins.append(i)
+        finally:
+            if problems is not None:
+                problems.collect = collect
+        if problems is not None and not collect:  # with those met reading the file
+            problems.raise_bad()
         return out, origins
 
     def prepare(self, rows) -> None:
@@ -312,7 +325,8 @@ class MultiNegative(_RowFormat):
         c = self.columns
         q = _texts(row, c["query"], where, allow_list=False)[0]
         cols = c["negatives"] if isinstance(c["negatives"], list) else [c["negatives"]]
-        negs = tuple(t for col in cols for t in _texts(row, col, where, allow_empty_list=True))
+        negs = tuple(t for col in cols if not (col in row and row[col] is None)  # an empty cell: fewer negatives
+                     for t in _texts(row, col, where, allow_empty_list=True))
         pos = _texts(row, c["positive"], where)
         ps = _scores(row, self.positive_scores, len(pos), "positive", where)
         ns = _scores(row, self.negative_scores, len(negs), "negative", where)
@@ -417,7 +431,8 @@ class RawTexts(_RowFormat):
         self._seen: set[str] = set()  # a text seen in an earlier row is not repeated
 
     def _row(self, row: dict, where: str) -> list[Example]:
-        texts = [t for col in self.columns for t in _texts(row, col, where, allow_empty_list=True) if t.strip()]
+        texts = [t for col in self.columns if not (col in row and row[col] is None)  # empty cells, as blank texts
+                 for t in _texts(row, col, where, allow_empty_list=True) if t.strip()]
         new = [t for t in dict.fromkeys(texts) if t not in self._seen]
         self._seen.update(new)
         return [Example(t, t) for t in new]

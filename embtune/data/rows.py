@@ -28,7 +28,7 @@ from embtune.data.tables import BATCH_ROWS, Writer, digest, iter_batches, number
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the layout changes: old tables are then built again
+VERSION = 2  # 2: an empty CSV/TSV cell is null. Bump when the layout changes: old tables are then built again
 _SCHEMA = pa.schema([("row", pa.large_string()), ("line", pa.int64())])
 
 

@@ -150,7 +150,7 @@ class STS:
         from embtune.data.formats import ScoredPairs
 
         data = load_jsonl(path)
-        self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source)
+        self.pairs = ScoredPairs(text1, text2, score)(data.rows, data.source, data.problems)
         self.path = path
         self.batch_size, self.before, self.after, self.metric = batch_size, before, after, metric
         self.cache_base, self.bf16 = cache_base, bf16

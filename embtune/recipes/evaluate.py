@@ -66,6 +66,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
             cfg.data.train_split = None
     evaluator = build(cfg, "eval")
     data = build(cfg, "data") if evaluator.uses_data else None
+    if data is not None:
+        data.problems.raise_bad()  # bad rows met reading it, before the model loads
     if data is not None and data.test is None:
         raise ValueError(f"data {data.name} has no held-out split to evaluate on: use data=beir, or give the "
                          "data a test set (data.test_path=BEIR_FOLDER)")

@@ -36,6 +36,7 @@ def run_mining(cfg: DictConfig, output_dir: str | Path) -> dict:
     out = Path(cfg.output) if cfg.output else Path(output_dir) / "negatives.jsonl"
     refuse_existing(out)
     miner, data, data_format = build(cfg, "miner"), build(cfg, "data"), build(cfg, "data_format")
+    data.problems.raise_bad()  # the file's bad rows, before the model loads
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     return mine_to_file(miner, model, cfg.model.name_or_path, data, data_format, out)

@@ -55,6 +55,7 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
         raise ValueError(f"recipe=mining_rounds mines hard negatives, but negatives={negatives.name} "
                          "ignores them: use negatives=hard (negatives.group_size=K+1)")
     miner, data, data_format = build(cfg, "miner"), build(cfg, "data"), build(cfg, "data_format")
+    data.problems.raise_bad()  # the file's bad rows, before the model loads
     t = cfg.train
     device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path, offset, rounds = cfg.model.name_or_path, 0, []

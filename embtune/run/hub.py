@@ -5,7 +5,9 @@ later (:func:`main`).
 What goes up is the model folder alone (``RUN_DIR/model``: weights, tokenizer, sentence-transformers files,
 ``embtune.json`` and the ``README.md`` model card), never checkpoints, logs or the run's config files. The
 repo is made with ``HfApi().create_repo(repo_id, private=..., exist_ok=True)`` (an existing repo keeps its
-visibility), then the folder goes up in one commit with ``upload_folder``. The token is huggingface_hub's
+visibility), then the folder goes up with ``upload_folder`` (all but ``README.md``) and the card with
+``upload_file``: its usage snippets name the repo, filled in from the local card's ``path/to/model`` each
+push (the local folder is never changed, so a second push names its own repo). The token is huggingface_hub's
 own (``HF_TOKEN``, else the file ``hf auth login`` writes): embtune never reads it into a config, a log,
 ``summary.json`` or the card. :func:`client` builds the hub client; tests replace it with a local stand-in.
 
@@ -36,7 +38,7 @@ LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
 
 def client():
     """The hub client: ``huggingface_hub.HfApi()``, which finds the token itself. Tests replace this
-    function with a stand-in that has ``create_repo`` and ``upload_folder``."""
+    function with a stand-in that has ``create_repo``, ``upload_folder`` and ``upload_file``."""
     from huggingface_hub import HfApi
 
     return HfApi()
@@ -108,7 +110,7 @@ def find_model(folder: str | Path) -> tuple[Path, Path | None]:
     Raises:
         FileNotFoundError: no such folder.
         ValueError: no saved model there, or its run did not complete (no ``summary.json``, or its status
-            is not ``completed``).
+            is not ``completed``), or its ``summary.json`` is unreadable (named).
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -128,7 +130,7 @@ def find_model(folder: str | Path) -> tuple[Path, Path | None]:
         run = folder
     if run is not None:
         summary = run / "summary.json"
-        status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+        status = _status(summary) if summary.is_file() else None
         if status != "completed":
             why = ("no summary.json: it is still running or was stopped" if status is None
                    else f"summary.json says status: {status}")
@@ -137,30 +139,50 @@ def find_model(folder: str | Path) -> tuple[Path, Path | None]:
     return model, run
 
 
-def _card_names_repo(model: Path, repo_id: str) -> None:
-    """The card's usage snippets load the model from the repo it is pushed to."""
+def _status(summary: Path):
+    """The ``status`` of a run's ``summary.json``.
+
+    Raises:
+        ValueError: the file is not a JSON object, naming it and where it breaks.
+    """
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{summary}: unreadable ({e}); a completed run writes it at its end") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{summary}: expected a JSON object, got {type(data).__name__}")
+    return data.get("status")
+
+
+def _card_for(model: Path, repo_id: str) -> bytes | None:
+    """The card to upload: the local ``README.md`` (left as it is) with its usage snippets loading the model
+    from ``repo_id``; None when the folder has no card."""
     card = model / "README.md"
-    if card.is_file():
-        text = card.read_text(encoding="utf-8")
-        if f'"{CARD_MODEL_PATH}"' in text:
-            card.write_text(text.replace(f'"{CARD_MODEL_PATH}"', f'"{repo_id}"'), encoding="utf-8")
+    if not card.is_file():
+        return None
+    return card.read_text(encoding="utf-8").replace(f'"{CARD_MODEL_PATH}"', f'"{repo_id}"').encode("utf-8")
 
 
 def push(model: Path, repo_id: str, private: bool = False) -> dict:
-    """Upload the model folder ``model`` to the hub repo ``repo_id`` (created if missing, ``private`` then).
+    """Upload the model folder ``model`` to the hub repo ``repo_id`` (created if missing, ``private`` then),
+    its card naming the repo (see the module docstring); ``model`` itself is not changed.
 
     Returns:
         ``{"repo_id", "url", "private", "commit", "folder"}``: the repo as the hub names it (``OWNER/NAME``
-        also when ``NAME`` was given), its URL and the commit's id.
+        also when ``NAME`` was given), its URL and the last commit's id.
     Raises:
         Whatever the hub client raises (no network, refused token, no write access).
     """
     api = client()
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     full_id = getattr(url, "repo_id", None) or repo_id  # a bare NAME is created under the token's account
-    _card_names_repo(model, full_id)
+    card = _card_for(model, full_id)
     commit = api.upload_folder(repo_id=full_id, folder_path=str(model), repo_type="model",
-                               commit_message="Upload a model fine-tuned with embtune")
+                               commit_message="Upload a model fine-tuned with embtune",
+                               ignore_patterns=["README.md"] if card is not None else None)
+    if card is not None:  # last: the repo is complete once its card names it
+        commit = api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=full_id, repo_type="model",
+                                 commit_message="Model card naming this repo")
     return {"repo_id": full_id, "url": str(url), "private": private, "commit": getattr(commit, "oid", None),
             "folder": str(model)}
 
