@@ -60,7 +60,8 @@ def main(cfg: DictConfig) -> float | None:
 
     In a multirun a failing job is recorded as failed (:func:`record_failure`) and returns NaN, so the
     sweep goes on (Hydra's sweepers would stop the sweep on an exception; Optuna marks a NaN trial as
-    failed). A single run exits after recording it: with ``Error: <message>`` for bad input or settings
+    failed); a ``USER_ERRORS`` failure is logged as one line, any other with its traceback. A sweep where
+    no job completed exits non-zero at its end (:class:`embtune.run.SweepTable`). A single run exits after recording it: with ``Error: <message>`` for bad input or settings
     (``USER_ERRORS``), else with the exception.
     """
     from embtune.recipes import run
@@ -116,7 +117,11 @@ def main(cfg: DictConfig) -> float | None:
                 raise SystemExit(f"Error: {redact_text(_message(e))}\n(traceback: {output_dir / 'summary.json'}; "
                                  "HYDRA_FULL_ERROR=1 prints it here)") from None
             raise
-        log.exception("job %s failed; the sweep goes on (recorded in %s)", hc.job.num, output_dir / "summary.json")
+        where = output_dir / "summary.json"
+        if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # one line, as a single run
+            log.error("job %s failed: %s; the sweep goes on (traceback: %s)", hc.job.num, redact_text(str(e)), where)
+        else:
+            log.exception("job %s failed; the sweep goes on (recorded in %s)", hc.job.num, where)
         return math.nan
     except BaseException:  # Ctrl-C, SystemExit: close wandb, stop everything
         if logger is not None:

@@ -148,3 +148,46 @@ def test_an_optuna_study_whose_every_metric_is_undefined_ends_with_one_error_lin
     for job in ("0", "1"):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["final"] == {"spearman": None}
+
+
+def test_a_sweep_where_every_job_fails_on_bad_data_exits_nonzero_with_one_line_per_job(tmp_path, tiny_bert):
+    sweep = tmp_path / "sweep"
+    missing = tmp_path / "no-such-train.jsonl"
+    cmd = [sys.executable, "-m", "embtune.cli", "-m", "loss.temperature=0.02,0.05", f"model.name_or_path={tiny_bert}",
+           "logger=none", "data=jsonl", f"data.path={missing}", f"hydra.sweep.dir={sweep}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout  # kept in each summary.json
+    both = out.stdout + out.stderr
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["status"] == "failed" and "Traceback" in summary["traceback"]
+        assert sum(f"job {job} failed: " in line and str(missing) in line for line in both.splitlines()) == 1
+    assert f"Error: no job of the sweep completed: 2 of 2 failed (errors in {sweep}/{{0,1}}/summary.json)" in out.stderr
+
+
+def test_the_end_of_sweep_exit_depends_on_whether_any_job_completed(tmp_path):
+    from omegaconf import OmegaConf
+
+    from embtune.run import SweepTable
+
+    def sweep_with(statuses):
+        sweep = tmp_path / "-".join(statuses)
+        for i, status in enumerate(statuses):
+            (sweep / str(i)).mkdir(parents=True)
+            (sweep / str(i) / "summary.json").write_text(json.dumps({"status": status, "base": {}, "final": {}}))
+        return {"hydra": {"sweep": {"dir": str(sweep)}}}
+
+    SweepTable().on_multirun_end(OmegaConf.create(sweep_with(["failed", "completed"])))  # returns: exit 0
+    with pytest.raises(SystemExit, match=r"no job of the sweep completed: 1 of 1 failed \(errors in .*/0/summary"):
+        SweepTable().on_multirun_end(OmegaConf.create(sweep_with(["failed"])))
+
+
+def test_hub_push_in_a_multirun_is_refused_once_before_any_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "embtune.cli", "-m", "loss.temperature=0.02,0.05", "hub.push=true",
+           "hub.repo_id=someone/model", "logger=none", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and out.stderr.count("hub.push=true in a multirun") == 1
+    assert "someone/model" in out.stderr and not sweep.exists()  # no job folder was made

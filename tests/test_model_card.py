@@ -74,3 +74,51 @@ def test_the_reproduce_command_is_the_typed_overrides_and_composes_the_same_conf
     assert OmegaConf.to_container(_config(words[1:]), resolve=True) == config
     rebuilt = model_card({"base": {}, "final": {}, "data": {}}, config)  # outside a Hydra job: rebuilt from config
     assert _reproduce_block(rebuilt).startswith("python -m embtune.cli")
+
+
+def _python_blocks(card: str) -> list[str]:
+    return [b.split("\n", 1)[1] for b in card.split("```")[1::2] if b.startswith("python")]
+
+
+def test_a_multi_vector_card_says_maxsim_and_its_dim_and_has_no_sentence_transformers_snippet(tiny_bert):
+    summary = {"base": {}, "final": {}, "data": {}}
+    config = OmegaConf.to_container(_config(["model=multi_vector", "model.multi_vector_dim=48"]), resolve=True)
+    card = model_card(summary, config, "Mean", True)
+    assert "multi-vector (late-interaction)" in card and "MaxSim" in card
+    assert "Khattab & Zaharia 2020, ColBERT" in card
+    assert "- Multi-vector (late interaction, MaxSim): token-vector dimension 48" in card
+    assert "48-dimensional unit vector per token" in card
+    assert "Pooling:" not in card and "SentenceTransformer(\"" not in card
+    assert "from sentence_transformers" not in card and "pylate" not in card.lower()
+    # the default dimension (conf/model/multi_vector.yaml: 128)
+    default = model_card(summary, OmegaConf.to_container(_config(["model=multi_vector"]), resolve=True))
+    assert "token-vector dimension 128" in default
+    # a plain model keeps its pooling line and both snippets
+    plain = model_card(summary, OmegaConf.to_container(_config([]), resolve=True), "Mean", True)
+    assert "- Pooling: `Mean`, normalised: True" in plain and "MaxSim" not in plain
+    assert [b.splitlines()[0] for b in _python_blocks(plain)] == ["import embtune",
+                                                                   "from sentence_transformers import SentenceTransformer"]
+
+
+def test_the_multi_vector_card_usage_runs_on_a_saved_folder(tmp_path, tiny_bert):
+    import torch
+
+    from embtune.model.io import from_pretrained_multi_vector, save
+    from embtune.run.hub import CARD_MODEL_PATH
+
+    model = from_pretrained_multi_vector(tiny_bert, multi_vector_dim=16)
+    save(model, tmp_path / "model")
+    config = OmegaConf.to_container(_config(["model=multi_vector", f"model.name_or_path={tiny_bert}"]), resolve=True)
+    (block,) = _python_blocks(model_card({"base": {}, "final": {}, "data": {}}, config))
+    scope: dict = {}
+    exec(block.replace(CARD_MODEL_PATH, str(tmp_path / "model")), scope)  # noqa: S102 - the card's own snippet
+    # MaxSim by hand from the padded token vectors: mean over query tokens of the best document token
+    (_, q, qm), = scope["queries"].chunks
+    expected = []
+    for rows, d, dm in scope["docs"].chunks:
+        for r in range(len(rows)):
+            sims = q[0, qm[0]] @ d[r, dm[r]].T  # [Tq, Td]
+            expected.append((int(rows[r]), sims.max(1).values.mean().item()))
+    expected.sort(key=lambda x: -x[1])
+    assert scope["indices"][0].tolist() == [i for i, _ in expected]
+    assert torch.allclose(scope["scores"][0], torch.tensor([s for _, s in expected]), atol=1e-5)

@@ -15,6 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from embtune.config import CONFIG_PATH
+from embtune.model.io import builds_multi_vector
 from embtune.model.resolve import hub_id
 from embtune.run.hub import CARD_MODEL_PATH  # the repo id once pushed
 
@@ -101,6 +102,25 @@ def _command(config: dict, overrides: list[str] | None = None) -> str:
     return " \\\n  ".join(parts)
 
 
+def _usage(multi_vector: bool) -> list[str]:
+    """The card's usage snippets: embtune for every model; sentence-transformers for single-vector models only
+    (``SentenceTransformer(path).encode`` of a multi-vector folder has no ``sentence_embedding`` and raises).
+    The multi-vector folder is not in PyLate's layout (no ``[Q]``/``[D]`` marker tokens, no PyLate config),
+    so no PyLate snippet."""
+    load = ["```python", "import embtune", "", f'model = embtune.load("{CARD_MODEL_PATH}")']
+    if multi_vector:
+        return [*load, "from embtune.objectives.maxsim import search_maxsim", "",
+                'queries = model.encode(["A query"], kind="query")  # TokenVectors: one vector per token',
+                'docs = model.encode(["A document", "Another document"], kind="document")',
+                "scores, indices = search_maxsim(queries, docs, k=2)  # exact MaxSim, best first", "```", "",
+                "Token vectors need MaxSim scoring: `SentenceTransformer(...).encode` gives no sentence embedding "
+                "for this folder.", ""]
+    return [*load, 'embeddings = model.encode(["A query", "A document"])', "```", "", "```python",
+            "from sentence_transformers import SentenceTransformer", "",
+            f'model = SentenceTransformer("{CARD_MODEL_PATH}")', 'embeddings = model.encode(["A query", "A document"])',
+            "```", ""]
+
+
 def model_card(summary: dict, config: dict, pooling: str | None = None, normalize: bool | None = None,
                overrides: list[str] | None = None) -> str:
     """The README.md text of a model trained by embtune.
@@ -115,15 +135,19 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
             command; None rebuilds one from ``config``.
 
     Returns:
-        Markdown with YAML front matter (``base_model`` only when the hub id is known).
+        Markdown with YAML front matter (``base_model`` only when the hub id is known). A multi-vector model
+        (``model=multi_vector``) is described as late interaction scored by MaxSim (Khattab & Zaharia 2020,
+        ColBERT) with its token-vector dimension, without a pooling line or a sentence-transformers snippet.
     """
     model, data = config.get("model", {}), summary.get("data", {})
+    multi_vector = builds_multi_vector(model)
     base_name = str(model.get("name_or_path", "?"))
     hub = hub_id(base_name)
     loss, negatives = config.get("loss", {}), config.get("negatives", {})
     dims = (config.get("matryoshka") or {}).get("dims")
     front = ["---", "library_name: sentence-transformers",
-             "tags: [sentence-transformers, sentence-similarity, feature-extraction, embtune]",
+             "tags: [sentence-transformers, sentence-similarity, feature-extraction, embtune"
+             + (", ColBERT, late-interaction]" if multi_vector else "]"),
              "pipeline_tag: sentence-similarity"]
     if hub:
         front.append(f"base_model: {hub}")
@@ -138,11 +162,17 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
     lines = [
         *front, "",
         f"# Fine-tuned {hub or Path(base_name).name}", "",
-        "A sentence-embedding model fine-tuned with embtune.", "",
+        *([f"A multi-vector (late-interaction) model fine-tuned with embtune: each text is one "
+           f"{model.get('multi_vector_dim')}-dimensional unit vector per token, and a query and a document are "
+           "scored by MaxSim, the mean over query tokens of the best dot product with a document token "
+           "(Khattab & Zaharia 2020, ColBERT).", ""] if multi_vector
+          else ["A sentence-embedding model fine-tuned with embtune.", ""]),
         "## Training", "",
         f"- Base model: {f'[{hub}](https://huggingface.co/{hub})' if hub else f'`{base_name}` (local)'}",
-        f"- Pooling: `{pooling or _option('pooling', (config.get('pooling') or {}).get('_target_'))}`, "
-        f"normalised: {model.get('normalize') if normalize is None else normalize}",
+        (f"- Multi-vector (late interaction, MaxSim): token-vector dimension {model.get('multi_vector_dim')}"
+         if multi_vector else
+         f"- Pooling: `{pooling or _option('pooling', (config.get('pooling') or {}).get('_target_'))}`, "
+         f"normalised: {model.get('normalize') if normalize is None else normalize}"),
         f"- Training data: `{data.get('name')}`, {data.get('train_rows')} rows -> {summary.get('examples')} "
         f"examples, fingerprint `{str(data.get('fingerprint', ''))[:16]}`",
         f"- Data format: `{_option('data_format', (config.get('data_format') or {}).get('_target_'))}`",
@@ -156,10 +186,6 @@ def model_card(summary: dict, config: dict, pooling: str | None = None, normaliz
         "## Evaluation", "", *_metrics_table(summary.get("base") or {}, summary.get("final") or {}), "",
         "## Reproduce", "", "```bash", _command(config, overrides), "```", "",
         "## Library versions", "", *[f"- {k}: {v}" for k, v in _versions().items()], "",
-        "## Usage", "", "```python", "import embtune", "", f'model = embtune.load("{CARD_MODEL_PATH}")',
-        'embeddings = model.encode(["A query", "A document"])', "```", "", "```python",
-        "from sentence_transformers import SentenceTransformer", "",
-        f'model = SentenceTransformer("{CARD_MODEL_PATH}")', 'embeddings = model.encode(["A query", "A document"])',
-        "```", "",
+        "## Usage", "", *_usage(multi_vector),
     ]
     return "\n".join(lines)

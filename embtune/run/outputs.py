@@ -22,13 +22,20 @@ class NeverOverwrite(Callback):
     """Hydra callback: refuse to start when the run folder (or a job folder of the sweep folder) already
     holds a run. It runs before Hydra writes ``.hydra/`` into the folder, so nothing there is touched.
     It exits with SystemExit: Hydra turns a callback's exceptions into warnings. ``overwrite=true``
-    turns the check off (each job then clears its own folder, see :func:`clear_run`)."""
+    turns the check off (each job then clears its own folder, see :func:`clear_run`). A multirun with
+    ``hub.push=true`` is refused here too, once (every job would replace the one repo's model); a swept
+    ``hub.push=true,false`` is left to each job's own check."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if not config.get("overwrite"):
             self._check([Path(config.hydra.run.dir)])
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        hub = config.get("hub") or {}
+        if hub.get("push") is True and rank() == 0:  # the same for every job: refused once, before any runs
+            raise SystemExit(f"Error: hub.push=true in a multirun: every job would push to {hub.get('repo_id')}, "
+                             "the last one winning; push the job you choose afterwards with "
+                             "embtune-push SWEEP_DIR/JOB REPO_ID")
         if config.get("overwrite"):
             return
         sweep = Path(config.hydra.sweep.dir)

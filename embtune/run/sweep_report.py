@@ -190,15 +190,24 @@ def plot_sweep(sweep_dir: str | Path, metric: str = "eval/ndcg@10", out_dir: str
 
 
 class SweepTable(Callback):
-    """Hydra callback: at the end of a multirun, print the sweep's table and write its plots."""
+    """Hydra callback: at the end of a multirun, print the sweep's table and write its plots; then, when
+    no job completed, exit with status 1 and one line naming how many failed and where their errors are
+    (SystemExit: Hydra turns a callback's exceptions into warnings, and each failed job returned NaN)."""
 
     def __init__(self, metric: str = "ndcg@10"):
         self.metric = metric
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        console.print(sweep_table(config.hydra.sweep.dir, self.metric))
-        for path in plot_sweep(config.hydra.sweep.dir, self.metric):
+        sweep = Path(config.hydra.sweep.dir)
+        console.print(sweep_table(sweep, self.metric))
+        for path in plot_sweep(sweep, self.metric):
             console.print(f"plot: {path}")
+        rows = job_rows(sweep, self.metric) if sweep.is_dir() else []
+        if rows and not any(r["status"] == "completed" for r in rows):
+            failed = [r["job"] for r in rows if r["status"] == "failed"]
+            jobs = failed[0] if len(failed) == 1 else "{" + ",".join(failed) + "}"
+            raise SystemExit(f"Error: no job of the sweep completed: {len(failed)} of {len(rows)} failed "
+                             f"(errors in {sweep}/{jobs}/summary.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
