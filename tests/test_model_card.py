@@ -122,3 +122,18 @@ def test_the_multi_vector_card_usage_runs_on_a_saved_folder(tmp_path, tiny_bert)
     expected.sort(key=lambda x: -x[1])
     assert scope["indices"][0].tolist() == [i for i, _ in expected]
     assert torch.allclose(scope["scores"][0], torch.tensor([s for _, s in expected]), atol=1e-5)
+
+
+def test_a_resumed_run_reproduces_with_the_overrides_of_the_run_it_continues(tmp_path):
+    from embtune.recipes.model_card import reproducing
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    typed = ["data=jsonl", "data.path=/data/train.jsonl", "data.dev_queries=20", "eval.every_steps=2", "logger=none",
+             "hub.push=true", "hub.repo_id=me/model"]
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in typed))
+    kept = typed[:5]  # hub.* is where the model went, not how it was trained
+    assert reproducing([f"resume_from={run}", "logger=none"]) == kept
+    assert reproducing([f"resume_from={run / 'checkpoints' / 'ckpt-last.pt'}"]) == kept
+    assert reproducing([f"resume_from={tmp_path / 'gone'}"]) is None  # unreadable: the card rebuilds a command
+    assert reproducing(["loss.temperature=0.02", "hub.push=true"]) == ["loss.temperature=0.02"]

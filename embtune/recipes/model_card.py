@@ -59,18 +59,31 @@ def _metrics_table(base: dict, final: dict) -> list[str]:
 
 def typed_overrides() -> list[str] | None:
     """The overrides typed for this job (Hydra's ``overrides.task``, a sweep job's own values included),
-    secrets masked and ``hub.*`` left out; None outside a Hydra job or in a resumed one (its overrides name only the checkpoint)."""
+    secrets masked and ``hub.*`` left out; a resumed job gives those of the run it continues (that run's
+    ``.hydra/overrides.yaml``). None outside a Hydra job or when they cannot be read."""
     from hydra.core.hydra_config import HydraConfig
-
-    from embtune.run.redact import redact_text
 
     if not HydraConfig.initialized():
         return None
-    task = list(HydraConfig.get().overrides.task)
-    if any(o.lstrip("+~").startswith("resume_from=") for o in task):
-        return None
+    return reproducing(list(HydraConfig.get().overrides.task))
+
+
+def reproducing(task: list[str]) -> list[str] | None:
+    """:func:`typed_overrides` of a job typed as ``task``."""
+    import yaml
+
+    from embtune.run.redact import redact_text
+
+    resumed = [o.split("=", 1)[1] for o in task if o.lstrip("+~").startswith("resume_from=")]
+    if resumed:  # resume_from=RUN_DIR or RUN_DIR/checkpoints/FILE: the continued run's own overrides
+        path = Path(resumed[0]).expanduser()
+        first = (path if path.is_dir() else path.parent.parent) / ".hydra" / "overrides.yaml"
+        task = yaml.safe_load(first.read_text(encoding="utf-8")) if first.is_file() else None
+        if not isinstance(task, list):
+            return None
     # hub.*: where the model was uploaded, not how it was trained; rerunning the card's command must not push
-    return [redact_text(o) for o in task if not o.lstrip("+~").startswith(("hub.", "hub="))]
+    return [redact_text(str(o)) for o in task
+            if not str(o).lstrip("+~").startswith(("hub.", "hub=", "resume_from="))]
 
 
 def _command(config: dict, overrides: list[str] | None = None) -> str:
