@@ -13,6 +13,7 @@ negative for a training query is fair game as a dev candidate).
 from __future__ import annotations
 
 import hashlib
+import logging
 from array import array
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from embtune.data.rows import RowTable
 from embtune.data.tables import Writer, digest, numbers, read_json, read_table, write_json
 
 VERSION = 1  # bump when the split or its files change: old splits are then made again
+
+log = logging.getLogger(__name__)
 
 
 def _texts(value) -> list[str]:
@@ -165,7 +168,10 @@ def hold_out_dev(data: TrainingData, data_format) -> TrainingData:
     if not isinstance(q_col, str) or not isinstance(p_col, str):
         return data
     n_col = roles.get("negatives", roles.get("negative"))
-    if not isinstance(n_col, str):  # sentence-transformers' negative_1..n columns: not candidates here
+    if isinstance(n_col, (list, tuple)):  # sentence-transformers' negative_1..n columns: not candidates here
+        log.info("dev split: negatives spread over columns %s are not ranking candidates (only a single "
+                 "negatives column is); the dev set ranks against the positives", n_col_names(roles))
+    if not isinstance(n_col, str):
         n_col = None
     columns = {"query": q_col, "positive": p_col, "negatives": n_col}
     if isinstance(data.rows, RowTable):
@@ -180,6 +186,12 @@ def hold_out_dev(data: TrainingData, data_format) -> TrainingData:
               "dropped_train_rows": dropped, "seed": spec.seed}
     return TrainingData(rows=[data.rows[i] for i in keep], test=dev, name=data.name, source=source,
                         problems=data.problems, held_out=record)
+
+
+def n_col_names(roles: dict) -> str:
+    """The negatives' columns of ``roles`` as one string, for a log line."""
+    cols = roles.get("negatives", roles.get("negative"))
+    return ", ".join(map(str, cols)) if isinstance(cols, (list, tuple)) else str(cols)
 
 
 def _no_split(data: TrainingData, n_queries: int) -> TrainingData:
@@ -229,8 +241,8 @@ def describe_held_out(data: TrainingData, evaluator) -> str:
     if h and data.test is not None:
         return (f"evaluating on: a dev split of {data.name}: {h['dev_queries']} of its {h['of_queries']} queries "
                 f"held out (by sha256 of data.seed={h['seed']} and the query), ranked against all {h['candidates']} "
-                f"positive and negative texts; {h['dropped_train_rows']} training rows dropped for sharing a query "
-                "or positive with them (data.dev_queries=0: no dev split)")
+                f"candidate texts; {h['dropped_train_rows']} training rows dropped for sharing a query "
+                "or positive with them (no dev split: data.dev_queries=0)")
     if data.test is not None:
         return (f"evaluating on: the test set of {data.name} ({len(data.test.qrels)} queries, "
                 f"{len(data.test.corpus)} documents)")
