@@ -3,6 +3,7 @@
 counted in summary.json."""
 
 import json
+import re
 
 import pytest
 from conftest import CONF
@@ -232,19 +233,23 @@ def test_every_bad_row_is_named_in_one_error(tmp_path):
                             f"  {f}:24: missing field 'positive' (row has ['query'])")
 
 
-def test_a_bad_csv_line_and_an_empty_cell_are_named_together_in_file_order(tmp_path):
+def test_a_bad_csv_line_is_named_by_the_loader_and_an_empty_cell_by_the_format(tmp_path):
     lines = ["query,positive"] + [f"q{n},p{n}" for n in range(2, 41)]  # the record on line n is q{n},p{n}
     lines[6], lines[31] = "q7,", "q32,p32,extra"  # line 7: an empty positive; line 32: three fields
     path = _file(tmp_path, "t.csv", "\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as e:  # the file's own problems: raised once the file is read
+        load_jsonl(str(path))
+    assert str(e.value) == (f"{path}:32: expected 2 fields (query, positive), got 3 (set data.drop_bad_rows=true to "
+                            "drop such rows with a warning)")
+    lines[31] = "q32,p32"
+    path.write_text("\n".join(lines) + "\n")
     data = load_jsonl(str(path))
-    assert len(data.rows) == 38 and data.rows[5] == {"query": "q7", "positive": None}  # line 32 is not a row
-    with pytest.raises(ValueError) as e:
+    assert len(data.rows) == 39 and data.rows[5] == {"query": "q7", "positive": None}
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:7: field 'positive' must be a string or a "
+                       r"non-empty list of strings, got NoneType \(a JSON null or an empty CSV/TSV cell\)"):
         Pairwise().convert(data.rows, data.source, data.problems)
-    assert str(e.value).splitlines() == [
-        "2 bad rows (set data.drop_bad_rows=true to drop such rows with a warning):",
-        f"  {path}:7: field 'positive' must be a string or a non-empty list of strings, got NoneType (a JSON null "
-        "or an empty CSV/TSV cell)",
-        f"  {path}:32: expected 2 fields (query, positive), got 3"]
+    lines[31] = "q32,p32,extra"
+    path.write_text("\n".join(lines) + "\n")
     dropped = load_jsonl(str(path), drop_bad_rows=True)
     assert len(Pairwise().convert(dropped.rows, dropped.source, dropped.problems)[0]) == 37  # 39 records - 2
     assert dropped.problems.dropped_rows == 2
@@ -267,7 +272,8 @@ def test_training_names_every_bad_row_before_the_model_loads(tmp_path):
 
     rows = _numbered_rows(12)
     rows[2]["positive"] = ["fine", 3]  # line 3: a wrong type (the data format's check)
-    path = _file(tmp_path, "t.jsonl", _jsonl(rows[:6]) + '{"query": \n' + _jsonl(rows[6:]))  # line 7: bad JSON
+    del rows[6]["positive"]  # line 7: a missing field
+    path = _file(tmp_path, "t.jsonl", _jsonl(rows))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"model.name_or_path={tmp_path / 'no-such-model'}", "data=jsonl", f"data.path={path}", "logger=none"])
@@ -276,4 +282,4 @@ def test_training_names_every_bad_row_before_the_model_loads(tmp_path):
     assert str(e.value).splitlines() == [
         "2 bad rows (set data.drop_bad_rows=true to drop such rows with a warning):",
         f"  {path}:3: field 'positive' must be a string or a non-empty list of strings, got list: \"['fine', 3]\"",
-        f"  {path}:7: bad JSON (Expecting value at column 10); expected one JSON object a line"]  # the line stripped
+        f"  {path}:7: missing field 'positive' (row has ['query'])"]

@@ -115,14 +115,16 @@ def _stored(what: tuple, rows: Iterator[tuple[int, dict]], empty: str, k: int | 
     ``what`` = ``(kind, files, where)``: the files whose bytes key the cache (empty: no cache) and the
     name messages give the rows. Raises ValueError ``empty`` when no row is left.
 
-    The rows' bad rows (and the test set's) are collected in ``problems`` rather than raised at the first:
-    the data format's convert (or :func:`~embtune.data.checks.make_examples`) raises them with its own, in
-    one error."""
+    The file's bad rows (and the test set's) are collected in ``problems`` rather than raised at the first,
+    and raised together once the file is read; the data format's convert (or
+    :func:`~embtune.data.checks.make_examples`) then raises its own bad rows (a missing field) the same way."""
     problems.collect = True
     try:
-        return _store(what, rows, empty, k, seed, problems, test, name, dev, **options)
+        data = _store(what, rows, empty, k, seed, problems, test, name, dev, **options)
     finally:
         problems.collect = False  # a bad row met from now on raises, with those collected
+    problems.raise_bad()  # the file's own bad rows (bad JSON, field counts), every one in one error
+    return data
 
 
 def _store(what, rows, empty, k, seed, problems, test, name, dev, **options) -> TrainingData:
