@@ -192,8 +192,14 @@ def test_in_batch_off_trains_on_hard_negatives(tiny_bert, tmp_path):
     scifact, toy = _sources()
     scifact.update(random_negatives=2, data_format={"_target_": "embtune.data.Triplet"})
     toy["in_batch"] = False
-    summary = _train(_cfg(tiny_bert, [scifact, toy], ["negatives=hard", "train.max_steps=3"]), tmp_path / "run")
-    assert summary["steps"] == 3
+    _train(_cfg(tiny_bert, [scifact, toy], ["negatives=hard", "train.max_steps=4"]), tmp_path / "run")
+    steps = [e for e in _events(tmp_path / "run") if "train/loss" in e]
+    assert {"train/loss/toy", "train/loss/scifact"} <= {k for e in steps for k in e}
+    for e in steps:  # group_size 2: one hard negative per anchor; every toy row has one
+        if "train/loss/toy" in e:  # its own positive and negative only
+            assert e["train/candidates"] == 2
+        else:  # the batch's 4 positives and 4 negatives, less any copy of an anchor's positive
+            assert e["train/candidates"] > 2
 
 
 @pytest.mark.parametrize("sources,overrides,message", [

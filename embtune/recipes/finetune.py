@@ -90,7 +90,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                     evaluates=data.test is not None or not evaluator.uses_data)
     best = Best(evaluator.metric, evaluator.keep, patience)  # the best evaluation during training and its weights
     teacher = build(cfg, "teacher") if cfg.get("teacher") else None
-    objective = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
+    checked_format = data.sources[0].data_format if mixed else data_format  # mix.check: every source's format
+    objective = check_run(cfg, checked_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
     if mixed:
         mix.check(data, objective, negatives, loss_fn, teacher)
     examples, row_of = (mix.make_examples if mixed else make_examples)(data, data_format, objective)
