@@ -154,6 +154,10 @@ def normalize_node(node: DictConfig, path: str, group: str | None = None) -> Dic
             value = _unescape(value)
         if value is not node[key] and not isinstance(value, (DictConfig, ListConfig)):
             node[key] = value
+        if isinstance(value, ListConfig):  # nodes in a list (data=mixture's sources) are read as their targets'
+            for j, item in enumerate(value):
+                if isinstance(item, DictConfig) and item.get("_target_"):
+                    normalize_node(item, f"{path}.{key}[{j}]", group=f"{group}.{key}")
     return node
 
 

@@ -21,6 +21,8 @@ NEEDS = {
     ("data", "jsonl"): [f"data.path={DATA / 'triplets' / 'flagembedding_toy_finetune_data.jsonl'}"],
     ("eval", "sts"): [f"eval.path={DATA / 'stsb' / 'dev.tsv'}"],
     ("data", "hf"): [f"data.name={DATA / 'triplets' / 'flagembedding_toy_finetune_data.jsonl'}"],
+    ("data", "mixture"): [f"data.sources=[{{_target_:embtune.data.load_jsonl,dev_queries:0,path:'"
+                          f"{DATA / 'triplets' / 'flagembedding_toy_finetune_data.jsonl'}'}}]"],
 }
 
 

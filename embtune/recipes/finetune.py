@@ -24,6 +24,7 @@ from embtune.data.batching import make_loader, plan_batches
 from embtune.data.cache import cache_dir
 from embtune.data.checks import make_examples, text_report
 from embtune.data.dev_split import describe_held_out, hold_out_dev
+from embtune.data.mixture import Mixture
 from embtune.data.token_cache import TokenCache
 from embtune.eval.base_cache import base_metrics
 from embtune.eval.evaluators import Retrieval
@@ -35,6 +36,7 @@ from embtune.run.outputs import write_json
 from embtune.run.progress import print_comparison, progress_bar
 from embtune.run.redact import redact
 from embtune.training import checkpoint, distributed, fsdp
+from embtune.training import mixture as mix
 from embtune.training.grad_cache import grad_cache_backward
 from embtune.training.numerics import finite_or_missing, skip_or_stop
 from embtune.training.optim import clamp_after_step, lr_at, param_groups
@@ -78,15 +80,21 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     data = data if data is not None else build(cfg, "data")
     data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
     evaluator = build(cfg, "eval")
-    if isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
+    mixed = isinstance(data, Mixture)  # data=mixture: per-source formats and dev splits, each batch from one source
+    if mixed:
+        evaluator = mix.prepare(data, cfg.data_format, data_format, evaluator)  # every source evaluated
+    elif isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
         data = hold_out_dev(data, data_format)
     patience = t.get("early_stopping_patience")
     check_selection(evaluator.every_steps, evaluator.keep, patience, evaluator.metric, evaluator.metrics,
                     evaluates=data.test is not None or not evaluator.uses_data)
     best = Best(evaluator.metric, evaluator.keep, patience)  # the best evaluation during training and its weights
     teacher = build(cfg, "teacher") if cfg.get("teacher") else None
-    objective = check_run(cfg, data_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
-    examples, row_of = make_examples(data, data_format, objective)
+    checked_format = data.sources[0].data_format if mixed else data_format  # mix.check: every source's format
+    objective = check_run(cfg, checked_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
+    if mixed:
+        mix.check(data, objective, negatives, loss_fn, teacher)
+    examples, row_of = (mix.make_examples if mixed else make_examples)(data, data_format, objective)
     if teacher is not None:
         examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
 
@@ -99,7 +107,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     main = proc.main
     bf16 = use_bf16(t.bf16, device)  # before the model loads: train.bf16=true on a CPU without bf16 is refused
     use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # the same for eval.bf16
-    sampler, rng = plan_batches(examples, objective, t, proc)  # before the model: too few rows is refused here
+    sampler, rng = (mix.plan_batches(examples, objective, t, proc, data) if mixed  # before the model: too few
+                    else plan_batches(examples, objective, t, proc))  # rows is refused here
     if main:
         log.info(describe_held_out(data, evaluator))
         log.info("precision: %s on %s (train.bf16=%s)", precision_name(bf16), device.type, t.bf16)
@@ -128,7 +137,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
-    loader = make_loader(examples, objective, t, model, sampler, rng)
+    loader = (mix.make_loader if mixed else make_loader)(examples, objective, t, model, sampler, rng)
+    source_losses = mix.SourceLosses(examples)  # train/loss/<source> of a mixture
     sharded = fsdp.active(t.get("strategy", "ddp"), proc)  # FSDP2: weights, gradients, optimiser state split
     plain = fsdp.skeleton(model) if sharded else None  # the unsharded layout (meta device): rank 0 saves into it
     trained = fsdp.wrap(model, proc, device) if sharded else distributed.wrap(model, proc, device)  # DDP: averaged
@@ -204,11 +214,12 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                 seen += len(idx) * proc.world
                 pairs_per_s = seen / (time.perf_counter() - start)
                 loss_value = distributed.mean_over_processes(loss, proc)  # every process's share of the batch
+                source_losses.add(idx, loss_value)
                 if main and (step % t.log_every == 0 or step == total):
                     logger.log({"train/loss": loss_value, "train/lr": lr,
                                 "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
-                                "train/epoch": step / len(loader), **extra}, step=step)
+                                "train/epoch": step / len(loader), **extra, **source_losses.flush()}, step=step)
                 bar.update(step=step, loss=loss_value, lr=lr, pairs_per_s=pairs_per_s)
                 if every_eval and (step % every_eval == 0 or step == total):
                     last = evaluate_and_select(evaluator, model, data, eval_dims, best, step, proc)

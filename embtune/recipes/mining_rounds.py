@@ -54,6 +54,9 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     if not negatives.needs_negatives:
         raise ValueError(f"recipe=mining_rounds mines hard negatives, but negatives={negatives.name} "
                          "ignores them: use negatives=hard (negatives.group_size=K+1)")
+    if str(cfg.data.get("_target_", "")).endswith("load_mixture"):
+        raise ValueError("recipe=mining_rounds with data=mixture: a round mines and trains on one data set's rows; "
+                         "use recipe=finetune for a mixture")
     miner, data, data_format = build(cfg, "miner"), build(cfg, "data"), build(cfg, "data_format")
     data.problems.raise_bad()  # the file's bad rows, before the model loads
     t = cfg.train
