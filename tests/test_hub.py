@@ -310,8 +310,11 @@ def test_embtune_push_refuses_a_bad_repo_id_and_a_missing_folder(monkeypatch, tm
 
 def test_a_sweep_refuses_to_push_every_job_to_one_repo(tmp_path, tiny_bert):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "embtune.cli", "-m", "loss.temperature=0.05", f"model.name_or_path={tiny_bert}",
-           "logger=none", "hub.push=true", "hub.repo_id=org/tiny", f"hydra.sweep.dir={sweep}"]
+    # hub.push=true for every job is refused once before any job (tests/test_cli.py); a swept hub.push=true,false
+    # reaches the jobs, and the one that would push is refused there
+    cmd = [sys.executable, "-m", "embtune.cli", "-m", "hub.push=true,false", f"model.name_or_path={tiny_bert}",
+           "logger=none", "hub.repo_id=org/tiny", "data.max_train_pairs=8", "data.max_test_queries=4",
+           "train.batch_size=4", "train.max_steps=1", "eval.before=false", f"hydra.sweep.dir={sweep}"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     summary = json.loads((sweep / "0" / "summary.json").read_text())
     assert summary["status"] == "failed", out.stderr[-3000:]
