@@ -16,9 +16,9 @@ import embtune.recipes.finetune as train_module
 from embtune.data.mixture import MixtureBatchSampler, apportion
 from embtune.data.sampler import NoDuplicatesBatchSampler, ShuffledBatchSampler
 from embtune.objectives import Contrastive
+from embtune.recipes.mixture import own_candidates_only
 from embtune.run.logger import RunLogger
 from embtune.training import checkpoint
-from embtune.training.mixture import own_candidates_only
 
 SCIFACT = DATA / "scifact"
 TOY = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"

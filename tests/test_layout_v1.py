@@ -77,3 +77,12 @@ def test_a_format_1_checkpoint_resumes_to_the_old_layouts_final_weights(tmp_path
     assert old.keys() == new.keys()
     for name in old:
         torch.testing.assert_close(new[name], old[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_format_2_config_reads_its_bf16_true_as_todays_auto():
+    from embtune.training.checkpoint import upgrade_config
+
+    # format 2's train.bf16=true was "where the device supports it, never on a CPU": today's auto
+    assert upgrade_config({"train": {"bf16": True, "lr": 1e-5}}, 2)["train"] == {"bf16": "auto", "lr": 1e-5}
+    assert upgrade_config({"train": {"bf16": False}}, 2)["train"] == {"bf16": False}
+    assert upgrade_config({"train": {"bf16": True}}, 3)["train"] == {"bf16": True}  # today's true stays true

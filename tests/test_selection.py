@@ -91,7 +91,7 @@ def test_bad_selection_settings_are_refused_by_name(args, match):
 
 # -- in the loop: a scripted metric per step (the evaluator itself is tested in test_evaluate.py)
 TOY = REPO.parent / "shared" / "data" / "triplets" / "flagembedding_toy_finetune_data.jsonl"
-SETTINGS = ["data=jsonl", f"data.path={TOY}", "data.dev_queries=0", "data_format=multi_negative",
+SETTINGS = ["data=jsonl", f"data.path={TOY}", "data.dev_queries=2", "data_format=multi_negative",
             "train.batch_size=4", "train.max_steps=8", "train.checkpoint_every=2", "train.lr=1e-3",
             "eval.before=false", "eval.every_steps=2"]
 SCRIPT = {2: 0.5, 4: 0.7, 6: float("nan"), 8: 0.4}  # the best is step 4's

@@ -6,7 +6,7 @@ source is any loader node (``_target_`` and its settings, as in ``conf/data/*.ya
 :data:`SOURCE_KEYS`; :func:`load_mixture` loads them all (naming the source that fails) before any model
 loads. The batch plan (:class:`MixtureBatchSampler`) is a pure function of ``(seed, epoch)``, so a resumed
 run sees the batches an uninterrupted one does. How a mixture trains and is evaluated (formats per source,
-per-source loss and metrics) is in :mod:`embtune.training.mixture`.
+per-source loss and metrics) is in :mod:`embtune.recipes.mixture`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Source:
 
     Attributes:
         name: prefixes its metrics (``eval/<name>/ndcg@10``) and its loss (``train/loss/<name>``).
-        data: what its loader returned (its dev split once :func:`embtune.training.mixture.prepare` ran).
+        data: what its loader returned (its dev split once :func:`embtune.recipes.mixture.prepare` ran).
         weight: its share of the batches with ``choice=weighted`` (None otherwise).
         in_batch: False: an anchor's candidates are its own positive and hard negatives only, not the
             batch's other rows.

@@ -31,12 +31,12 @@ from embtune.eval.evaluators import Retrieval
 from embtune.model import kernels, save
 from embtune.model.cross_encoder import score_examples
 from embtune.objectives.matryoshka import matryoshka_dims
+from embtune.recipes import mixture as mix
 from embtune.recipes.model_card import model_card, typed_overrides
 from embtune.run.outputs import write_json
 from embtune.run.progress import print_comparison, progress_bar
 from embtune.run.redact import redact
 from embtune.training import checkpoint, distributed, fsdp
-from embtune.training import mixture as mix
 from embtune.training.grad_cache import grad_cache_backward
 from embtune.training.numerics import finite_or_missing, skip_or_stop
 from embtune.training.optim import clamp_after_step, lr_at, param_groups

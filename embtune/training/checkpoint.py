@@ -37,7 +37,7 @@ _MAGIC = b"EMBTUNE-SHA256:"  # then the 32-byte digest of everything before it
 
 # 2: public ``_target_`` paths (``embtune.losses.InfoNCE``) and a ``recipe`` node; 1: the flat layout's
 # module paths (``embtune.losses.info_nce.InfoNCE``, ``embtune.formats.Pairwise``), ``train.rounds``.
-FORMAT = 2
+FORMAT = 3
 # format-1 ``_target_`` -> format 2, whole names first, then module prefixes
 _TARGETS_V1 = {
     "embtune.model.Embedder.from_pretrained": "embtune.model.from_pretrained",
@@ -153,9 +153,21 @@ def upgrade_config(config: dict, version: int) -> dict:
     Format 1 -> 2: every ``_target_`` moves to its public name (``embtune.losses.info_nce.InfoNCE`` ->
     ``embtune.losses.InfoNCE``), ``model.multi_vector: true`` becomes ``embtune.model.from_pretrained_multi_vector``
     (``model=multi_vector``), a file's rows keep training whole (``data.dev_queries=0``), and the mode moves from ``train.rounds`` / a ``pretrain`` node to ``recipe.name``.
+
+    Format 2 -> 3: ``train.bf16: true`` meant bf16 where the device supports it and never on a CPU, which is
+    today's ``auto`` (``true`` now asks for bf16 on a CPU with native bf16 too).
     """
     if version >= FORMAT:
         return config
+    out = _v1_to_v2(config) if version < 2 else config
+    train = dict(out.get("train") or {})
+    if train.get("bf16") is True:
+        train["bf16"] = "auto"
+    return {**out, "train": train}
+
+
+def _v1_to_v2(config: dict) -> dict:
+    """Format 1 -> 2 (see :func:`upgrade_config`)."""
 
     def target(name: str) -> str:
         if name in _TARGETS_V1:
