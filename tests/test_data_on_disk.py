@@ -12,6 +12,7 @@ import tracemalloc
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_token_cache import CountingTokenizer
 
 from embtune.data import Listwise, MultiNegative, Pairwise, Pointwise, RawTexts, ScoredPairs, Triplet
 from embtune.data.batching import plan_batches
@@ -170,18 +171,6 @@ def test_the_sampler_plans_text_ids_as_it_plans_texts():
         assert list(a) == list(b) and a.unbatched == b.unbatched
 
 
-class CountingTokenizer:
-    """Wraps a tokenizer and counts the texts it is asked to tokenise."""
-
-    def __init__(self, tok):
-        self.tok, self.seen = tok, 0
-
-    def __call__(self, texts, **kwargs):
-        self.seen += len(texts)
-        return self.tok(texts, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.tok, name)
 
 
 def _prepare(path, tiny_bert, tokenizer=None):
