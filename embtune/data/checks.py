@@ -96,12 +96,7 @@ class DataProblems:
     def replay(self, record: dict) -> None:
         """Count and print again the problems of a :meth:`record` (cached data met them when it was read)."""
         for message in record["logged"]:
-            self.warnings += 1
-            if len(self.first) < 5:
-                self.first.append(message)
-            if self.warnings <= _LOGGED:
-                self.logged.append(message)
-                log.warning("%s", message)
+            self.warn(message)
         extra = record["warnings"] - len(record["logged"])  # beyond the printed ones: counted only
         if extra > 0:
             if self.warnings <= _LOGGED:
