@@ -26,6 +26,18 @@ DATA = REPO.parent / "shared" / "data"
 CONF = REPO / "conf"
 
 
+def logged(recipe, cfg, run_dir):
+    """``recipe(cfg, run_dir, logger)`` with a file-only :class:`embtune.run.logger.RunLogger` (no wandb),
+    finished even when the recipe raises; returns what the recipe returns."""
+    from embtune.run.logger import RunLogger
+
+    logger = RunLogger(run_dir, wandb=False)
+    try:
+        return recipe(cfg, run_dir, logger)
+    finally:
+        logger.finish()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A tiny random BERT (2 layers, hidden 32) with all-MiniLM-L6-v2's tokenizer, saved to a folder."""

@@ -8,13 +8,12 @@ import csv
 import logging
 
 import pytest
-from conftest import CONF
+from conftest import CONF, logged
 from hydra import compose, initialize_config_dir
 
 from embtune.data import MultiNegative, Pairwise, ScoredPairs, Triplet
 from embtune.data.files import load_hf, load_jsonl
 from embtune.recipes.finetune import train
-from embtune.run.logger import RunLogger
 
 ST_TRIPLETS = [{"anchor": f"question {i}", "positive": f"answer {i}", "negative": f"unrelated {i}"} for i in range(12)]
 FLAG = [{"query": f"query {i}", "pos": [f"relevant {i}"], "neg": [f"other {i}", f"another {i}"]} for i in range(12)]
@@ -34,11 +33,7 @@ def _train(tmp_path, tiny_bert, overrides):
             f"model.name_or_path={tiny_bert}", "train.batch_size=4", "train.max_steps=2", "train.log_every=1",
             "eval.before=false", "eval.after=false", "data=jsonl",
             "data.dev_queries=0", *overrides])  # every row trains: the example counts below are the rows
-    logger = RunLogger(tmp_path / "run", wandb=False)
-    try:
-        return train(cfg, tmp_path / "run", logger)
-    finally:
-        logger.finish()
+    return logged(train, cfg, tmp_path / "run")
 
 
 def test_a_save_to_disk_dataset_trains_with_no_column_override(hf_cache, tiny_bert, caplog):

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import CONF, DATA
+from conftest import CONF, DATA, logged
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -17,7 +17,6 @@ from embtune.data.mixture import MixtureBatchSampler, apportion
 from embtune.data.sampler import NoDuplicatesBatchSampler, ShuffledBatchSampler
 from embtune.objectives import Contrastive
 from embtune.recipes.mixture import own_candidates_only
-from embtune.run.logger import RunLogger
 from embtune.training import checkpoint
 
 SCIFACT = DATA / "scifact"
@@ -43,11 +42,7 @@ def _cfg(tiny_bert, sources, overrides=()):
 
 
 def _train(cfg, run_dir):
-    logger = RunLogger(run_dir, wandb=False)
-    try:
-        return train_module.train(cfg, run_dir, logger)
-    finally:
-        logger.finish()
+    return logged(train_module.train, cfg, run_dir)
 
 
 def _events(run_dir):

@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from conftest import CONF, DATA
+from conftest import CONF, DATA, logged
 
 from embtune.data import fingerprint
 from embtune.data.dataset import DevSplit
@@ -129,18 +129,13 @@ def test_a_run_without_a_test_set_reports_base_and_final_on_its_dev_split(tmp_pa
     from hydra import compose, initialize_config_dir
 
     from embtune.recipes.finetune import train
-    from embtune.run.logger import RunLogger
 
     def run(folder, *extra):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[
                 f"model.name_or_path={tiny_bert}", "data=jsonl", f"data.path={TOY}", "data_format=multi_negative",
                 "train.max_steps=1", "train.batch_size=4", "eval.cache_base=false", *extra])
-        logger = RunLogger(folder, wandb=False)
-        try:
-            return train(cfg, folder, logger)
-        finally:
-            logger.finish()
+        return logged(train, cfg, folder)
 
     with caplog.at_level("INFO", logger="embtune"):
         summary = run(tmp_path / "dev")

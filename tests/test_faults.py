@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CONF, DATA, REPO
+from conftest import CONF, DATA, REPO, logged
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
@@ -42,11 +42,7 @@ def _cfg(tiny_bert, overrides=()):
 
 
 def _train(cfg, run_dir):
-    logger = RunLogger(run_dir, wandb=False)
-    try:
-        return train_module.train(cfg, run_dir, logger)
-    finally:
-        logger.finish()
+    return logged(train_module.train, cfg, run_dir)
 
 
 def _losses(run_dir) -> dict[int, float]:

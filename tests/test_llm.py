@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, logged
 from hydra import compose, initialize_config_dir
 
 from embtune.model import Embedder, from_pretrained, pooling, save
 from embtune.model.io import load_encoder
 from embtune.model.llm import append_eos, enable_gradient_checkpointing
 from embtune.recipes.finetune import train
-from embtune.run.logger import RunLogger
 
 POOLINGS = {"mean": pooling.Mean, "weighted_mean": pooling.WeightedMean, "max": pooling.Max,
             "cls": pooling.CLS, "last_token": pooling.LastToken}
@@ -144,11 +143,7 @@ def _run(tmp_path, model_path, overrides):
             "model.document_max_length=64", "data.max_train_pairs=16", "data.max_test_queries=8",
             "train.batch_size=8", "train.max_steps=3", "train.lr=1e-3", "train.log_every=1",
             "eval.before=false", "eval.after=false", *overrides])
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        return train(cfg, tmp_path, logger), cfg
-    finally:
-        logger.finish()
+    return logged(train, cfg, tmp_path), cfg
 
 
 def _losses(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF
+from conftest import CONF, logged
 from hydra import compose, initialize_config_dir
 from torch import nn
 
@@ -20,7 +20,6 @@ from embtune.negatives import InBatch
 from embtune.objectives import objective_for
 from embtune.objectives.matryoshka import matryoshka_dims, scores_per_dim, truncate
 from embtune.recipes.finetune import train
-from embtune.run.logger import RunLogger
 
 
 def test_truncate_then_renormalise_by_hand():
@@ -146,11 +145,7 @@ def _run(tmp_path, tiny_bert, dims, weights):
                  f"matryoshka.dims={dims}", f"matryoshka.weights={weights}", "eval.cache_base=false"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        summary = train(cfg, tmp_path, logger)
-    finally:
-        logger.finish()
+    summary = logged(train, cfg, tmp_path)
     losses = [json.loads(x)["train/loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in x]
     return summary, losses

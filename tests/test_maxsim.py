@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, DATA
+from conftest import CONF, DATA, logged
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from embtune.negatives import Hard, InBatch
 from embtune.objectives.maxsim import TokenVectors, maxsim, maxsim_scores, search_maxsim
 from embtune.recipes.finetune import train
-from embtune.run.logger import RunLogger
 
 PAD = [1.0, 0.0]  # a padding vector that would win a max (or count in a mean) if the mask were ignored
 # query A left-padded (2 real tokens), query B right-padded (1 real token)
@@ -159,11 +158,7 @@ def _run(tmp_path, tiny_bert, overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         data = [] if any(o.startswith("data=") for o in overrides) else STDLIB_SMALL
         cfg = compose(config_name="config", overrides=[f"model.name_or_path={tiny_bert}", *SMALL, *data, *overrides])
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        return cfg, train(cfg, tmp_path, logger)
-    finally:
-        logger.finish()
+    return cfg, logged(train, cfg, tmp_path)
 
 
 def test_a_few_multi_vector_steps_train_evaluate_and_save(tmp_path, tiny_bert):

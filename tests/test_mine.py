@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CONF, REPO
+from conftest import CONF, REPO, logged
 from hydra import compose, initialize_config_dir
 
 from embtune.data import RetrievalSet, TrainingData
@@ -258,17 +258,12 @@ def test_mine_config_refuses_an_existing_output_before_the_model_loads(tmp_path)
 
 def test_two_rounds_mine_train_remine_train_and_log_both_rounds(tmp_path, tiny_bert):
     from embtune.recipes.mining_rounds import train_rounds
-    from embtune.run.logger import RunLogger
-
+    
     cfg = _compose("config", [f"model.name_or_path={tiny_bert}", "data.max_train_pairs=24", "data.max_test_queries=8",
                               "recipe=mining_rounds", "recipe.rounds=2", "train.max_steps=2", "train.batch_size=8", "train.log_every=1",
                               "negatives=hard", "negatives.group_size=3", "eval.batch_size=16", "eval.cache_base=false",
                               "miner.range_min=0", "miner.range_max=6", "miner.num_negatives=2"])
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        summary = train_rounds(cfg, tmp_path, logger)
-    finally:
-        logger.finish()
+    summary = logged(train_rounds, cfg, tmp_path)
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in (1, 2):
         assert any(f"round{r}/eval/ndcg@10" in e for e in events)

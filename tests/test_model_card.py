@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import shlex
 
-from conftest import CONF
+from conftest import CONF, logged
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from embtune.recipes.finetune import train
 from embtune.recipes.model_card import model_card
-from embtune.run.logger import RunLogger
 
 
 def _config(overrides):
@@ -45,11 +44,7 @@ def test_a_trained_model_folder_has_the_card_and_still_loads_in_sentence_transfo
 
     cfg = _config([f"model.name_or_path={tiny_bert}", "train.batch_size=8", "train.max_steps=1",
                    "data.max_train_pairs=16", "data.max_test_queries=8", "eval.before=false", "eval.after=false"])
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        train(cfg, tmp_path, logger)
-    finally:
-        logger.finish()
+    logged(train, cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"{summary['data']['train_rows']} rows" in card and summary["data"]["fingerprint"][:16] in card

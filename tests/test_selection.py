@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CONF, REPO
+from conftest import CONF, REPO, logged
 from safetensors.torch import load_file
 
 import embtune.recipes.finetune as train_module
@@ -111,15 +111,10 @@ def _scripted(script, seen):
 def _train(tiny_bert, run_dir, overrides=()):
     from hydra import compose, initialize_config_dir
 
-    from embtune.run.logger import RunLogger
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model.name_or_path={tiny_bert}", *SETTINGS, *overrides])
-    logger = RunLogger(run_dir, wandb=False)
-    try:
-        return train_module.train(cfg, run_dir, logger)
-    finally:
-        logger.finish()
+    return logged(train_module.train, cfg, run_dir)
 
 
 def _saved(run_dir):

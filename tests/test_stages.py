@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, logged
 from hydra import compose, initialize_config_dir
 
 from embtune.data.formats import RawTexts
 from embtune.model import load
 from embtune.objectives import objective_for
 from embtune.recipes.two_stage import run, stage_configs
-from embtune.run.logger import RunLogger
 
 TINY = ["data.max_train_pairs=24", "data.max_test_queries=12", "train.batch_size=8", "train.max_steps=2",
         "train.log_every=1", "eval.batch_size=16"]
@@ -73,11 +72,7 @@ def test_simcse_positive_is_the_anchor_encoded_again(tiny_bert):
 
 def test_pretrain_finetune_runs_both_stages_and_logs_each(tmp_path, tiny_bert):
     cfg = _cfg(tiny_bert, ["recipe=two_stage", "pretrain.train.max_steps=3"])
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        summary = run(cfg, tmp_path, logger)
-    finally:
-        logger.finish()
+    summary = logged(run, cfg, tmp_path)
     assert summary["pretrain"]["steps"] == 3 and summary["steps"] == 2
     assert summary["base"] == summary["pretrain"]["base"]  # the original model, not the stage-1 model
     assert set(summary["pretrain"]["final"]) == set(summary["final"])

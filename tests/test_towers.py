@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, logged
 from hydra import compose, initialize_config_dir
 
 import embtune
 from embtune.model import from_pretrained, save
 from embtune.model.pooling import LastToken, Mean, WeightedMean
 from embtune.recipes.finetune import train
-from embtune.run.logger import RunLogger
 
 QUERIES = ["how do I join paths?", "sum of two numbers"]
 DOCS = ["def join(a, *p): return a + '/'.join(p)", "def add(a, b): return a + b"]
@@ -73,11 +72,7 @@ def _run(tmp_path, model_path, overrides):
             f"model.name_or_path={model_path}", "data.max_train_pairs=16", "data.max_test_queries=8",
             "train.batch_size=8", "train.max_steps=3", "train.lr=1e-3", "train.log_every=1",
             "eval.before=false", "eval.after=false", *overrides])
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        return train(cfg, tmp_path, logger)
-    finally:
-        logger.finish()
+    return logged(train, cfg, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["encoder", "llm"])

@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CONF, DATA
+from conftest import CONF, DATA, logged
 from hydra import compose, initialize_config_dir
 
 from embtune.recipes.finetune import train
-from embtune.run.logger import RunLogger
 
 STDLIB_SMALL = ["data.max_train_pairs=24", "data.max_test_queries=12"]
 SMALL = ["train.batch_size=8", "train.max_steps=2",
@@ -19,11 +18,7 @@ def _run(tmp_path, tiny_bert, overrides):
     data = [] if any(o.startswith("data=") for o in overrides) else STDLIB_SMALL
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model.name_or_path={tiny_bert}", *SMALL, *data, *overrides])
-    logger = RunLogger(tmp_path, wandb=False)
-    try:
-        return train(cfg, tmp_path, logger)
-    finally:
-        logger.finish()
+    return logged(train, cfg, tmp_path)
 
 
 def test_few_steps_write_metrics_summary_and_model(tmp_path, tiny_bert):
