@@ -114,7 +114,9 @@ def main(cfg: DictConfig) -> float | None:
         if not multirun:
             if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
                 # bad data or settings: the message names the file, row and field; a traceback adds nothing
-                raise SystemExit(f"Error: {redact_text(_message(e))}\n(traceback: {output_dir / 'summary.json'}; "
+                message = f"Error: {redact_text(_message(e))}"
+                _to_log_files(message)
+                raise SystemExit(f"{message}\n(traceback: {output_dir / 'summary.json'}; "
                                  "HYDRA_FULL_ERROR=1 prints it here)") from None
             raise
         where = output_dir / "summary.json"
@@ -133,6 +135,15 @@ def main(cfg: DictConfig) -> float | None:
         log.info("model saved to %s", output_dir / "model")
     log.info("run folder: %s (summary.json, metrics.jsonl, cli.log)", output_dir)
     return sweep_value(summary, cfg.eval.metric)
+
+
+def _to_log_files(message: str) -> None:
+    """Write ``message`` to the run's log files only (``cli.log``: Hydra's file handlers on the root
+    logger); the screen gets it once, from the exit."""
+    record = logging.LogRecord("embtune", logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def sweep_value(summary: dict, metric: str) -> float:

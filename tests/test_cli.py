@@ -69,6 +69,10 @@ def test_bad_data_is_one_error_line_naming_file_row_and_field(tmp_path, tiny_ber
     assert f"Error: {data}:2: missing field 'positive' (row has ['query'])" in out.stderr
     assert "Traceback" not in out.stderr  # it is kept in summary.json
     assert "Traceback" in json.loads((run_dir / "summary.json").read_text())["traceback"]
+    log_lines = (run_dir / "cli.log").read_text().splitlines()  # the run's log says why it stopped, once
+    errors = [line for line in log_lines if "Error: " in line]
+    assert len(errors) == 1 and f"[ERROR] - Error: {data}:2: missing field 'positive' (row has ['query'])" in errors[0]
+    assert out.stderr.count(f"Error: {data}:2") == 1
 
 
 def test_the_saved_config_reads_key_none_as_null(tmp_path, tiny_bert):
