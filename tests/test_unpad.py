@@ -108,6 +108,22 @@ def test_gradients_of_a_pooled_loss_equal_the_padded_ones_for_every_parameter(fa
     assert max((got[n] - want[n]).abs().max().item() for n in want) < 1e-5
 
 
+def test_with_gradient_checkpointing_gradients_equal_the_padded_ones():
+    from embtune.model.llm import enable_gradient_checkpointing
+
+    model = _tiny("bert")
+    enable_gradient_checkpointing(model)
+    model.train()  # checkpointing acts in training only (dropout is 0 here)
+    assert all(layer.gradient_checkpointing for layer in model.encoder.layer) and U.supported(model)
+    ids, mask = _batch(BATCHES["ragged"])
+    want = _grads(model, _pooled_loss(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+    calls = []
+    model.encoder.layer[0].intermediate.register_forward_hook(lambda *_: calls.append(1))
+    got = _grads(model, _pooled_loss(U.hidden_states(model, ids, mask), mask))
+    assert len(calls) == 2  # the layer ran again in backward: its activations were not kept
+    assert got.keys() == want.keys() and max((got[n] - want[n]).abs().max().item() for n in want) < 1e-5
+
+
 def test_under_bf16_autocast_it_is_as_close_to_fp32_as_the_padded_bf16_forward():
     """bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 %): the two bf16 forwards round their
     products in different orders, so they agree only to a few bf16 steps of the O(1) LayerNorm outputs
