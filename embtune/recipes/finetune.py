@@ -164,6 +164,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             return loss, metrics
 
     # -- the loop; one step counter drives schedule, logging and checkpoints
+    unpadded = model.unpadded("query") and model.unpadded("document")  # after wrapping: FSDP's layers take the plain forward
+    if main:
+        log.info("unpadded forward: %s (model.unpad=%s)", "on" if unpadded else "off", cfg.model.get("unpad", "auto"))
     model.train()
     model.bf16 = bf16  # the encoder's forward in bf16 autocast; embeddings, scores, loss and weights fp32
     step = epoch = done = seen = skipped = 0  # done: batches of this epoch trained on
@@ -269,7 +272,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
-        "unbatched_rows": unbatched, "precision": precision_name(bf16),
+        "unbatched_rows": unbatched, "precision": precision_name(bf16), "unpadded": unpadded,
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
         **({"selection": best.summary(), "last": last} if best.evaluations else {}),
