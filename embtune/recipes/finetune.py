@@ -118,7 +118,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
         model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
                                                data.fingerprint, cache_dir())
-        model.token_cache.prepare(model, examples)  # examples on disk: their token ids too, a chunk at a time
+        model.token_cache.prepare(model, examples, data.test)  # examples on disk: their token ids, a chunk at a time
     dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
     objective.start(model, examples, evaluator.batch_size)  # e.g. ArcFace's class centres from the data
