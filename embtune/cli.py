@@ -20,6 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from embtune.config import CONFIG_PATH, normalize
 from embtune.run.outputs import clear_run, rank, record_failure, refuse_if_used
+from embtune.run.progress import quiet_libraries
 
 log = logging.getLogger("embtune")
 
@@ -32,25 +33,6 @@ def _message(e: BaseException) -> str:
     if isinstance(e, MissingMandatoryValue):  # omegaconf's text spans lines (full_key, object_type)
         return f"{e.full_key} has no value (??? in its config): set it, e.g. {e.full_key}=..."
     return str(e)
-
-
-def quiet_libraries() -> None:
-    """Keep the libraries' own noise out of a run's output: the download/load/save bars of transformers,
-    huggingface_hub and datasets, and their deprecation warnings (FutureWarning, DeprecationWarning).
-    Their errors and real warnings still show."""
-    import warnings
-
-    for module in ("transformers", "huggingface_hub", "datasets", "torch", "sentence_transformers", "peft"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-    from datasets.utils.logging import disable_progress_bar as datasets_quiet
-    from huggingface_hub.utils import disable_progress_bars as hub_quiet
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    hub_quiet()
-    datasets_quiet()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

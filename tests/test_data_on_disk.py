@@ -183,7 +183,7 @@ def _prepare(path, tiny_bert, tokenizer=None):
     model.token_cache = TokenCache.for_run(tiny_bert, model.tokenizer, data.fingerprint, cache_dir())
     if tokenizer is not None:  # wrapped once the cache is keyed (the key names the tokenizer's class)
         model.tokenizer = tokenizer(model.tokenizer)
-    model.token_cache.prepare(model, examples)
+    model.token_cache.prepare(model, examples, data.test)
     report = text_report(examples, data.test, model.tokenizer, 16, 24, cache=model.token_cache)
     return data, examples, model, report
 
@@ -220,6 +220,44 @@ def test_a_second_run_reads_no_row_of_the_file_and_tokenises_nothing(tmp_path, t
     assert report["train"]["queries"]["distinct"] == len(queries)
     assert report["train"]["queries"]["max_tokens"] == max(lengths)
     assert report["test"]["documents"]["distinct"] == len(set(data.test.corpus.values()))
+
+
+def test_a_cold_run_tokenises_each_distinct_text_once_and_counts_as_the_tokenizer(tmp_path, tiny_bert):
+    rows = _pairs(120, doc_words=12)
+    for i, r in enumerate(rows):
+        if i % 4 == 0:  # some positives longer than document_max_length=24: truncated
+            r["positive"] += " " + " ".join(WORDS * 3)
+    path = tmp_path / "train.jsonl"
+    _write(path, rows)
+    data, examples, model, report = _prepare(path, tiny_bert, CountingTokenizer)
+    seen = model.tokenizer.texts
+    queries = {e.query for e in examples}
+    documents = {e.positive for e in examples}
+    candidates = set(data.test.corpus.values())
+    assert candidates - documents  # the dev side's own positives: candidates that no training text holds
+    assert not queries & (documents | candidates)  # so each text has one tower, one max length
+    distinct = queries | documents | candidates | set(data.test.queries.values())
+    assert set(seen) == distinct and max(seen.values()) == 1  # every distinct text tokenised once, no other
+
+    plain = CountingTokenizer(model.tokenizer.tok)  # the counts, from the plain tokenizer's untruncated ids
+
+    def counts(texts, max_length):
+        lengths = [len(x) for x in plain(sorted(texts))["input_ids"]]
+        return {"distinct": len(texts), "empty": sum(t == "" for t in texts),
+                "whitespace_only": sum(t != "" and not t.strip() for t in texts),
+                "non_ascii": sum(not t.isascii() for t in texts),
+                "truncated": sum(n > max_length for n in lengths), "max_tokens": max(lengths)}
+
+    assert report == {"train": {"queries": counts(queries, 16), "documents": counts(documents, 24)},
+                      "test": {"queries": counts(set(data.test.queries.values()), 16),
+                               "documents": counts(candidates, 24)}}
+    assert report["train"]["documents"]["truncated"] > 0 and report["test"]["documents"]["truncated"] > 0
+    # the candidates' batches: from the files (training texts' ids or the candidates' own), as the tokenizer's
+    texts = sorted(candidates)
+    got = model.tokenize(texts, kind="document")
+    want = plain(texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    assert all(torch.equal(got[k], want[k]) for k in ("input_ids", "attention_mask"))
+    assert max(seen.values()) == 1  # nothing tokenised again
 
 
 def _peak_bytes(path, tiny_bert) -> int:

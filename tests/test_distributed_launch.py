@@ -135,3 +135,83 @@ def test_torchrun_c10d_rendezvous_one_node_trains_and_rank_zero_saves_once(tiny_
     assert all(e["train/candidates"] == 8.0 for e in train)  # 2 processes x 4 positives: the group formed
     # saved once: a second save of model/ would have raised FileExistsError and failed the run
     assert [p.name for p in run.glob("model*")] == ["model"] and (run / "model" / "model.safetensors").is_file()
+
+
+def _draws(negatives) -> dict:
+    """The next value of every random source a training step reads on this process."""
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.rand(4), "dropout": torch.nn.functional.dropout(torch.ones(16), 0.5, training=True),
+            "numpy": torch.from_numpy(np.random.rand(3)), "python": random.random(), "negatives": negatives.random()}
+
+
+def _resume_task(rank: int, port: int, folder: str) -> None:
+    """One of two gloo processes: draw on its own (rank-dependent) path, checkpoint, draw on (uninterrupted),
+    then scramble the state, resume from the checkpoint and draw again; and the same from a format-3 checkpoint."""
+    import logging
+    import random
+    from pathlib import Path
+
+    import numpy as np
+
+    from embtune.training import checkpoint
+    from embtune.training.distributed import Dist
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    d, run = Dist(rank, 2), Path(folder)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("embtune.training.checkpoint").addHandler(handler)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)  # as train(): one seed on every process
+    negatives = random.Random(0)
+    for _ in range(1 + rank):  # each process's batches differ (shapes, negatives sampled): so do its draws
+        _draws(negatives), torch.rand(7 * (1 + rank))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loss_fn": torch.nn.Module()}
+    rngs = checkpoint.rng_states(negatives, d)  # every process, as train()'s save_checkpoint
+    if d.main:
+        state = checkpoint.training_state(**parts, negatives_rng=negatives, step=1, epoch=0, done=1, seen=8,
+                                          skipped=0, seconds=1.0, base={}, fingerprint="f", config={},
+                                          rng_by_rank=rngs)
+        checkpoint.save(run / "new", state)
+        old = {k: v for k, v in state.items() if k != "rng_by_rank"}  # what format 3 wrote: rank 0's only
+        checkpoint.save(run / "old", {**old, "format": 3})
+    torch.distributed.barrier()
+    uninterrupted = _draws(negatives)
+    got = {"uninterrupted": uninterrupted}
+    for name in ("new", "old"):
+        random.seed(99), np.random.seed(99), torch.manual_seed(99), negatives.seed(99)  # a fresh process
+        state, _ = checkpoint.load(run / name)
+        checkpoint.restore_training(state, **parts, negatives_rng=negatives, fingerprint="f", rank=rank, world=2)
+        got[name] = _draws(negatives)
+        got[f"{name}_format"] = state["format"], len(state.get("rng_by_rank", [])), state["config"] == {}
+    got["messages"] = messages
+    torch.save(got, run / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_a_resumed_ddp_run_restores_each_processs_own_random_state(tmp_path):
+    """Each process's dropout mask, torch/NumPy/Python draws and negative sampler after a resume are those of
+    its uninterrupted run (not rank 0's); a format-3 checkpoint (rank 0's state only) still resumes, every
+    process from rank 0's state, with a warning."""
+    mp.spawn(_resume_task, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+    a, b = got[0]["uninterrupted"], got[1]["uninterrupted"]
+    assert all(not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]) for k in a)  # ranks differ
+    for r in (0, 1):
+        assert got[r]["new_format"] == (4, 2, True)  # every process's state in the checkpoint
+        assert same(got[r]["new"], got[r]["uninterrupted"])  # its own, as if never interrupted
+        assert got[r]["old_format"] == (4, 0, True)  # read as today's format: the config upgraded
+        assert same(got[r]["old"], got[0]["uninterrupted"])  # rank 0's, on every process
+    assert any("only one process's (format 3 or older)" in m for m in got[0]["messages"])
+    assert not got[1]["messages"]  # the warning once, from rank 0

@@ -137,3 +137,17 @@ def test_the_command_refuses_a_used_folder_in_one_line(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"Error: {tmp_path} already holds a run" in out.stderr
+
+
+def test_the_command_shows_no_library_bars(tmp_path, tiny_bert):
+    """embtune-eval as its console script runs it: transformers' ``Loading weights`` bar stays off the output,
+    as in ``embtune``, and the results table is printed."""
+    run = tmp_path / "run"
+    code = ("import sys\nfrom embtune.commands import evaluate\n"
+            f"sys.argv = ['embtune-eval', 'model.name_or_path={tiny_bert}', 'data=beir', "
+            f"'data.path={_beir(tmp_path / 'beir')}', 'hydra.run.dir={run}']\nevaluate()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout + out.stderr
+    assert "ndcg@10" in printed and (run / "summary.json").is_file()
+    assert "Loading weights" not in printed

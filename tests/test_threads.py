@@ -76,3 +76,36 @@ def test_the_command_sets_them_before_torch_loads():
             "import embtune.cli\nprint(seen, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["[False]", "True"]  # called once, torch not yet loaded; loaded afterwards
+
+
+def _scripts() -> dict[str, str]:
+    """pyproject.toml's ``[project.scripts]``: command -> ``module:function`` (read by hand: Python 3.10 has
+    no tomllib, and the installed entry points may be another checkout's)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    table = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', table, re.M))
+
+
+@pytest.mark.parametrize("command", ["embtune", "embtune-eval", "embtune-mine", "embtune-push", "embtune-report"])
+def test_every_console_script_sets_them_before_torch_loads_or_loads_no_torch(command):
+    """Each installed command, run as its console script runs it (``--help``: it gets as far as parsing the
+    command line): a command that loads torch calls openmp_defaults once, before torch is imported; one that
+    never loads torch (pushing, the sweep report) needs no call."""
+    import subprocess
+    import sys
+
+    module, function = _scripts()[command].split(":")
+    code = ("import sys\nimport embtune.training.threads as t\nseen = []\n"
+            "t.openmp_defaults = lambda *a, **k: seen.append('torch' in sys.modules)\n"
+            f"import {module} as m\nsys.argv = [{command!r}, '--help']\n"
+            f"try:\n    m.{function}()\nexcept SystemExit:\n    pass\n"
+            "print('RESULT', seen, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    result = out.stdout.split("RESULT", 1)[1].split()
+    if command in ("embtune-push", "embtune-report"):
+        assert result[-1] == "False"  # torch never loaded
+    else:
+        assert result == ["[False]", "True"]  # called once, torch not yet loaded; loaded afterwards

@@ -1,24 +1,26 @@
 """Token ids cached on disk: the same tensors as the tokenizer, each text tokenised once per sweep."""
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from embtune.data.token_cache import TokenCache, tokenizer_fingerprint
+from embtune.data.token_cache import TokenCache, encode, tokenizer_fingerprint
 
 TEXTS = ["def add(a, b): return a + b", "Return the sum.", "ünïcode ✓ text " * 40, "Return the sum."]
 
 
 class CountingTokenizer:
-    """Wraps a tokenizer and counts the texts it is asked to tokenise."""
+    """Wraps a tokenizer and counts the texts it is asked to tokenise (``seen``; ``texts``: per text)."""
 
     def __init__(self, tok):
-        self.tok, self.seen = tok, 0
+        self.tok, self.seen, self.texts = tok, 0, Counter()
 
     def __call__(self, texts, **kwargs):
         self.seen += len(texts)
+        self.texts.update(texts)
         return self.tok(texts, **kwargs)
 
     def __getattr__(self, name):
@@ -75,3 +77,15 @@ def test_the_key_changes_with_the_tokenizer_files_not_the_weights(tiny_bert, tmp
     assert tokenizer_fingerprint(copy, tok) != base
     tok.padding_side = "left"
     assert tokenizer_fingerprint(copy, tok) != tokenizer_fingerprint(copy, AutoTokenizer.from_pretrained(tiny_bert))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_one_call_gives_the_truncated_ids_and_the_untruncated_length(tiny_bert, side):
+    tok = CountingTokenizer(AutoTokenizer.from_pretrained(tiny_bert))
+    tok.tok.truncation_side = side
+    texts = TEXTS + ["", "a b c d e f g h i j k l m n o p", "x " * 45]  # empty, exactly at, well past 16 tokens
+    ids, lengths = encode(tok, texts, max_length=16)
+    assert tok.seen == len(texts)  # one call, each text once
+    assert ids == tok.tok(texts, truncation=True, max_length=16)["input_ids"]
+    assert lengths == [len(x) for x in tok.tok(texts)["input_ids"]]  # the tokenizer's own, untruncated
+    assert max(lengths) > 16 * 2  # a text cut into several overflow windows is counted whole

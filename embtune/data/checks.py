@@ -142,13 +142,16 @@ def text_report(examples, test, tokenizer, query_max_length: int, document_max_l
     ``document_max_length`` (as the batches are tokenised). Counts are over distinct texts, tokenised
     :data:`CHUNK` at a time (only lengths are kept). Examples kept on disk (an ExampleTable) are read from
     its text table, a corpus on disk (a :class:`~embtune.data.examples.TextMap`) from its own; with ``cache``
-    (the run's :class:`~embtune.data.token_cache.TokenCache`) the report is kept beside the token ids and
-    read back by a later run of the same tokenizer and data.
+    (the run's :class:`~embtune.data.token_cache.TokenCache`) the token counts of those tables come from
+    the token files :meth:`~embtune.data.token_cache.TokenCache.prepare` wrote (each text tokenised once,
+    for its ids and its count together), and the report is kept beside them and read back by a later run
+    of the same tokenizer and data. Texts in memory (a list of examples, the test queries) are tokenised
+    here, untruncated.
 
     Returns:
         ``{"train": {"queries": {...}, "documents": {...}}, "test": {...}}``, each with ``distinct``,
         ``empty``, ``whitespace_only``, ``non_ascii``, ``truncated`` (longer than the max length in
-        tokens, special tokens included) and ``max_tokens``.
+        tokens, special tokens included) and ``max_tokens`` (the longest, before truncation).
     """
     from embtune.data.examples import DOCUMENT, QUERY, TextMap
     from embtune.data.tables import read_json, write_json
@@ -157,10 +160,15 @@ def text_report(examples, test, tokenizer, query_max_length: int, document_max_l
     file = cache.report_file(examples.key, query_max_length, document_max_length) \
         if cache is not None and stored is not None else None
     report = read_json(file) if file is not None else None
+
+    def counted(texts, bits: int, max_length: int) -> dict:  # a TextTable's texts of a tower
+        known = cache.token_counts(texts, bits) if cache is not None else None
+        return _counts(_stored_texts(texts, bits), tokenizer, max_length, known)
+
     if report is None:
         if stored is not None:
-            train = {"queries": _counts(_stored_texts(stored, QUERY), tokenizer, query_max_length),
-                     "documents": _counts(_stored_texts(stored, DOCUMENT), tokenizer, document_max_length)}
+            train = {"queries": counted(stored, QUERY, query_max_length),
+                     "documents": counted(stored, DOCUMENT, document_max_length)}
         else:
             queries, documents = set(), set()
             for e in examples:
@@ -173,10 +181,10 @@ def text_report(examples, test, tokenizer, query_max_length: int, document_max_l
                      "documents": _counts([sorted(documents)], tokenizer, document_max_length)}
         report = {"train": train}
         if test is not None:
-            corpus = (_stored_texts(test.corpus.texts, DOCUMENT) if isinstance(test.corpus, TextMap)
-                      else [sorted(set(test.corpus.values()))])
+            corpus = (counted(test.corpus.texts, DOCUMENT, document_max_length) if isinstance(test.corpus, TextMap)
+                      else _counts([sorted(set(test.corpus.values()))], tokenizer, document_max_length))
             report["test"] = {"queries": _counts([sorted(set(test.queries.values()))], tokenizer, query_max_length),
-                              "documents": _counts(corpus, tokenizer, document_max_length)}
+                              "documents": corpus}
         if file is not None:
             write_json(file, report)
     for split, parts in report.items():
@@ -200,15 +208,19 @@ def _stored_texts(texts, bits: int):
         yield chunk
 
 
-def _counts(chunks, tokenizer, max_length: int) -> dict:
-    """The counts of :func:`text_report` over distinct texts given as lists (chunks)."""
+def _counts(chunks, tokenizer, max_length: int, known=None) -> dict:
+    """The counts of :func:`text_report` over distinct texts given as lists (chunks); ``known``: their token
+    counts (untruncated, special tokens included) [n] in the same order, or None to tokenise them here."""
     c = {"distinct": 0, "empty": 0, "whitespace_only": 0, "non_ascii": 0, "truncated": 0, "max_tokens": 0}
     for texts in chunks:
         for i in range(0, len(texts), CHUNK):
             part = texts[i:i + CHUNK]
-            lengths = [len(ids) for ids in tokenizer(part, truncation=False, verbose=False,
-                                                     return_attention_mask=False,
-                                                     return_token_type_ids=False)["input_ids"]]
+            if known is not None:
+                lengths = known[c["distinct"]:c["distinct"] + len(part)].tolist()
+            else:
+                lengths = [len(ids) for ids in tokenizer(part, truncation=False, verbose=False,
+                                                         return_attention_mask=False,
+                                                         return_token_type_ids=False)["input_ids"]]
             c["distinct"] += len(part)
             c["empty"] += sum(t == "" for t in part)
             c["whitespace_only"] += sum(t != "" and not t.strip() for t in part)

@@ -112,17 +112,19 @@ def _split(rows, columns: dict[str, str | None], size_of, seed: int, folder: Pat
             docs.abort()
         raise
     distinct = np.unique(np.frombuffer(bytes(keys), dtype="S16")) if keys else []  # sorted, as the digests
-    del keys
     held = set(distinct[:size_of(len(distinct))].tolist())
     held = {k.ljust(16, b"\0") for k in held}  # numpy's S16 drops trailing zero bytes
     query_ids: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
     dev_rows: set[int] = set()
     dev_texts: set[str] = set()
-    occurrence = 0  # candidates numbered as in pass 1
+    occurrence = well = 0  # candidates numbered as in pass 1; well-formed rows, whose keys pass 1 kept
     for i, r in enumerate(rows):  # pass 2: the held queries' rows, their positives relevant
         texts = candidates(r)
-        if _well_formed(r, q_col, p_col, n_col) and query_key(r[q_col]) in held:
+        dev_row = False
+        if _well_formed(r, q_col, p_col, n_col):  # its query's key: pass 1's (no second sha256 a row)
+            dev_row, well = bytes(keys[16 * well:16 * well + 16]) in held, well + 1
+        if dev_row:
             q = r[q_col]
             dev_rows.add(i)
             qid = query_ids.setdefault(q, f"q{len(query_ids)}")  # in order of first appearance
@@ -132,6 +134,7 @@ def _split(rows, columns: dict[str, str | None], size_of, seed: int, folder: Pat
             for j, t in enumerate(positives):
                 grades[f"d{docs.ids[occurrence + j] if docs is not None else doc_ids[t]}"] = 1
         occurrence += len(texts)
+    del keys
     train, dropped = array("q"), 0
     for i, r in enumerate(rows):  # pass 3: no query or positive text of the dev side trains
         if i in dev_rows:

@@ -98,6 +98,24 @@ class TextTable:
                 return int(s_id[j])
         return None
 
+    def ids_of(self, other: TextTable) -> np.ndarray:
+        """The id here of each text of ``other``, by 128-bit key (:func:`~embtune.data.tables.text_key`: equal
+        keys taken as equal texts, as for counting), or -1 where this table holds no such text: int64
+        [len(other)], in ``other``'s id order. One binary search per key over the sorted keys (no text read)."""
+        s_hi, s_lo, s_id = self._sorted
+        o_hi, o_lo, o_id = other._sorted
+        out = np.full(len(other), -1, dtype=np.int64)
+        if not len(s_hi) or not len(o_hi):
+            return out
+        keys = np.empty(len(s_hi), dtype=[("hi", np.uint64), ("lo", np.uint64)])  # sorted as (hi, lo) pairs
+        keys["hi"], keys["lo"] = s_hi, s_lo
+        wanted = np.empty(len(o_hi), dtype=keys.dtype)
+        wanted["hi"], wanted["lo"] = o_hi, o_lo
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        hit = keys[at] == wanted
+        out[o_id[hit]] = s_id[at[hit]]
+        return out
+
     def batches(self, towers: int = QUERY | DOCUMENT) -> Iterator[tuple[int, np.ndarray, list[str]]]:
         """``(first id, mask, texts)`` a record batch at a time (read, not mapped: a full pass leaves
         nothing behind): ``mask`` [n] marks the batch's texts that a field of ``towers`` holds, ``texts``

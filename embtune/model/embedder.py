@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from embtune.model import kernels
 from embtune.model.llm import append_eos as _append_eos
 from embtune.model.llm import position_ids
+from embtune.model.unpad import hidden_states as unpadded_hidden_states
+from embtune.model.unpad import supported as unpad_supported
 from embtune.training.precision import use_bf16
 
 KINDS = ("query", "document")
@@ -45,6 +47,10 @@ class Embedder(nn.Module):
     runs under bf16 autocast; its hidden states are cast to fp32, so pooling, normalisation and every
     score and loss computed from the embeddings are fp32.
 
+    ``unpad`` (``model.unpad``; default True): a BERT, RoBERTa or XLM-R tower runs its linear and
+    feed-forward layers on real tokens only (:mod:`embtune.model.unpad`; the same hidden states, dropout
+    drawn on the real tokens only); other towers, or False, take the plain padded forward.
+
     Raises:
         ValueError: ``append_eos`` with a tokenizer that has no EOS token.
     """
@@ -53,6 +59,7 @@ class Embedder(nn.Module):
     truncate_dim: int | None = None
     base_hub_id: str | None = None  # the hub id the model was named by (embtune.model.io): a saved adapter's base
     bf16 = False
+    unpad = True
 
     def __init__(self, encoder, tokenizer, pooling: nn.Module, normalize: bool = True,
                  query_max_length: int = 64, document_max_length: int = 256, query_prompt: str = "",
@@ -124,17 +131,28 @@ class Embedder(nn.Module):
             rows = _append_eos(rows, self.tokenizer.eos_token_id, max_length)
         return _pad(rows, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
 
+    def unpadded(self, kind: str = "document", **kwargs) -> bool:
+        """Whether :meth:`hidden_states` runs ``kind``'s tower unpadded (``unpad`` and
+        :func:`embtune.model.unpad.supported`) with these extra forward keywords."""
+        return bool(self.unpad) and unpad_supported(self.tower(kind), **kwargs)
+
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, kind: str = "document", **kwargs) -> Tensor:
         """``kind``'s tower's last hidden state [B,T,H]. Left-padded rows get positions counted from
         their first real token, so padding never shifts a text's positions. With ``bf16``: computed
-        under bf16 autocast, returned in fp32."""
+        under bf16 autocast, returned in fp32. Unpadded where :meth:`unpadded` says so (values at the
+        pads are then zeros; poolings mask them)."""
         if not bool(attention_mask[:, 0].all()):
             kwargs.setdefault("position_ids", position_ids(attention_mask))
         if not self.bf16:  # no autocast context at all: a caller's own one stays in force
-            return self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            return self._last_hidden(input_ids, attention_mask, kind, kwargs)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16):
-            hidden = self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            hidden = self._last_hidden(input_ids, attention_mask, kind, kwargs)
         return hidden.float()
+
+    def _last_hidden(self, input_ids: Tensor, attention_mask: Tensor, kind: str, kwargs: dict) -> Tensor:
+        if self.unpadded(kind, **kwargs):
+            return unpadded_hidden_states(self.tower(kind), input_ids, attention_mask, **kwargs)
+        return self.tower(kind)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor | None = None,
                 kind: str = "document", **kwargs) -> Tensor:

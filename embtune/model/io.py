@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -47,7 +48,8 @@ def from_pretrained(name_or_path: str, pooling: nn.Module | None = None, normali
                     attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                     query_prompt: str | None = None, document_prompt: str | None = None, append_eos: bool = False,
                     shared_weights: bool = True, dtype: str = "float32", lora=None,
-                    gradient_checkpointing: bool = False, fallback: dict | None = None) -> Embedder:
+                    gradient_checkpointing: bool = False, unpad: Literal["auto", False] = "auto",
+                    fallback: dict | None = None) -> Embedder:
     """An :class:`Embedder` from an encoder or decoder LLM, by local path or hub name (see
     :func:`embtune.model.resolve_model_path`). Inherit, then override:
 
@@ -63,7 +65,9 @@ def from_pretrained(name_or_path: str, pooling: nn.Module | None = None, normali
     (the document tower from ``document/`` where the folder has one, as a saved two-tower model does).
     ``dtype``: see :func:`embtune.model.llm.weight_dtype`; ``lora``: see :func:`embtune.model.llm.apply_lora`
     (None: full fine-tuning). A tokenizer without a pad token pads with EOS
-    (:func:`embtune.model.llm.ensure_pad_token`).
+    (:func:`embtune.model.llm.ensure_pad_token`). ``unpad``: ``auto`` runs the linear and feed-forward
+    layers on real tokens only where the architecture allows (:mod:`embtune.model.unpad`), ``False``
+    never (``Embedder.unpad``).
 
     Raises:
         ValueError: a stored pooling embtune cannot express, or an unknown ``fallback.pooling``.
@@ -79,6 +83,7 @@ def from_pretrained(name_or_path: str, pooling: nn.Module | None = None, normali
     model = Embedder(tower(path), tokenizer, s["pooling"], s["normalize"], s["query_max_length"],
                      s["document_max_length"], query_prompt=s["query_prompt"], document_prompt=s["document_prompt"],
                      append_eos=append_eos, document_encoder=document, lora_save=_lora_save(lora))
+    model.unpad = unpad == "auto"
     return _finished(model, name_or_path, stored)
 
 
@@ -88,11 +93,12 @@ def from_pretrained_multi_vector(name_or_path: str, pooling: nn.Module | None = 
                                  query_prompt: str | None = None, document_prompt: str | None = None,
                                  append_eos: bool = False, dtype: str = "float32", lora=None,
                                  gradient_checkpointing: bool = False, multi_vector_dim: int = 128,
+                                 unpad: Literal["auto", False] = "auto",
                                  fallback: dict | None = None) -> MultiVectorEmbedder:
     """A :class:`MultiVectorEmbedder` (token vectors of ``multi_vector_dim``) from a folder or hub name,
     with the projection stored in the folder's ``1_Dense`` if there is one (else a fresh one). Settings
-    are inherited, then overridden, and lengths cut, as in :func:`from_pretrained`; one tower only, so
-    there is no ``shared_weights``. ``pooling`` is accepted (the run passes one) and unused.
+    are inherited, then overridden, and lengths cut, and ``unpad`` read, as in :func:`from_pretrained`; one
+    tower only, so there is no ``shared_weights``. ``pooling`` is accepted (the run passes one) and unused.
 
     Raises:
         ValueError: a stored projection whose shape is not (``multi_vector_dim``, hidden size).
@@ -106,6 +112,7 @@ def from_pretrained_multi_vector(name_or_path: str, pooling: nn.Module | None = 
                                 s["document_max_length"], multi_vector_dim, stored_projection(path),
                                 query_prompt=s["query_prompt"], document_prompt=s["document_prompt"],
                                 append_eos=append_eos, lora_save=_lora_save(lora))
+    model.unpad = unpad == "auto"
     return _finished(model, name_or_path, stored)
 
 

@@ -109,9 +109,11 @@ def results_table(metrics: dict, model: str, data: str) -> str:
 def main(cfg: DictConfig) -> float | None:
     """Evaluate one model; returns ``eval.metric`` (what a Hydra sweeper optimises). Bad input or settings
     exit with one line, ``Error: <message>`` (``HYDRA_FULL_ERROR=1``: the traceback)."""
+    from embtune.run.progress import quiet_libraries
     from embtune.run.redact import install_log_filter, redact_text
 
     install_log_filter()  # before anything is logged: no API key or token in the console
+    quiet_libraries()  # no transformers "Loading weights" bar, as in embtune
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))))

@@ -118,7 +118,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
         model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
                                                data.fingerprint, cache_dir())
-        model.token_cache.prepare(model, examples)  # examples on disk: their token ids too, a chunk at a time
+        model.token_cache.prepare(model, examples, data.test)  # examples on disk: their token ids, a chunk at a time
     dims = matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)
     eval_dims = [d for d, _ in dims]
     objective.start(model, examples, evaluator.batch_size)  # e.g. ArcFace's class centres from the data
@@ -164,12 +164,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             return loss, metrics
 
     # -- the loop; one step counter drives schedule, logging and checkpoints
+    unpadded = model.unpadded("query") and model.unpadded("document")  # after wrapping: FSDP's layers take the plain forward
+    if main:
+        log.info("unpadded forward: %s (model.unpad=%s)", "on" if unpadded else "off", cfg.model.get("unpad", "auto"))
     model.train()
     model.bf16 = bf16  # the encoder's forward in bf16 autocast; embeddings, scores, loss and weights fp32
     step = epoch = done = seen = skipped = 0  # done: batches of this epoch trained on
     if state is not None:
         c = checkpoint.restore_training(state, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint)
+                                        loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint,
+                                        rank=proc.rank, world=proc.world)
         step, epoch, done, seen, skipped = c["step"], c["epoch"], c["done"], c["seen"], c["skipped"]
         best.load_state_dict(state.get("selection"))
         if state.get("shards"):  # weights, optimiser state and this process's random state, from its shards
@@ -180,11 +184,15 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if main:
         logger.log({"time/startup_s": startup}, step=step)
 
-    def save_checkpoint() -> Path | None:
+    def save_checkpoint() -> Path | None:  # every process calls it: each gives its random state, or its shards
+        rngs = None if sharded else checkpoint.rng_states(rng, proc)  # DDP: gathered to rank 0, which writes
+        if not (main or sharded):
+            return None
         state = {**checkpoint.training_state(
             model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, negatives_rng=rng, step=step,
             epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
-            fingerprint=data.fingerprint, config=saved_config, weights=not sharded), "selection": best.state_dict()}
+            fingerprint=data.fingerprint, config=saved_config, weights=not sharded, rng_by_rank=rngs),
+            "selection": best.state_dict()}
         if sharded:  # every process writes its shards
             return fsdp.save_sharded(output_dir, state, model, optimizer, rng, proc)
         return checkpoint.save(output_dir, state)
@@ -227,10 +235,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                         logger.log({f"eval/{k}": v for k, v in last.items()}, step=step)
                     stopped = best.should_stop
                 every, path = t.checkpoint_every, None
-                signum = fsdp.agreed_signal(stop.signum, proc) if sharded else stop.signum  # all save at one step
-                if (main or sharded) and (signum or (every is not None and (step == total or stopped
-                                                                            or (every and step % every == 0)))):
-                    path = save_checkpoint()  # rank 0's: the weights are the same on every process (fsdp: shards)
+                signum = distributed.agreed_signal(stop.signum, proc)  # every process saves at the same step
+                if signum or (every is not None and (step == total or stopped or (every and step % every == 0))):
+                    path = save_checkpoint()  # rank 0 writes (the weights are the same on every process; fsdp: shards)
                 if signum:
                     raise checkpoint.stop_after_signal(signum, step, path)
                 if step >= total or stopped:
@@ -269,7 +276,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
-        "unbatched_rows": unbatched, "precision": precision_name(bf16),
+        "unbatched_rows": unbatched, "precision": precision_name(bf16), "unpadded": unpadded,
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
         **({"selection": best.summary(), "last": last} if best.evaluations else {}),

@@ -9,6 +9,9 @@ terminal the plain lines are marked file-only, so the screen shows the bar and t
 Encoding texts to evaluate or mine (:func:`encoding_progress`) gets a transient bar on a terminal (texts
 done / total, texts/s, ETA), drawn below the training bar when one is running; elsewhere no bar (the
 evaluator logs one line when it starts and one when it ends). Under ``torchrun`` only rank 0 draws.
+
+The libraries' own bars (transformers' ``Loading weights``, downloads) are off in every command
+(:func:`quiet_libraries`).
 """
 
 from __future__ import annotations
@@ -157,3 +160,22 @@ def print_comparison(base: dict[str, float], final: dict[str, float]) -> None:
         keep_file_only_records_off_the_screen()
         console.print(table)
     log.info("\n%s", text.getvalue().rstrip(), extra=FILE_ONLY if console.is_terminal else None)
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' own noise out of a run's output: the download/load/save bars of transformers,
+    huggingface_hub and datasets, and their deprecation warnings (FutureWarning, DeprecationWarning).
+    Their errors and real warnings still show."""
+    import warnings
+
+    for module in ("transformers", "huggingface_hub", "datasets", "torch", "sentence_transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
+    from huggingface_hub.utils import disable_progress_bars as hub_quiet
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    hub_quiet()
+    datasets_quiet()

@@ -35,9 +35,10 @@ FOLDER = "checkpoints"
 LAST, PREV = "ckpt-last.pt", "ckpt-prev.pt"
 _MAGIC = b"EMBTUNE-SHA256:"  # then the 32-byte digest of everything before it
 
-# 2: public ``_target_`` paths (``embtune.losses.InfoNCE``) and a ``recipe`` node; 1: the flat layout's
-# module paths (``embtune.losses.info_nce.InfoNCE``, ``embtune.formats.Pairwise``), ``train.rounds``.
-FORMAT = 3
+# 4: every process's random state (``rng_by_rank``) in a run of several processes; 3: ``train.bf16=true`` asks
+# for bf16 on a CPU too; 2: public ``_target_`` paths (``embtune.losses.InfoNCE``) and a ``recipe`` node; 1: the
+# flat layout's module paths (``embtune.losses.info_nce.InfoNCE``, ``embtune.formats.Pairwise``), ``train.rounds``.
+FORMAT = 4
 # format-1 ``_target_`` -> format 2, whole names first, then module prefixes
 _TARGETS_V1 = {
     "embtune.model.Embedder.from_pretrained": "embtune.model.from_pretrained",
@@ -156,8 +157,10 @@ def upgrade_config(config: dict, version: int) -> dict:
 
     Format 2 -> 3: ``train.bf16: true`` meant bf16 where the device supports it and never on a CPU, which is
     today's ``auto`` (``true`` now asks for bf16 on a CPU with native bf16 too).
+
+    Format 3 -> 4: the config is the same (format 4 adds every process's random state beside the config).
     """
-    if version >= FORMAT:
+    if version >= 3:
         return config
     out = _v1_to_v2(config) if version < 2 else config
     train = dict(out.get("train") or {})
@@ -293,25 +296,39 @@ class StopOnSignal:
         self._old = {}
 
 
+def rng_states(negatives: random.Random, d) -> list[dict] | None:
+    """Every process's :func:`rng_state`, in rank order, on rank 0 (None on the others): each process of a DDP
+    run draws its own dropout masks and hard negatives, so each resumes from its own. Every process of the
+    group (``d``, a :class:`~embtune.training.distributed.Dist`) must call it; one gather."""
+    from embtune.training.distributed import gather_object
+
+    return gather_object(rng_state(negatives), d)
+
+
 def training_state(*, model, optimizer, scheduler, loss_fn, negatives_rng: random.Random, step: int, epoch: int,
                    done: int, seen: int, skipped: int, seconds: float, base: dict, fingerprint: str,
-                   config: dict, weights: bool = True) -> dict:
+                   config: dict, weights: bool = True, rng_by_rank: list[dict] | None = None) -> dict:
     """Everything a resumed run needs, as one dict: weights (model and loss, e.g. a learnable temperature),
     optimiser and scheduler state, the position in the data (``epoch``, ``done`` = batches of that epoch
     already trained on), counters, every random state, the base metrics, the data's fingerprint and the
     config. Read it back with :func:`restore_training`. ``weights=False`` leaves out the model's weights
-    and the optimiser state (a sharded run writes them through :func:`embtune.training.fsdp.save_sharded`)."""
+    and the optimiser state (a sharded run writes them through :func:`embtune.training.fsdp.save_sharded`).
+    ``rng_by_rank``: every process's random state (:func:`rng_states`), kept when there are several; ``rng``
+    is this process's (rank 0's) either way."""
     state = {"format": FORMAT, "loss": loss_fn.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
              "epoch": epoch, "done": done, "seen": seen, "skipped": skipped, "seconds": seconds,
              "rng": rng_state(negatives_rng), "base": base, "fingerprint": fingerprint, "config": config}
+    if rng_by_rank is not None and len(rng_by_rank) > 1:
+        state["rng_by_rank"] = rng_by_rank
     return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()} if weights else state
 
 
 def restore_training(state: dict, *, model, optimizer, scheduler, loss_fn, negatives_rng: random.Random,
-                     fingerprint: str) -> dict:
+                     fingerprint: str, rank: int = 0, world: int = 1) -> dict:
     """Load a :func:`training_state` dict into the run's objects; returns the counters
     (``step, epoch, done, seen, skipped, seconds``). A sharded run's weights and optimiser state are not in
-    ``state`` (``shards``): :func:`embtune.training.fsdp.restore_sharded` loads them.
+    ``state`` (``shards``): :func:`embtune.training.fsdp.restore_sharded` loads them, with each process's
+    random state. Process ``rank`` of ``world`` takes its own random state (:func:`rank_rng`).
 
     Raises:
         ValueError: the data differs from the data the checkpoint was trained on.
@@ -324,8 +341,25 @@ def restore_training(state: dict, *, model, optimizer, scheduler, loss_fn, negat
         optimizer.load_state_dict(state["optimizer"])
     loss_fn.load_state_dict(state["loss"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"], negatives_rng)
+    set_rng_state(rank_rng(state, rank, world), negatives_rng)
     return {k: state[k] for k in ("step", "epoch", "done", "seen", "skipped", "seconds")}
+
+
+def rank_rng(state: dict, rank: int, world: int) -> dict:
+    """Process ``rank``'s random state in ``state``: its own when the checkpoint holds one per process of a
+    run of ``world`` processes; otherwise (a checkpoint of format 3 or older, which kept rank 0's only, or one
+    of another number of processes) rank 0's, on every process, with a warning: the run resumes, but its
+    processes' dropout masks and sampled negatives are no longer those of an uninterrupted run."""
+    ranks = state.get("rng_by_rank")
+    if world == 1 or state.get("shards"):  # one process; or sharded: each process's own is beside the shards
+        return state["rng"]
+    if ranks is not None and len(ranks) == world:
+        return ranks[rank]
+    if rank == 0:
+        held = f"{len(ranks)} processes'" if ranks is not None else "only one process's (format 3 or older)"
+        log.warning("the checkpoint holds %s random state, this run has %d processes: every process resumes from "
+                    "rank 0's (dropout masks and sampled negatives differ from an uninterrupted run's)", held, world)
+    return state["rng"]
 
 
 def stop_after_signal(signum: int, step: int, path: Path | None) -> SystemExit:

@@ -141,6 +141,27 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
+def gather_object(obj, d: Dist) -> list | None:
+    """Every process's ``obj`` (picklable), in rank order, on rank 0; None on the others; ``[obj]`` in a world
+    of one. Every process must call it."""
+    if d.world == 1 or not dist.is_initialized():
+        return [obj]
+    out = [None] * d.world if d.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def agreed_signal(signum: int | None, d: Dist) -> int | None:
+    """The largest signal number any process has received (None: none), the same on every process, so that
+    all of them save the last checkpoint at the same step (each gives its random state, or its shards). One
+    all-reduce; ``signum`` itself in a world of one."""
+    if d.world == 1 or not dist.is_initialized():
+        return signum
+    box = torch.tensor([signum or 0])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item()) or None
+
+
 def teardown() -> None:
     """Leave the process group, if any, once the command is done (a two-stage run trains twice in it)."""
     if dist.is_available() and dist.is_initialized():

@@ -60,14 +60,6 @@ def active(strategy: str, d: Dist) -> bool:
     return d.world > 1
 
 
-def agreed_signal(signum: int | None, d: Dist) -> int | None:
-    """The largest signal number any process has received (None: none), the same on every process, so that
-    all of them write their shards of the last checkpoint at the same step. One all-reduce."""
-    box = torch.tensor([signum or 0])
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return int(box.item()) or None
-
-
 def layers(tower: nn.Module) -> list[nn.Module]:
     """The transformer blocks of one tower (a transformers model, or a peft model around one): its list of
     ``config.num_hidden_layers`` blocks (:func:`embtune.training.optim.transformer_layers`); [] when it has
