@@ -53,7 +53,7 @@ def test_other_values_are_refused_naming_the_option(bad):
 def test_old_and_command_line_spellings_are_read(tmp_path):
     f = frozenset(SAPPHIRE_RAPIDS.split())
     assert P.use_bf16("True", "cpu", flags=f) is True and P.use_bf16("false", "cpu", flags=f) is False
-    assert P.use_bf16(" AUTO ", "cpu", flags=f) is False  # read as auto (fp32 on a CPU), not refused
+    assert P.use_bf16(" AUTO ", "cpu", flags=f) is True  # read as auto (bf16 on this CPU), not refused
 
 
 def test_cuda_follows_the_device_support_and_other_devices_stay_fp32(monkeypatch):
