@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import CONF
 from hydra import compose, initialize_config_dir
@@ -79,10 +80,26 @@ def test_a_format_1_checkpoint_resumes_to_the_old_layouts_final_weights(tmp_path
         torch.testing.assert_close(new[name], old[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_a_format_2_config_reads_its_bf16_true_as_todays_auto():
+def test_a_format_2_config_reads_its_bf16_true_as_todays_auto_on_cuda():
     from embtune.training.checkpoint import upgrade_config
 
-    # format 2's train.bf16=true was "where the device supports it, never on a CPU": today's auto
-    assert upgrade_config({"train": {"bf16": True, "lr": 1e-5}}, 2)["train"] == {"bf16": "auto", "lr": 1e-5}
-    assert upgrade_config({"train": {"bf16": False}}, 2)["train"] == {"bf16": False}
+    # format 2's train.bf16=true was "where the device supports it, never on a CPU": today's auto on CUDA
+    cuda = {"device": "cuda"}
+    assert upgrade_config({"train": {"bf16": True, "lr": 1e-5, **cuda}}, 2)["train"] == {
+        "bf16": "auto", "lr": 1e-5, **cuda}
+    assert upgrade_config({"train": {"bf16": False, **cuda}}, 2)["train"] == {"bf16": False, **cuda}
     assert upgrade_config({"train": {"bf16": True}}, 3)["train"] == {"bf16": True}  # today's true stays true
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_an_older_configs_auto_resumes_in_fp32_on_a_cpu(version):
+    from embtune.training.checkpoint import upgrade_config
+
+    # before format 5, bf16 auto (and format 2's true) meant fp32 on a CPU: a resumed run must not switch
+    before = {"train": {"bf16": True if version < 3 else "auto", "device": "cpu"},
+              "eval": {"bf16": "auto", "batch_size": 8}}
+    after = upgrade_config(before, version)
+    assert after["train"] == {"bf16": False, "device": "cpu"}
+    assert after["eval"] == {"bf16": False, "batch_size": 8}
+    assert upgrade_config({"train": {"device": "cpu"}}, version)["train"]["bf16"] is False  # unset was auto
+    assert upgrade_config({"train": {"bf16": "auto", "device": "cpu"}}, 5)["train"]["bf16"] == "auto"  # today's

@@ -28,10 +28,10 @@ def test_cpu_flags_are_read_from_cpuinfo_and_a_missing_file_gives_none(tmp_path)
 
 @pytest.mark.parametrize("flags, native", [(SAPPHIRE_RAPIDS, True), (ICE_LAKE, False),
                                            ("avx512f avx512_bf16", True), ("avx2 amx_bf16", True)])
-def test_native_bf16_is_read_from_the_cpu_flags_and_auto_keeps_a_cpu_in_fp32(tmp_path, flags, native):
+def test_native_bf16_is_read_from_the_cpu_flags_and_auto_follows_it(tmp_path, flags, native):
     f = P.cpu_flags(_cpuinfo(tmp_path, flags))
     assert P.cpu_has_bf16(f) is native
-    assert P.use_bf16("auto", "cpu", flags=f) is False  # until the CPU quality check is in
+    assert P.use_bf16("auto", "cpu", flags=f) is native  # emulated bf16 would be slower than fp32
     assert P.use_bf16(False, "cpu", flags=f) is False
     if native:
         assert P.use_bf16(True, "cpu", flags=f) is True
@@ -53,7 +53,7 @@ def test_other_values_are_refused_naming_the_option(bad):
 def test_old_and_command_line_spellings_are_read(tmp_path):
     f = frozenset(SAPPHIRE_RAPIDS.split())
     assert P.use_bf16("True", "cpu", flags=f) is True and P.use_bf16("false", "cpu", flags=f) is False
-    assert P.use_bf16(" AUTO ", "cpu", flags=f) is False  # read as auto (fp32 on a CPU), not refused
+    assert P.use_bf16(" AUTO ", "cpu", flags=f) is True  # read as auto (bf16 on this CPU), not refused
 
 
 def test_cuda_follows_the_device_support_and_other_devices_stay_fp32(monkeypatch):

@@ -17,6 +17,9 @@ from embtune.model import builds_multi_vector, resolve_model_path
 log = logging.getLogger(__name__)
 
 
+_VERSION = 2  # 2: eval.bf16=auto encodes in bf16 on a CPU with native bf16 (1: fp32 there)
+
+
 def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     """The base model's metrics, computed once per (model, pooling, held-out set, eval config, Matryoshka
     dims) and reused from ``$EMBTUNE_CACHE/base_eval`` (so the jobs of a sweep evaluate the base model once;
@@ -34,6 +37,7 @@ def base_metrics(cfg: DictConfig, data, evaluate) -> dict[str, float]:
     if builds_multi_vector(cfg.model):  # the base model's projection is drawn at random from the seed
         parts["seed"] = OmegaConf.select(cfg, "train.seed", default=cfg.get("seed"))  # embtune-eval: cfg.seed
     held_out = fingerprint([], data.test)
+    parts["version"] = _VERSION
     key = hashlib.sha256(json.dumps([parts, str(folder), stamp, held_out], sort_keys=True).encode()).hexdigest()
     path = cache_dir() / "base_eval" / f"{key}.json"
     if path.is_file():

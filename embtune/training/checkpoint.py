@@ -35,10 +35,11 @@ FOLDER = "checkpoints"
 LAST, PREV = "ckpt-last.pt", "ckpt-prev.pt"
 _MAGIC = b"EMBTUNE-SHA256:"  # then the 32-byte digest of everything before it
 
-# 4: every process's random state (``rng_by_rank``) in a run of several processes; 3: ``train.bf16=true`` asks
-# for bf16 on a CPU too; 2: public ``_target_`` paths (``embtune.losses.InfoNCE``) and a ``recipe`` node; 1: the
-# flat layout's module paths (``embtune.losses.info_nce.InfoNCE``, ``embtune.formats.Pairwise``), ``train.rounds``.
-FORMAT = 4
+# 5: ``bf16: auto`` computes in bf16 on a CPU with native bf16 too; 4: every process's random state
+# (``rng_by_rank``) in a run of several processes; 3: ``train.bf16=true`` asks for bf16 on a CPU too; 2: public
+# ``_target_`` paths (``embtune.losses.InfoNCE``) and a ``recipe`` node; 1: the flat layout's module paths
+# (``embtune.losses.info_nce.InfoNCE``, ``embtune.formats.Pairwise``), ``train.rounds``.
+FORMAT = 5
 # format-1 ``_target_`` -> format 2, whole names first, then module prefixes
 _TARGETS_V1 = {
     "embtune.model.Embedder.from_pretrained": "embtune.model.from_pretrained",
@@ -159,14 +160,26 @@ def upgrade_config(config: dict, version: int) -> dict:
     today's ``auto`` (``true`` now asks for bf16 on a CPU with native bf16 too).
 
     Format 3 -> 4: the config is the same (format 4 adds every process's random state beside the config).
+
+    Format 4 -> 5: ``bf16: auto`` (``train``, and ``eval`` where set) meant fp32 on a CPU; a run that
+    resumes on a CPU (``train.device: cpu``, or ``auto`` without CUDA) keeps fp32 (``false``), so it
+    continues as it started.
     """
-    if version >= 3:
+    if version >= FORMAT:
         return config
     out = _v1_to_v2(config) if version < 2 else config
     train = dict(out.get("train") or {})
-    if train.get("bf16") is True:
+    if version < 3 and train.get("bf16") is True:
         train["bf16"] = "auto"
-    return {**out, "train": train}
+    out = {**out, "train": train}
+    device = str(train.get("device", "auto"))
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu:
+        if train.get("bf16", "auto") == "auto":
+            train["bf16"] = False
+        if isinstance(out.get("eval"), dict) and out["eval"].get("bf16") == "auto":
+            out = {**out, "eval": {**out["eval"], "bf16": False}}
+    return out
 
 
 def _v1_to_v2(config: dict) -> dict:
