@@ -16,24 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from embtune.config import CONFIG_PATH, normalize
+from embtune.run.errors import full_traceback, message, user_error
 from embtune.run.outputs import clear_run, rank, record_failure, refuse_if_used
 from embtune.run.progress import quiet_libraries
 
 log = logging.getLogger("embtune")
-
-# errors whose message is the whole story (bad input, bad settings, missing files): shown as one line
-USER_ERRORS = (ValueError, OSError, MissingMandatoryValue)
-
-
-def _message(e: BaseException) -> str:
-    """The one-line message of a user error."""
-    if isinstance(e, MissingMandatoryValue):  # omegaconf's text spans lines (full_key, object_type)
-        return f"{e.full_key} has no value (??? in its config): set it, e.g. {e.full_key}=..."
-    return str(e)
-
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
@@ -42,9 +31,9 @@ def main(cfg: DictConfig) -> float | None:
 
     In a multirun a failing job is recorded as failed (:func:`record_failure`) and returns NaN, so the
     sweep goes on (Hydra's sweepers would stop the sweep on an exception; Optuna marks a NaN trial as
-    failed); a ``USER_ERRORS`` failure is logged as one line, any other with its traceback. A sweep where
+    failed); a user error is logged as one line, any other with its traceback. A sweep where
     no job completed exits non-zero at its end (:class:`embtune.run.SweepTable`). A single run exits after recording it: with ``Error: <message>`` for bad input or settings
-    (``USER_ERRORS``), else with the exception.
+    (:func:`embtune.run.errors.user_error`), else with the exception.
     """
     from embtune.recipes import run
     from embtune.run.redact import install_log_filter, redact, redact_text, redact_yaml_file
@@ -94,16 +83,17 @@ def main(cfg: DictConfig) -> float | None:
             logger.finish(exit_code=1)
         record_failure(output_dir, e)
         if not multirun:
-            if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            if user_error(e) is not None and not full_traceback():
                 # bad data or settings: the message names the file, row and field; a traceback adds nothing
-                message = f"Error: {redact_text(_message(e))}"
-                _to_log_files(message)
-                raise SystemExit(f"{message}\n(traceback: {output_dir / 'summary.json'}; "
+                line = f"Error: {redact_text(message(user_error(e)))}"
+                _to_log_files(line)
+                raise SystemExit(f"{line}\n(traceback: {output_dir / 'summary.json'}; "
                                  "HYDRA_FULL_ERROR=1 prints it here)") from None
             raise
         where = output_dir / "summary.json"
-        if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # one line, as a single run
-            log.error("job %s failed: %s; the sweep goes on (traceback: %s)", hc.job.num, redact_text(str(e)), where)
+        if user_error(e) is not None and not full_traceback():  # one line, as a single run
+            log.error("job %s failed: %s; the sweep goes on (traceback: %s)", hc.job.num,
+                      redact_text(message(user_error(e))), where)
         else:
             log.exception("job %s failed; the sweep goes on (recorded in %s)", hc.job.num, where)
         return math.nan

@@ -75,6 +75,16 @@ def test_bad_data_is_one_error_line_naming_file_row_and_field(tmp_path, tiny_ber
     assert out.stderr.count(f"Error: {data}:2") == 1
 
 
+def test_a_missing_model_folder_is_one_error_line(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tmp_path / 'nope'}", "logger=none",
+           "data.max_train_pairs=8", "data.max_test_queries=4", f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "Error executing job" not in out.stderr
+    assert out.stderr.count("Error: ") == 1 and f"{tmp_path / 'nope'}" in out.stderr.split("Error: ")[1]
+
+
 def test_the_saved_config_reads_key_none_as_null(tmp_path, tiny_bert):
     import yaml
 

@@ -151,3 +151,16 @@ def test_the_command_shows_no_library_bars(tmp_path, tiny_bert):
     printed = out.stdout + out.stderr
     assert "ndcg@10" in printed and (run / "summary.json").is_file()
     assert "Loading weights" not in printed
+    from embtune.training.precision import native_bf16
+
+    expected = "bf16-autocast" if native_bf16("cpu") else "fp32"  # eval.bf16=auto
+    assert json.loads((run / "summary.json").read_text())["precision"] == expected
+    assert f"precision: {expected} on cpu (eval.bf16=auto)" in printed
+
+
+def test_the_command_names_a_missing_mandatory_value_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "embtune.recipes.evaluate", "eval=sts", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "Error: eval.path has no value (??? in its config): set it, e.g. eval.path=..." in out.stderr

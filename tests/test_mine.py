@@ -7,6 +7,7 @@ so the whole ranking is known before the miner runs.
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -245,6 +246,26 @@ def test_mine_command_writes_a_multi_negative_file_and_refuses_to_write_it_again
 
     with pytest.raises(FileExistsError, match="never overwrites"):
         run_mining(_compose("mine", cmd[3:-1]), run_dir)
+
+
+def test_the_command_refuses_bad_settings_in_one_line_and_logs_the_columns_once(tmp_path, tiny_bert, caplog):
+    import logging
+
+    from embtune.data.dataset import TrainingData
+    from embtune.data.formats import Pairwise
+    from embtune.mining.pool import group_queries
+
+    rows = [{"query": f"q{i}", "pos": f"d{i}"} for i in range(40)]
+    with caplog.at_level(logging.INFO, logger="embtune"):
+        queries = group_queries(TrainingData(rows, None, "pairs.jsonl"), Pairwise(positive="pos"))
+    assert [q.text for q in queries] == [f"q{i}" for i in range(40)] and queries[7].positives == ["d7"]
+    assert sum("columns: query <- query, positive <- pos" in r.getMessage() for r in caplog.records) == 1
+    cmd = [sys.executable, "-m", "embtune.recipes.mine", f"model.name_or_path={tiny_bert}", "miner.range_min=200",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "Error: miner.range_min=200, miner.range_max=100: need 0 <= range_min < range_max" in out.stderr
 
 
 def test_mine_config_refuses_an_existing_output_before_the_model_loads(tmp_path):

@@ -22,7 +22,11 @@ def _run(tmp_path, tiny_bert, overrides):
 
 
 def test_few_steps_write_metrics_summary_and_model(tmp_path, tiny_bert):
-    summary = _run(tmp_path, tiny_bert, [])
+    from embtune.training.precision import native_bf16
+
+    summary = _run(tmp_path, tiny_bert, ["train.bf16=false"])  # evaluation keeps eval.bf16=auto
+    assert summary["precision"] == "fp32"
+    assert summary["eval_precision"] == ("bf16-autocast" if native_bf16("cpu") else "fp32")
     assert summary["steps"] == 2
     assert set(summary["base"]) == set(summary["final"]) == {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
     assert summary["temperature"] == pytest.approx(0.05) and summary["margin"] is None

@@ -42,10 +42,14 @@ def group_queries(data: TrainingData, data_format) -> list[Query]:
     by_id: dict[str, Query] = {}
     order: list[Query] = []
     source = list(data.source) or [(data.name, i + 1) for i in range(len(data.rows))]
-    for row, src in zip(data.rows, source):
+    examples, origins = data_format.convert(data.rows, source)  # the columns resolved (and logged) once
+    per_row: dict[int, list] = {}
+    for ex, i in zip(examples, origins):
+        per_row.setdefault(i, []).append(ex)
+    for i, row in enumerate(data.rows):
         qid = row.get("query_id")
         qid = None if qid is None else str(qid)
-        examples = data_format([row], [src])
+        examples = per_row.get(i, [])
         did = row.get("doc_id") if len(examples) == 1 else None
         for ex in examples:
             key = normalise(ex.query)

@@ -28,6 +28,7 @@ from embtune.objectives.matryoshka import matryoshka_dims
 from embtune.run.outputs import refuse_if_used, write_json
 from embtune.run.redact import redact
 from embtune.training.numerics import finite_or_missing
+from embtune.training.precision import precision_name, use_bf16
 
 log = logging.getLogger("embtune")
 
@@ -75,6 +76,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
 
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # refused before the model loads
+    log.info("precision: %s on %s (eval.bf16=%s)", precision_name(bf16), device.type, getattr(evaluator, "bf16", False))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     model.eval()
     dims = [d for d, _ in matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)]
@@ -88,7 +91,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     if data is not None:
         texts = text_report([], data.test, model.tokenizer, model.query_max_length, model.document_max_length)["test"]
     summary = redact({
-        "status": "completed", "model": cfg.model.name_or_path, "metrics": metrics,
+        "status": "completed", "model": cfg.model.name_or_path, "metrics": metrics, "precision": precision_name(bf16),
         "data": {**data.summary(), "texts": texts} if data is not None else None,
         "seconds": round(time.perf_counter() - started, 2),
     })
@@ -109,20 +112,17 @@ def results_table(metrics: dict, model: str, data: str) -> str:
 def main(cfg: DictConfig) -> float | None:
     """Evaluate one model; returns ``eval.metric`` (what a Hydra sweeper optimises). Bad input or settings
     exit with one line, ``Error: <message>`` (``HYDRA_FULL_ERROR=1``: the traceback)."""
+    from embtune.run.errors import one_line_errors
     from embtune.run.progress import quiet_libraries
-    from embtune.run.redact import install_log_filter, redact_text
+    from embtune.run.redact import install_log_filter
 
     install_log_filter()  # before anything is logged: no API key or token in the console
     quiet_libraries()  # no transformers "Loading weights" bar, as in embtune
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))))
-    try:
+    with one_line_errors():  # bad input or settings, a missing eval.path included
         summary = evaluate(cfg, output_dir)
-    except (ValueError, OSError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"Error: {redact_text(str(e))}") from None
     log.info("\n%s", (output_dir / "results.md").read_text().rstrip())  # on screen and in evaluate.log
     log.info("results written to %s (summary.json, results.md, evaluate.log)", output_dir)
     return summary["metrics"].get(cfg.eval.metric)

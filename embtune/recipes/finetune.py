@@ -106,12 +106,13 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         torch.cuda.set_device(device)
     main = proc.main
     bf16 = use_bf16(t.bf16, device)  # before the model loads: train.bf16=true on a CPU without bf16 is refused
-    use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # the same for eval.bf16
+    eval_bf16 = use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # the same for eval.bf16
     sampler, rng = (mix.plan_batches(examples, objective, t, proc, data) if mixed  # before the model: too few
                     else plan_batches(examples, objective, t, proc))  # rows is refused here
     if main:
         log.info(describe_held_out(data, evaluator))
-        log.info("precision: %s on %s (train.bf16=%s)", precision_name(bf16), device.type, t.bf16)
+        log.info("precision: %s on %s (train.bf16=%s), evaluation %s (eval.bf16=%s)", precision_name(bf16),
+                 device.type, t.bf16, precision_name(eval_bf16), getattr(evaluator, "bf16", False))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
         from embtune.model.resolve import resolve_model_path
@@ -276,7 +277,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
         "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
-        "unbatched_rows": unbatched, "precision": precision_name(bf16), "unpadded": unpadded,
+        "unbatched_rows": unbatched, "precision": precision_name(bf16),
+        "eval_precision": precision_name(eval_bf16), "unpadded": unpadded,
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,
         "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
         **({"selection": best.summary(), "last": last} if best.evaluations else {}),

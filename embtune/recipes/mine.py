@@ -44,11 +44,16 @@ def run_mining(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="mine")
 def main(cfg: DictConfig) -> None:
+    """Mine one file of hard negatives. Bad input or settings exit with one line, ``Error: <message>``
+    (``HYDRA_FULL_ERROR=1``: the traceback)."""
+    from embtune.run.errors import one_line_errors
     from embtune.run.progress import quiet_libraries
 
     quiet_libraries()  # no transformers "Loading weights" bar, as in embtune
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg))
-    record = run_mining(cfg, HydraConfig.get().runtime.output_dir)
+    if cfg.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    with one_line_errors():
+        record = run_mining(cfg, HydraConfig.get().runtime.output_dir)
     print(json.dumps({k: record[k] for k in ("output", "queries", "pool", "negatives", "queries_short", "dropped")},
                      indent=2))
 
