@@ -189,7 +189,7 @@ def _resume_task(rank: int, port: int, folder: str) -> None:
         state, _ = checkpoint.load(run / name)
         checkpoint.restore_training(state, **parts, negatives_rng=negatives, fingerprint="f", rank=rank, world=2)
         got[name] = _draws(negatives)
-        got[f"{name}_format"] = state["format"], len(state.get("rng_by_rank", [])), state["config"] == {}
+        got[f"{name}_format"] = state["format"], len(state.get("rng_by_rank", [])), state["config"]
     got["messages"] = messages
     torch.save(got, run / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -200,6 +200,8 @@ def test_a_resumed_ddp_run_restores_each_processs_own_random_state(tmp_path):
     """Each process's dropout mask, torch/NumPy/Python draws and negative sampler after a resume are those of
     its uninterrupted run (not rank 0's); a format-3 checkpoint (rank 0's state only) still resumes, every
     process from rank 0's state, with a warning."""
+    from embtune.training.checkpoint import FORMAT
+
     mp.spawn(_resume_task, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
@@ -209,9 +211,10 @@ def test_a_resumed_ddp_run_restores_each_processs_own_random_state(tmp_path):
     a, b = got[0]["uninterrupted"], got[1]["uninterrupted"]
     assert all(not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]) for k in a)  # ranks differ
     for r in (0, 1):
-        assert got[r]["new_format"] == (4, 2, True)  # every process's state in the checkpoint
+        assert got[r]["new_format"] == (FORMAT, 2, {})  # every process's state in the checkpoint
         assert same(got[r]["new"], got[r]["uninterrupted"])  # its own, as if never interrupted
-        assert got[r]["old_format"] == (4, 0, True)  # read as today's format: the config upgraded
+        # read as today's format, the config upgraded: before format 5, bf16 auto meant fp32 on a CPU
+        assert got[r]["old_format"] == (FORMAT, 0, {"train": {"bf16": False}})
         assert same(got[r]["old"], got[0]["uninterrupted"])  # rank 0's, on every process
     assert any("only one process's (format 3 or older)" in m for m in got[0]["messages"])
     assert not got[1]["messages"]  # the warning once, from rank 0

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "embtune"
-TOP = ("embtune.cli", "embtune.recipes", "embtune.config")  # what the pieces below never import
+TOP = ("embtune.cli", "embtune.commands", "embtune.recipes", "embtune.config")  # what the pieces below never import
 
 
 def _modules() -> dict[str, Path]:
