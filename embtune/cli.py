@@ -82,18 +82,19 @@ def main(cfg: DictConfig) -> float | None:
         if logger is not None:
             logger.finish(exit_code=1)
         record_failure(output_dir, e)
+        cause = user_error(e) if not full_traceback() else None  # bad data or settings: shown as one line
         if not multirun:
-            if user_error(e) is not None and not full_traceback():
-                # bad data or settings: the message names the file, row and field; a traceback adds nothing
-                line = f"Error: {redact_text(message(user_error(e)))}"
+            if cause is not None:
+                # the message names the file, row and field; a traceback adds nothing
+                line = f"Error: {redact_text(message(cause))}"
                 _to_log_files(line)
                 raise SystemExit(f"{line}\n(traceback: {output_dir / 'summary.json'}; "
                                  "HYDRA_FULL_ERROR=1 prints it here)") from None
             raise
         where = output_dir / "summary.json"
-        if user_error(e) is not None and not full_traceback():  # one line, as a single run
+        if cause is not None:  # one line, as a single run
             log.error("job %s failed: %s; the sweep goes on (traceback: %s)", hc.job.num,
-                      redact_text(message(user_error(e))), where)
+                      redact_text(message(cause)), where)
         else:
             log.exception("job %s failed; the sweep goes on (recorded in %s)", hc.job.num, where)
         return math.nan
