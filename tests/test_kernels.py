@@ -29,6 +29,16 @@ def test_the_drop_rate_is_p_rounded_to_a_multiple_of_2_to_the_minus_16_and_seede
     assert not K.drop_mask((4096,), 0.0).any() and K.keep_scale(0.0) == 1.0
 
 
+def test_the_keep_mask_is_the_complement_of_the_drop_mask_from_the_same_draws():
+    torch.manual_seed(1)
+    dropped = K.drop_mask((3, 5, 7), 0.3)
+    torch.manual_seed(1)
+    out = torch.full((2, 3, 5, 7), 9, dtype=torch.uint8)
+    kept = K.keep_mask((3, 5, 7), 0.3, out=out[1])
+    assert kept.dtype == torch.uint8 and kept.data_ptr() == out[1].data_ptr()
+    assert torch.equal(out[1], (~dropped).to(torch.uint8)) and bool((out[0] == 9).all())
+
+
 def _reference_attention(q, k, v, mask, p, scale, seed):
     """softmax(Q Kᵀ·scale + mask), dropped entries zeroed and kept ones scaled by 1/P(keep), times V;
     the masks redrawn from ``seed`` one sequence at a time, as the kernel draws them at one row per chunk."""
@@ -123,7 +133,8 @@ def test_fast_dropout_switches_the_model_and_puts_it_back_even_on_error(model):
 def test_with_nothing_dropped_training_mode_equals_evaluation_mode(model, monkeypatch):
     """The kernels' plumbing through a real model (HF's masks, head layout): with every mask empty and no
     rescaling, a training-mode forward and its gradients equal the evaluation-mode SDPA ones."""
-    monkeypatch.setattr(K, "drop_mask", lambda shape, p: torch.zeros(shape, dtype=torch.bool))
+    monkeypatch.setattr(K, "keep_mask", lambda shape, p, out=None: (
+        torch.empty(shape, dtype=torch.uint8) if out is None else out).fill_(1))
     monkeypatch.setattr(K, "keep_scale", lambda p: 1.0)
     tokens = model.tokenize(["a short one", "a much longer text about proteins in cells", "x"])
     want = model.eval()(**tokens)

@@ -199,7 +199,8 @@ def test_under_fused_linear_it_encodes_the_padded_forwards_numbers(embedder):
 
 def test_under_fast_dropout_in_training_with_nothing_dropped_it_equals_the_padded_forward(embedder, monkeypatch):
     """The chunked CPU attention kernel is reached too (training, dropout > 0), with empty masks."""
-    monkeypatch.setattr(K, "drop_mask", lambda shape, p: torch.zeros(shape, dtype=torch.bool))
+    monkeypatch.setattr(K, "keep_mask", lambda shape, p, out=None: (
+        torch.empty(shape, dtype=torch.uint8) if out is None else out).fill_(1))
     monkeypatch.setattr(K, "keep_scale", lambda p: 1.0)
     tokens = embedder.tokenize(TEXTS)
     real = tokens["attention_mask"].bool()

@@ -8,10 +8,11 @@ draw alone). Here instead:
 - :func:`drop_mask` draws 64 random bits per four entries and drops an entry when its 16-bit slice is
   below ``round(p * 65536)``: the drop probability is ``p`` rounded to a multiple of 2^-16 (0.1 ->
   0.100006), and kept entries are scaled by the exact inverse of the keep probability, so the expected
-  output equals the input as in inverted dropout (Srivastava et al. 2014, JMLR 15).
+  output equals the input as in inverted dropout (Srivastava et al. 2014, JMLR 15). The kernels apply
+  it as :func:`keep_mask`, a 0/1 uint8 tensor they multiply by (vectorised, where ``masked_fill`` is not).
 - :func:`attention` computes softmax(QKᵀ·scale + mask) with dropout, then the weighted sum of values, a
   few sequences at a time (chunks of about 2^20 scores, which stay in cache) and recomputes the
-  probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the 1-byte drop mask.
+  probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the 1-byte keep mask.
 - :class:`Dropout` is ``nn.Dropout`` with that mask (1 byte per entry kept for backward, not 4).
 
 For encoding (no gradients) on a CPU, :func:`fused_linear` runs every ``nn.Linear`` through oneDNN
@@ -49,16 +50,28 @@ def _threshold(p: float) -> int:
     return min(65536, max(0, round(p * 65536)))
 
 
+def _slices(n: int) -> Tensor:
+    """``n`` uniform 16-bit values (int16), four per 64-bit draw of PyTorch's default CPU generator."""
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2 ** 63), 2 ** 63 - 1)
+    return bits.view(torch.int16)[:n]
+
+
 def drop_mask(shape: tuple[int, ...], p: float) -> Tensor:
     """A bool mask of ``shape``, each entry True (dropped) with probability ``round(p·65536)/65536``.
 
     Draws from PyTorch's default CPU generator, so ``torch.manual_seed`` (and restoring its state, as
     GradCache does) reproduces it.
     """
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2 ** 63), 2 ** 63 - 1)
-    slices = bits.view(torch.int16)[:n]  # four uniform 16-bit values per draw, read as signed
-    return (slices < _threshold(p) - 32768).view(shape)
+    return (_slices(math.prod(shape)) < _threshold(p) - 32768).view(shape)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, out: Tensor | None = None) -> Tensor:
+    """``~drop_mask(shape, p)`` from the same draws, as uint8 (1 = kept), or written to ``out`` (contiguous,
+    of ``shape``, any dtype: 1 and 0 in it) when given. The kernels multiply by it: on a CPU a product with a 0/1 tensor is
+    vectorised, where ``masked_fill`` with a bool mask runs element by element (about 6x slower)."""
+    out = torch.empty(shape, dtype=torch.uint8) if out is None else out
+    torch.ge(_slices(math.prod(shape)), _threshold(p) - 32768, out=out.view(-1))
+    return out
 
 
 def keep_scale(p: float) -> float:
@@ -69,19 +82,19 @@ def keep_scale(p: float) -> float:
 class _DropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
-        dropped = drop_mask(tuple(x.shape), p)
-        ctx.save_for_backward(dropped)
+        kept = keep_mask(tuple(x.shape), p)
+        ctx.save_for_backward(kept)
         ctx.scale = keep_scale(p)
-        return (x * ctx.scale).masked_fill_(dropped, 0)
+        return (x * ctx.scale).mul_(kept)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (dropped,) = ctx.saved_tensors
-        return (grad * ctx.scale).masked_fill_(dropped, 0), None
+        (kept,) = ctx.saved_tensors
+        return (grad * ctx.scale).mul_(kept), None
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` drawing its mask with :func:`drop_mask` in training on a CPU (any shape; the same
+    """``nn.Dropout`` drawing its mask with :func:`keep_mask` in training on a CPU (any shape; the same
     shape out). Elsewhere, or with p = 1 (everything dropped), it is ``nn.Dropout``."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,29 +134,40 @@ class _AttentionFn(torch.autograd.Function):
         q, k, v = (q * scale).contiguous(), k.contiguous(), v.contiguous()
         b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         out = torch.empty(b, h, tq, v.shape[-1], dtype=q.dtype)
-        dropped = torch.empty(b, h, tq, tk, dtype=torch.bool)
+        # a 16-bit v gets its mask in its own dtype (2 bytes an entry): a product of equal dtypes needs no
+        # conversion pass; fp32 keeps 1-byte uint8, a quarter of what its own dtype would hold
+        kept = torch.empty(b, h, tq, tk, dtype=v.dtype if v.dtype.itemsize == 2 else torch.uint8)
         with torch.autocast("cpu", enabled=False):  # the dtypes are set here, the same in backward
             for rows in _chunks(b, h * tq * tk):
                 probs = _probs(q, k, blocked, bias, rows)
-                dropped[rows] = mask = drop_mask(tuple(probs.shape), p)
-                torch.matmul(probs.masked_fill_(mask, 0).to(v.dtype), v[rows], out=out[rows])
-        ctx.save_for_backward(q, k, v, blocked, bias, dropped)
+                keep = keep_mask(tuple(probs.shape), p, out=kept[rows])
+                torch.matmul(probs.to(v.dtype).mul_(keep), v[rows], out=out[rows])
+        ctx.save_for_backward(q, k, v, blocked, bias, kept)
         ctx.scale, ctx.keep_scale = scale, keep_scale(p)
         return out.mul_(ctx.keep_scale)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, blocked, bias, dropped = ctx.saved_tensors  # q pre-scaled
+        q, k, v, blocked, bias, kept = ctx.saved_tensors  # q pre-scaled
         grad = (grad.contiguous() * ctx.keep_scale).to(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for rows in _chunks(q.shape[0], q.shape[1] * q.shape[2] * k.shape[2]):
-            probs = _probs(q, k, blocked, bias, rows)  # recomputed in fp32: nothing [B,H,T,T] was kept
-            torch.matmul(probs.masked_fill(dropped[rows], 0).to(v.dtype).transpose(-1, -2), grad[rows], out=dv[rows])
-            d_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2)).masked_fill_(dropped[rows], 0)
+            probs = _probs(q, k, blocked, bias, rows)  # recomputed in fp32: only the 1-byte mask was kept
+            keep = kept[rows]
+            weights = probs.mul(keep) if probs.dtype == v.dtype else probs.to(v.dtype).mul_(keep)  # probs stays
+            torch.matmul(weights.transpose(-1, -2), grad[rows], out=dv[rows])
+            d_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2)).mul_(keep)
             d_scores = torch._softmax_backward_data(d_probs.to(probs.dtype), probs, -1, probs.dtype).to(q.dtype)
             torch.matmul(d_scores, k[rows], out=dq[rows])
             torch.matmul(d_scores.transpose(-1, -2), q[rows], out=dk[rows])
         return dq.mul_(ctx.scale), dk, dv, None, None, None, None
+
+
+def _one_row(mask: Tensor) -> bool:
+    """Whether every query row of ``mask`` [B,1,Tq,Tk] equals the first: a padding mask, which transformers
+    materialises in full (one pass over B·Tq·Tk bytes, against a ``masked_fill`` per chunk it saves)."""
+    row = mask[..., :1, :]
+    return mask.stride(-2) == 0 or torch.equal(mask, row.expand_as(mask))
 
 
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -164,8 +188,8 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     blocked = bias = None
-    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.stride(-2) == 0:
-        # padding only (one row expanded over the queries): an additive row [B,1,1,Tk] is cheaper to apply
+    if attention_mask is not None and attention_mask.dtype == torch.bool and _one_row(attention_mask):
+        # padding only (every query row the same): an additive row [B,1,1,Tk] is cheaper to apply
         wide = _wide(query.dtype)  # the scores' dtype (see _probs)
         bias = torch.zeros(attention_mask[..., :1, :].shape, dtype=wide).masked_fill_(
             ~attention_mask[..., :1, :], torch.finfo(wide).min)
