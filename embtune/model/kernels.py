@@ -9,10 +9,11 @@ draw alone). Here instead:
   below ``round(p * 65536)``: the drop probability is ``p`` rounded to a multiple of 2^-16 (0.1 ->
   0.100006), and kept entries are scaled by the exact inverse of the keep probability, so the expected
   output equals the input as in inverted dropout (Srivastava et al. 2014, JMLR 15). The kernels apply
-  it as :func:`keep_mask`, a 0/1 uint8 tensor they multiply by (vectorised, where ``masked_fill`` is not).
+  it as :func:`keep_mask`, a 0/1 tensor they multiply by (vectorised, where ``masked_fill`` is not).
 - :func:`attention` computes softmax(QKᵀ·scale + mask) with dropout, then the weighted sum of values, a
   few sequences at a time (chunks of about 2^20 scores, which stay in cache) and recomputes the
-  probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the 1-byte keep mask.
+  probabilities in backward (as FlashAttention does, Dao et al. 2022), keeping only the keep mask
+  (1 byte an entry; 2 in bf16).
 - :class:`Dropout` is ``nn.Dropout`` with that mask (1 byte per entry kept for backward, not 4).
 
 For encoding (no gradients) on a CPU, :func:`fused_linear` runs every ``nn.Linear`` through oneDNN
@@ -152,9 +153,9 @@ class _AttentionFn(torch.autograd.Function):
         grad = (grad.contiguous() * ctx.keep_scale).to(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for rows in _chunks(q.shape[0], q.shape[1] * q.shape[2] * k.shape[2]):
-            probs = _probs(q, k, blocked, bias, rows)  # recomputed in fp32: only the 1-byte mask was kept
+            probs = _probs(q, k, blocked, bias, rows)  # recomputed in fp32: only the keep mask was kept
             keep = kept[rows]
-            weights = probs.mul(keep) if probs.dtype == v.dtype else probs.to(v.dtype).mul_(keep)  # probs stays
+            weights = probs.to(v.dtype, copy=True).mul_(keep)  # a copy: probs is needed below
             torch.matmul(weights.transpose(-1, -2), grad[rows], out=dv[rows])
             d_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2)).mul_(keep)
             d_scores = torch._softmax_backward_data(d_probs.to(probs.dtype), probs, -1, probs.dtype).to(q.dtype)
