@@ -298,11 +298,47 @@ def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teach
         raise ValueError("train.grad_cache=true with model=multi_vector: GradCache caches one vector per text, "
                          "not token vectors; train a multi-vector model without grad_cache")
     check_strategy(t, cfg.model, evaluator)
+    if cfg.data.get("streaming"):
+        check_streaming(t, data_format, objective, teacher)
     if cfg.matryoshka.dims and not objective.matryoshka:
         raise ValueError(f"matryoshka.dims with loss={loss_fn.name}: its class centres are full-size, so no loss "
                          "is taken at the smaller dims and the saved model would claim dims it was not trained at; "
                          "use matryoshka=off")
     return objective
+
+
+def check_streaming(t: DictConfig, data_format, objective: Objective, teacher) -> None:
+    """Refuse, before the model loads, what a stream (``data.streaming=true``, :mod:`embtune.data.streaming`)
+    cannot do: what needs a known number of rows or every example before step 1. The loader refuses its own
+    options (``data.max_train_pairs``, ``data.dev_queries``); :func:`embtune.recipes.run` other recipes.
+
+    Raises:
+        ValueError: one message naming every clash: ``train.max_steps=null`` (no epoch length: the schedule
+            needs the steps), ``train.cache_tokens=true`` (it keeps every text's token ids), a teacher (it scores
+            every example first), a loss that builds classes across rows (``loss=arcface``), one that plans the
+            rows of a query into one batch (``loss=multi_label_softmax``), ``data_format=raw_texts`` (every
+            distinct text once).
+    """
+    clashes = []
+    if t.max_steps is None:
+        clashes.append("train.max_steps=null (a stream has no known length, and the learning-rate schedule needs "
+                       "the number of steps: set train.max_steps=N)")
+    if t.cache_tokens:
+        clashes.append("train.cache_tokens=true (it keeps every text's token ids, in memory and in $EMBTUNE_CACHE: "
+                       "set train.cache_tokens=false)")
+    if teacher is not None:
+        clashes.append("teacher (it scores every example before step 1: drop teacher=, or stream a file that holds "
+                       "the teacher's scores, data_format.positive_scores/negative_scores)")
+    loss = objective.loss_fn.name
+    if not objective.per_example:
+        clashes.append(f"loss={loss} (it builds classes across all rows before step 1)")
+    if objective.group_field is not None:
+        clashes.append(f"loss={loss} (it plans every row of one {objective.group_field} into one batch, which needs "
+                       "all of them up front)")
+    if getattr(data_format, "name", None) == "raw_texts":
+        clashes.append("data_format=raw_texts (it keeps every distinct text once, which needs every text seen)")
+    if clashes:
+        raise ValueError("data.streaming=true cannot work with " + "; ".join(clashes))
 
 
 def check_strategy(t: DictConfig, model_cfg, evaluator) -> None:

@@ -29,6 +29,7 @@ from embtune.data import rows as row_tables
 from embtune.data.beir import load_beir_test, read_json_objects, read_lines, subsample
 from embtune.data.checks import DataProblems
 from embtune.data.dataset import DevSplit, RetrievalSet, TrainingData, feed_test, fingerprint, held_out_digest
+from embtune.data.streaming import StreamedData, file_identity, open_stream
 from embtune.data.tables import BATCH_ROWS
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ def load_jsonl(
     drop_bad_rows: bool = False,
     dev_queries: int | None = None,
     dev_ratio: float = 0.1,
-) -> TrainingData:
+    streaming: bool = False,
+    shuffle_buffer: int = 10_000,
+) -> TrainingData | StreamedData:
     """Load training rows from a local file, chosen by suffix, or a ``save_to_disk`` folder.
 
     - ``.jsonl`` (or ``.jsonl.gz``): one JSON object a line; blank lines are skipped.
@@ -79,10 +82,13 @@ def load_jsonl(
         dev_queries, dev_ratio: without ``test_path``, the dev split to hold out of the rows (by query,
             seeded by ``seed``; see :class:`embtune.data.dataset.DevSplit`; 0: none). It is made once the
             data format names the query and positive columns, in the training recipe.
+        streaming: read the rows as training goes instead of into the cache (:mod:`embtune.data.streaming`).
+        shuffle_buffer: with ``streaming``, the rows of the shuffle buffer.
 
     Returns:
         TrainingData with the rows as dicts, ``source`` = ``(path, line number)`` per row (the element
-        number, from 1, for a ``.json`` list), and ``test`` from ``test_path`` or None.
+        number, from 1, for a ``.json`` list), and ``test`` from ``test_path`` or None; with ``streaming``, a
+        :class:`~embtune.data.streaming.StreamedData` (its first rows read and checked, the rest not yet).
 
     Raises:
         FileNotFoundError: ``path`` (or the ``test_path`` test split) does not exist.
@@ -90,13 +96,27 @@ def load_jsonl(
             as one: ``data=beir``), a DatasetDict without ``split``, a file with no rows, a bad CSV/TSV header,
             and (unless
             ``drop_bad_rows``) a line that is not UTF-8, bad JSON or not an object, or a CSV/TSV row with
-            the wrong number of fields, each naming ``file:line``.
+            the wrong number of fields, each naming ``file:line``. With ``streaming``: ``max_train_pairs`` or
+            ``dev_queries`` > 0 (both need every row up front), or a bad ``shuffle_buffer``.
     """
     dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     file = Path(path).expanduser()
     if not file.exists():
         raise FileNotFoundError(f"{path}: no such training file")
     problems = DataProblems(drop_bad_rows)
+    if streaming:
+        _check_streaming(max_train_pairs, dev_queries)
+        if file.is_dir() or file.name.lower().endswith(_BINARY):
+            where = read_with_datasets(file, split)[1]  # checks the folder now; each pass opens it again
+            def open_rows(p):
+                return read_with_datasets(file, split)[0]
+        else:
+            iter_rows(file, problems)  # an unsupported suffix is refused now
+            where = str(file)
+            def open_rows(p):
+                return iter_rows(file, p)
+        return open_stream(str(path), where, open_rows, problems, _test_set(test_path, test_split, problems),
+                           shuffle_buffer, ["jsonl", file_identity([file]), split], f"{path}: no rows")
     if file.is_dir() or file.name.lower().endswith(_BINARY):
         rows, where = read_with_datasets(file, split)
         empty = f"{path}: no rows"
@@ -242,7 +262,9 @@ def load_hf(
     drop_bad_rows: bool = False,
     dev_queries: int | None = None,
     dev_ratio: float = 0.1,
-) -> TrainingData:
+    streaming: bool = False,
+    shuffle_buffer: int = 10_000,
+) -> TrainingData | StreamedData:
     """Load training rows with ``datasets.load_dataset``.
 
     Args:
@@ -257,14 +279,20 @@ def load_hf(
         seed: seed of that sample.
         drop_bad_rows: drop bad rows with a warning instead of failing (see :func:`load_jsonl`).
         dev_queries, dev_ratio: without ``test_path``, the dev split to hold out (see :func:`load_jsonl`).
+        streaming: read the rows as training goes (:mod:`embtune.data.streaming`): a local file or
+            ``save_to_disk`` folder through the same readers as without it, anything else through
+            ``datasets.load_dataset(..., streaming=True)`` (no copy in ``datasets``' cache either).
+        shuffle_buffer: with ``streaming``, the rows of the shuffle buffer.
 
     Returns:
         TrainingData with the rows as dicts and ``source`` = ``(name[split], row number from 1)``, or
-        ``(file, line)`` for a local text file.
+        ``(file, line)`` for a local text file; with ``streaming``, a
+        :class:`~embtune.data.streaming.StreamedData`.
 
     Raises:
         FileNotFoundError: a local path that does not exist, or the ``test_path`` test split is missing.
-        ValueError: the split has no rows, or ``subset`` is given for a local file.
+        ValueError: the split has no rows, or ``subset`` is given for a local file; with ``streaming``, as
+            for :func:`load_jsonl`.
         Whatever ``datasets.load_dataset`` raises for an unknown or unreachable hub data set.
     """
     import datasets  # heavy import; only this loader needs it
@@ -273,6 +301,8 @@ def load_hf(
     local = Path(name).expanduser()
     problems = DataProblems(drop_bad_rows)
     test = (lambda: _test_set(test_path, "test", problems))  # noqa: E731
+    if streaming:
+        return _stream_hf(name, split, subset, local, problems, test(), shuffle_buffer, max_train_pairs, dev_queries)
     if local.is_file() and local.name.lower().endswith(_SUFFIXES):
         if subset is not None:
             raise ValueError(f"{name}: 'subset' ({subset!r}) applies to hub data sets, not to a local file")
@@ -300,6 +330,50 @@ def load_hf(
     return _stored(("hf", files, f"{name}[{split}]"), _numbered(_dataset_batches(ds)),
                    f"{name}: split {split!r} has no rows", max_train_pairs, seed, problems, test, str(name), dev,
                    subset=subset)
+
+
+def _check_streaming(max_train_pairs: int | None, dev_queries: int | None) -> None:
+    """Refuse the loader options a stream cannot honour (both need every row before step 1).
+
+    Raises:
+        ValueError: ``max_train_pairs`` set or ``dev_queries`` > 0, naming the option.
+    """
+    if max_train_pairs is not None:
+        raise ValueError(f"data.max_train_pairs={max_train_pairs} with data.streaming=true: a sample of the rows "
+                         "needs every row up front; bound the run with train.max_steps instead")
+    if dev_queries:
+        raise ValueError(f"data.dev_queries={dev_queries} with data.streaming=true: a dev split needs every row up "
+                         "front; evaluate on data.test_path, or drop data.dev_queries")
+
+
+def _stream_hf(name: str, split: str, subset: str | None, local: Path, problems: DataProblems, test, buffer: int,
+               max_train_pairs: int | None, dev_queries: int | None) -> StreamedData:
+    """:func:`load_hf` with ``streaming=True``."""
+    import datasets
+
+    _check_streaming(max_train_pairs, dev_queries)
+    is_text = local.is_file() and local.name.lower().endswith(_SUFFIXES)
+    saved = local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file())
+    if (is_text or saved or local.is_file()) and subset is not None:
+        raise ValueError(f"{name}: 'subset' ({subset!r}) applies to hub data sets, not to a local file")
+    if is_text:
+        where = str(local)
+        def open_rows(p):
+            return iter_rows(local, p)
+    elif saved or (local.is_file() and local.name.lower().endswith(_BINARY)):
+        where = read_with_datasets(local, split)[1]
+        def open_rows(p):
+            return read_with_datasets(local, split)[0]
+    else:
+        if _looks_local(name) and not local.exists():
+            raise FileNotFoundError(f"{name}: no such file or folder")
+        stream = datasets.load_dataset(name, subset, split=split, streaming=True)
+        where = f"{name}[{split}]"
+        def open_rows(p):
+            return enumerate(stream, 1)
+    identity = file_identity([local]) if local.exists() else []  # a hub data set: its name and options only
+    return open_stream(str(name), where, open_rows, problems, test, buffer, ["hf", str(name), subset, split, identity],
+                       f"{name}: split {split!r} has no rows")
 
 
 def _read_json(file: Path, problems: DataProblems) -> Iterator[tuple[int, dict]]:

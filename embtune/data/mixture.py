@@ -157,6 +157,9 @@ def load_mixture(sources: list, choice: str = "proportional") -> Mixture:
         node = OmegaConf.create(node) if isinstance(node, dict) else node
         if node._target_.rsplit(".", 1)[-1] == "load_mixture":
             raise ValueError(f"{where}: a source cannot itself be a mixture; list its sources here")
+        if node.get("streaming"):
+            raise ValueError(f"{where}: streaming=true: a mixture plans every source's batches from all its rows; "
+                             "stream one data set with data=jsonl or data=hf instead")
         name = node.get("name") or _default_name(node, i)
         if not isinstance(name, str) or not _NAME.match(name) or name in names:
             raise ValueError(f"{where}: name={name!r} must be unique and made of letters, digits, '_', '.', '-' "

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embtune.config import build, check_run
+from embtune.data import streaming
 from embtune.data.batching import make_loader, plan_batches
 from embtune.data.cache import cache_dir
 from embtune.data.checks import make_examples, text_report
@@ -81,6 +82,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
     evaluator = build(cfg, "eval")
     mixed = isinstance(data, Mixture)  # data=mixture: per-source formats and dev splits, each batch from one source
+    streamed = isinstance(data, streaming.StreamedData)  # data.streaming=true: rows read as training goes (no dev split)
     if mixed:
         evaluator = mix.prepare(data, cfg.data_format, data_format, evaluator)  # every source evaluated
     elif isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
@@ -94,7 +96,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     objective = check_run(cfg, checked_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
     if mixed:
         mix.check(data, objective, negatives, loss_fn, teacher)
-    examples, row_of = (mix.make_examples if mixed else make_examples)(data, data_format, objective)
+    examples, row_of = (mix.make_examples if mixed else streaming.make_examples if streamed
+                        else make_examples)(data, data_format, objective)
     if teacher is not None:
         examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
 
@@ -108,7 +111,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     bf16 = use_bf16(t.bf16, device)  # before the model loads: train.bf16=true on a CPU without bf16 is refused
     eval_bf16 = use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # the same for eval.bf16
     sampler, rng = (mix.plan_batches(examples, objective, t, proc, data) if mixed  # before the model: too few
-                    else plan_batches(examples, objective, t, proc))  # rows is refused here
+                    else (streaming.plan_batches if streamed else plan_batches)(examples, objective, t, proc))  # rows
     if main:
         log.info(describe_held_out(data, evaluator))
         log.info("precision: %s on %s (train.bf16=%s), evaluation %s (eval.bf16=%s)", precision_name(bf16),
@@ -126,7 +129,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     loss_fn.to(device)
     # summary.json's text counts: rank 0 writes the summary, so only it tokenises every text for them
     texts = (text_report(examples, data.test, model.tokenizer, model.query_max_length, model.document_max_length,
-                         cache=model.token_cache) if main else None)
+                         cache=model.token_cache) if main and not streamed else None)  # a stream: every row unread
 
     # -- base metrics
     if state is not None:  # resumed: the base metrics were logged by the first run
@@ -138,14 +141,16 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             logger.log({f"eval/{k}": v for k, v in base.items()}, step=0)
 
     # -- optimiser and schedule
-    loader = (mix.make_loader if mixed else make_loader)(examples, objective, t, model, sampler, rng)
+    loader = (mix.make_loader if mixed else streaming.make_loader if streamed else make_loader)(
+        examples, objective, t, model, sampler, rng)
+    per_epoch = None if streamed else len(loader)  # a stream's epoch length is not known
     source_losses = mix.SourceLosses(examples)  # train/loss/<source> of a mixture
     sharded = fsdp.active(t.get("strategy", "ddp"), proc)  # FSDP2: weights, gradients, optimiser state split
     plain = fsdp.skeleton(model) if sharded else None  # the unsharded layout (meta device): rank 0 saves into it
     trained = fsdp.wrap(model, proc, device) if sharded else distributed.wrap(model, proc, device)  # DDP: averaged
     clip = fsdp.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_  # the norm over every shard
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # not in DDP: averaged by hand
-    total = t.max_steps or t.epochs * len(loader)
+    total = t.max_steps or t.epochs * per_epoch  # a stream has train.max_steps (embtune.config.check_streaming)
     warmup = min(math.ceil(t.warmup_ratio * total), total - 1)  # the first step at lr 0 must not be the only one
     # fused: one pass over each parameter (all-MiniLM-L6-v2's optimiser step 5x faster on a CPU; transformers'
     # Trainer default too); FSDP's sharded DTensors take the per-tensor loop
@@ -179,6 +184,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                                         loss_fn=loss_fn, negatives_rng=rng, fingerprint=data.fingerprint,
                                         rank=proc.rank, world=proc.world)
         step, epoch, done, seen, skipped = c["step"], c["epoch"], c["done"], c["seen"], c["skipped"]
+        if streamed:  # each process's own epoch and batches (each reads its own rows)
+            epoch, done = sampler.resume(state["stream"], proc.rank)
         best.load_state_dict(state.get("selection"))
         if state.get("shards"):  # weights, optimiser state and this process's random state, from its shards
             fsdp.restore_sharded(state, model, optimizer, rng, proc)
@@ -190,20 +197,21 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
 
     def save_checkpoint() -> Path | None:  # every process calls it: each gives its random state, or its shards
         rngs = None if sharded else checkpoint.rng_states(rng, proc)  # DDP: gathered to rank 0, which writes
+        stream = sampler.positions(epoch, done, proc) if streamed else None  # every process's, on rank 0
         if not (main or sharded):
             return None
         state = {**checkpoint.training_state(
             model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, negatives_rng=rng, step=step,
             epoch=epoch, done=done, seen=seen, skipped=skipped, seconds=time.perf_counter() - start, base=base,
             fingerprint=data.fingerprint, config=saved_config, weights=not sharded, rng_by_rank=rngs),
-            "selection": best.state_dict()}
+            "selection": best.state_dict(), **({"stream": stream} if streamed else {})}
         if sharded:  # every process writes its shards
             return fsdp.save_sharded(output_dir, state, model, optimizer, rng, proc)
         return checkpoint.save(output_dir, state)
 
     every_eval, last, stopped = evaluator.every_steps, None, False  # last: the latest evaluation's metrics
 
-    with (progress_bar(total, len(loader), t.log_every, show=main) as bar, checkpoint.StopOnSignal() as stop,
+    with (progress_bar(total, per_epoch, t.log_every, show=main) as bar, checkpoint.StopOnSignal() as stop,
           kernels.fast_dropout(model, t.fast_dropout and device.type == "cpu")):
         while step < total and not stopped:
             sampler.set_epoch(epoch, start=done)
@@ -231,7 +239,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                     logger.log({"train/loss": loss_value, "train/lr": lr,
                                 "train/grad_norm": grad_norm.item(), "train/temperature": loss_fn.temperature,
                                 "train/margin": loss_fn.margin, "train/pairs_per_s": pairs_per_s,
-                                "train/epoch": step / len(loader), **extra, **source_losses.flush()}, step=step)
+                                "train/epoch": step / per_epoch if per_epoch else epoch, **extra,
+                                **source_losses.flush()}, step=step)
                 bar.update(step=step, loss=loss_value, lr=lr, pairs_per_s=pairs_per_s)
                 if every_eval and (step % every_eval == 0 or step == total):
                     last = evaluate_and_select(evaluator, model, data, eval_dims, best, step, proc)
@@ -279,7 +288,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     summary = redact({
         "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
         "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
-        "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2), "examples": len(examples),
+        "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2),
+        "examples": None if streamed else len(examples),
         "unbatched_rows": unbatched, "precision": precision_name(bf16),
         "eval_precision": precision_name(eval_bf16), "unpadded": unpadded,
         "temperature": loss_fn.temperature, "margin": loss_fn.margin,

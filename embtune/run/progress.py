@@ -69,15 +69,17 @@ class _Progress:
     the log file; on the screen too when it is not a terminal). ``show=False`` (torchrun ranks > 0) is silent."""
 
     def __init__(self, total: int, steps_per_epoch: int, log_every: int, bar: Progress | None, show: bool):
-        self.total, self.steps_per_epoch, self.log_every = total, max(steps_per_epoch, 1), max(log_every, 1)
+        self.total, self.log_every = total, max(log_every, 1)
+        self.steps_per_epoch = max(steps_per_epoch, 1) if steps_per_epoch is not None else None
         self.bar, self.show, self.started = bar, show, time.perf_counter()
-        self.task = bar.add_task("train", total=total, loss=float("nan"), lr=0.0, pps=0.0, epoch=0.0) if bar else None
+        self.task = (bar.add_task("train", total=total, loss=float("nan"), lr=0.0, pps=0.0, epoch=self._epoch(0))
+                     if bar else None)
         self.first_step: int | None = None
 
     def update(self, step: int, loss: float, lr: float, pairs_per_s: float) -> None:
         if not self.show:
             return
-        epoch = step / self.steps_per_epoch
+        epoch = self._epoch(step)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=loss, lr=lr, pps=pairs_per_s, epoch=epoch)
         if self.first_step is None:  # a resumed run's clock starts at its first step
@@ -85,19 +87,24 @@ class _Progress:
         if step % self.log_every == 0 or step == self.total:
             done = step - self.first_step
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
-            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f pairs/s  ETA %s", step, self.total, epoch,
+            log.info("step %d/%d  %sloss %.4f  lr %.2e  %.1f pairs/s  ETA %s", step, self.total, epoch,
                      loss, lr, pairs_per_s, _eta(eta), extra=FILE_ONLY if self.bar is not None else None)
+
+    def _epoch(self, step: int) -> str:
+        """``"epoch 1.25  "``, or "" when the epoch length is not known."""
+        return f"epoch {step / self.steps_per_epoch:.2f}  " if self.steps_per_epoch else ""
 
 
 @contextmanager
-def progress_bar(total: int, steps_per_epoch: int = 1, log_every: int = 10, show: bool = True):
+def progress_bar(total: int, steps_per_epoch: int | None = 1, log_every: int = 10, show: bool = True):
     """Training progress for ``total`` steps (see the module docstring); yields an object with
-    ``update(step, loss, lr, pairs_per_s)``."""
+    ``update(step, loss, lr, pairs_per_s)``. ``steps_per_epoch`` None (a stream, whose epochs have no known
+    length): no epoch is shown."""
     if show and console.is_terminal:
         keep_file_only_records_off_the_screen()
         bar = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("epoch {task.fields[epoch]:.2f}  loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
+            TextColumn("{task.fields[epoch]}loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
                        "{task.fields[pps]:.1f} pairs/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console)
         with bar:
