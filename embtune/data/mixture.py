@@ -140,8 +140,8 @@ def load_mixture(sources: list, choice: str = "proportional") -> Mixture:
             ``weighted`` or ``round_robin``.
     Raises:
         ValueError: an empty list, an unknown ``choice``, a source without ``_target_`` or that is itself
-            a mixture, a missing/<= 0 weight with ``choice=weighted`` or a weight with another choice, a bad
-            or repeated name, ``in_batch`` not true/false, or a source that fails to load: each names
+            a mixture or is streamed (``streaming: true``), a missing/<= 0 weight with ``choice=weighted`` or a
+            weight with another choice, a bad or repeated name, ``in_batch`` not true/false, or a source that fails to load: each names
             ``data.sources[i]`` (and its name); all but the last are raised before any source is read.
     """
     if choice not in CHOICES:
@@ -157,15 +157,15 @@ def load_mixture(sources: list, choice: str = "proportional") -> Mixture:
         node = OmegaConf.create(node) if isinstance(node, dict) else node
         if node._target_.rsplit(".", 1)[-1] == "load_mixture":
             raise ValueError(f"{where}: a source cannot itself be a mixture; list its sources here")
-        if node.get("streaming"):
-            raise ValueError(f"{where}: streaming=true: a mixture plans every source's batches from all its rows; "
-                             "stream one data set with data=jsonl or data=hf instead")
         name = node.get("name") or _default_name(node, i)
         if not isinstance(name, str) or not _NAME.match(name) or name in names:
             raise ValueError(f"{where}: name={name!r} must be unique and made of letters, digits, '_', '.', '-' "
                              "(it prefixes the source's metrics)")
         names.add(name)
         where = f"{where} ({name})"
+        if node.get("streaming"):
+            raise ValueError(f"{where}: streaming=true: a mixture plans every source's batches from all its rows; "
+                             "stream one data set with data=jsonl or data=hf instead")
         weight = node.get("weight")
         if choice == "weighted" and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
             raise ValueError(f"{where}: weight={weight!r}: data.choice=weighted needs a weight > 0 for every source")

@@ -112,8 +112,8 @@ def open_stream(name: str, where: str, open_rows: Callable[[DataProblems], Itera
             ``file:line`` and the field, unless ``data.drop_bad_rows``), or no row at all (``empty``).
     """
     if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 1:
-        raise ValueError(f"data.shuffle_buffer={shuffle_buffer!r}: must be an integer >= 1 (rows held to shuffle "
-                         "the stream)")
+        raise ValueError(f"data.shuffle_buffer={shuffle_buffer!r} with data.streaming=true: must be an integer >= 1 "
+                         "(the rows held to shuffle the stream)")
     head = list(itertools.islice(open_rows(DataProblems(problems.drop_bad_rows)), HEAD_ROWS))  # counted later
     if not head:
         raise ValueError(empty)
@@ -178,7 +178,7 @@ def make_examples(data: StreamedData, data_format, objective) -> tuple[StreamedE
     """
     data_format.prepare(SimpleNamespace(columns=data.columns))  # resolve_columns reads the columns it is given
     examples = StreamedExamples(data, data_format, objective)
-    if not any(True for _ in examples.of_rows(data.head, _Again(data.problems.drop_bad_rows))):
+    if not sum(1 for _ in examples.of_rows(data.head, _Again(data.problems.drop_bad_rows))):  # every first row
         raise ValueError(f"data {data.name}: no training example in its first {len(data.head)} rows")
     log.info("data %s: streamed (data.streaming=true): rows are read, checked and tokenised as training goes; "
              "shuffle buffer of %d rows", data.name, data.shuffle_buffer)
