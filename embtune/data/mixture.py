@@ -141,8 +141,9 @@ def load_mixture(sources: list, choice: str = "proportional") -> Mixture:
     Raises:
         ValueError: an empty list, an unknown ``choice``, a source without ``_target_`` or that is itself
             a mixture or is streamed (``streaming: true``), a missing/<= 0 weight with ``choice=weighted`` or a
-            weight with another choice, a bad or repeated name, ``in_batch`` not true/false, or a source that fails to load: each names
-            ``data.sources[i]`` (and its name); all but the last are raised before any source is read.
+            weight with another choice, a bad or repeated name, ``in_batch`` not true/false, or a source that
+            fails to load: each names ``data.sources[i]`` (and its name); all but the last are raised before
+            any source is read.
     """
     if choice not in CHOICES:
         raise ValueError(f"data.choice={choice!r}: must be one of {', '.join(CHOICES)}")

@@ -82,7 +82,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
     evaluator = build(cfg, "eval")
     mixed = isinstance(data, Mixture)  # data=mixture: per-source formats and dev splits, each batch from one source
-    streamed = isinstance(data, streaming.StreamedData)  # data.streaming=true: rows read as training goes (no dev split)
+    streamed = isinstance(data, streaming.StreamedData)  # data.streaming=true: rows read as training goes
     if mixed:
         evaluator = mix.prepare(data, cfg.data_format, data_format, evaluator)  # every source evaluated
     elif isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
