@@ -35,7 +35,9 @@ PENDING: list[tuple[re.Pattern, str]] = []  # (pattern, reason): shown commands 
 FAST_RUNS = ["embtune experiment=stsb_cosent",
              "embtune data=jsonl data.path=../shared/data/triplets/flagembedding_nq_example.jsonl "
              "data_format=multi_negative data_format.positive_scores=pos_scores "
-             "data_format.negative_scores=neg_scores negatives=hard negatives.group_size=8 loss=margin_mse"]
+             "data_format.negative_scores=neg_scores negatives=hard negatives.group_size=8 loss=margin_mse",
+             "embtune data=jsonl data.path=../shared/data/triplets/snli_dev_triplets.jsonl data.streaming=true "
+             "train.max_steps=200 train.cache_tokens=false data_format=triplet negatives=hard"]
 RUN_FOLDER = "2000-01-01_00-00-00"  # stands for <date_time>
 
 
@@ -258,6 +260,8 @@ def _shrunk(cmd: str, run_dir, tiny_bert: str, tiny_cross_encoder: str) -> list[
               "eval.batch_size": "64", "logger": "none", "hydra.run.dir": str(run_dir)}
     if "max_test_queries" in cfg.data:
         shrink["data.max_test_queries"] = "8"
+    if cfg.data.get("streaming"):  # a stream takes no sample of its rows (refused): max_steps bounds it
+        del shrink["data.max_train_pairs"]
     if cfg.get("teacher"):
         shrink["teacher.name_or_path"] = tiny_cross_encoder
     if cfg.get("pretrain") is not None:
@@ -279,7 +283,8 @@ def _check_summary(summary: dict, cfg) -> None:
     # mining rounds: each round's summary says how it ended
     assert all(part["status"] == "completed" for part in summary.get("rounds", [summary]))
     # stdlib and beir bring a test split, data=jsonl|hf a test_path or a dev split of their rows, eval=sts a file
-    held_out = cfg.eval.get("path") or cfg.data.get("dev_queries") != 0 and cfg.data.get("dev_ratio") != 0
+    held_out = cfg.eval.get("path") or (cfg.data.get("dev_queries") != 0 and cfg.data.get("dev_ratio") != 0
+                                         and not cfg.data.get("streaming"))  # a stream has no dev split
     # evaluated after training, under the metric sweeps report; no held-out set: nothing to evaluate
     assert (cfg.eval.metric in summary["final"]) if held_out else summary["final"] == {}
 
