@@ -59,7 +59,7 @@ class TrainSettings(TypedDict):
     checkpoint_every: int | None
     keep_checkpoint: bool
     on_nonfinite: Literal["skip", "stop"]
-    cache_tokens: bool
+    cache_tokens: bool | Literal["auto"]
     fast_dropout: bool
     early_stopping_patience: int | None
 
@@ -323,9 +323,9 @@ def check_streaming(t: DictConfig, data_format, objective: Objective, teacher) -
     if t.max_steps is None:
         clashes.append("train.max_steps=null (a stream has no known length, and the learning-rate schedule needs "
                        "the number of steps: set train.max_steps=N)")
-    if t.cache_tokens:
+    if t.cache_tokens is True:
         clashes.append("train.cache_tokens=true (it keeps every text's token ids, in memory and in $EMBTUNE_CACHE: "
-                       "set train.cache_tokens=false)")
+                       "leave it at auto, which is off for a stream)")
     if teacher is not None:
         clashes.append("teacher (it scores every example before step 1: drop teacher=, or stream a file that holds "
                        "the teacher's scores, data_format.positive_scores/negative_scores)")

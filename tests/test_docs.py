@@ -37,7 +37,7 @@ FAST_RUNS = ["embtune experiment=stsb_cosent",
              "data_format=multi_negative data_format.positive_scores=pos_scores "
              "data_format.negative_scores=neg_scores negatives=hard negatives.group_size=8 loss=margin_mse",
              "embtune data=jsonl data.path=../shared/data/triplets/snli_dev_triplets.jsonl data.streaming=true "
-             "train.max_steps=200 train.cache_tokens=false data_format=triplet negatives=hard"]
+             "train.max_steps=200 data_format=triplet negatives=hard"]
 RUN_FOLDER = "2000-01-01_00-00-00"  # stands for <date_time>
 
 

@@ -26,7 +26,7 @@ from embtune.training import checkpoint
 from embtune.training.distributed import Dist
 
 TOY = DATA / "triplets" / "flagembedding_toy_finetune_data.jsonl"  # 10 rows, 1-8 negatives each
-STREAM = ["data=jsonl", "data.streaming=true", "train.max_steps=3", "train.cache_tokens=false",
+STREAM = ["data=jsonl", "data.streaming=true", "train.max_steps=3",
           "eval.before=false", "eval.after=false", "logger=none"]
 
 

@@ -117,7 +117,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         log.info("precision: %s on %s (train.bf16=%s), evaluation %s (eval.bf16=%s)", precision_name(bf16),
                  device.type, t.bf16, precision_name(eval_bf16), getattr(evaluator, "bf16", False))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
-    if t.cache_tokens:  # each text tokenised once per tokenizer and data set, shared by a sweep's jobs
+    if t.cache_tokens is True or t.cache_tokens == "auto" and not streamed:  # each text tokenised once, for all jobs
         from embtune.model.resolve import resolve_model_path
 
         model.token_cache = TokenCache.for_run(resolve_model_path(cfg.model.name_or_path), model.tokenizer,
