@@ -250,8 +250,8 @@ def _describe(options: list, nullable: bool = False) -> str:
     words = []
     for option in options:
         origin, args = typing.get_origin(option) or option, typing.get_args(option)
-        if origin is Literal:
-            words.append("one of " + ", ".join(repr(a) for a in args))
+        if origin is Literal:  # spelled as the config writes them: auto, false, null (not 'auto', False, None)
+            words.append(" or ".join(_yaml_word(a) for a in args))
         elif origin in _WORDS:
             words.append(_WORDS[origin])
         elif origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
@@ -262,6 +262,13 @@ def _describe(options: list, nullable: bool = False) -> str:
         else:
             words.append(getattr(option, "__name__", str(option)))
     return " or ".join(dict.fromkeys(words + (["null"] if nullable else [])))
+
+
+def _yaml_word(value) -> str:
+    """``value`` as a YAML config or a command line writes it: ``true``, ``false``, ``null``, a bare string."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
 
 
 def _unescape(value):
