@@ -142,5 +142,9 @@ def test_a_run_without_a_test_set_reports_base_and_final_on_its_dev_split(tmp_pa
     assert set(summary["base"]) == set(summary["final"]) == {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
     assert summary["data"]["dev_split"]["dev_queries"] == 5 and summary["examples"] == 5
     assert "evaluating on: a dev split of" in caplog.text
-    off = run(tmp_path / "off", "data.dev_queries=0")
+    assert "(data.dev_queries=0 holds none out and trains on every row)" in caplog.text  # how, not a status
+    caplog.clear()
+    with caplog.at_level("INFO", logger="embtune"):
+        off = run(tmp_path / "off", "data.dev_queries=0")
+    assert "no test set and no dev split (data.dev_queries=0; set it > 0 to hold queries out)" in caplog.text
     assert off["base"] == {} and off["final"] == {} and off["examples"] == 10
