@@ -214,10 +214,16 @@ def test_resume_from_the_previous_checkpoint_still_equals_the_straight_run(tiny_
     _assert_same_result(tmp_path / "resumed", straight)
 
 
-def test_resume_refuses_changed_data(tiny_bert, straight, tmp_path):
+def test_resume_refuses_changed_data_before_the_model_loads(tiny_bert, straight, tmp_path, monkeypatch):
+    import embtune.model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
     state, _ = checkpoint.load(straight)
     state["fingerprint"] = "0" * 64
     checkpoint.save(tmp_path / "run", state)
+    monkeypatch.setattr(embtune.model, "from_pretrained", no_model)  # what model=encoder's _target_ calls
     with pytest.raises(ValueError, match="training data changed since the checkpoint"):
         _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'run'}"]), tmp_path / "resumed")
 

@@ -86,6 +86,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         evaluator = mix.prepare(data, cfg.data_format, data_format, evaluator)  # every source evaluated
     elif isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
         data = hold_out_dev(data, data_format)
+    if state is not None:  # resumed: on the checkpoint's data (the dev split held out as then), checked before the model
+        checkpoint.check_data(state, data.fingerprint)
     patience = t.get("early_stopping_patience")
     check_selection(evaluator.every_steps, evaluator.keep, patience, evaluator.metric, evaluator.metrics,
                     evaluates=data.test is not None or not evaluator.uses_data)
