@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from embtune.eval.evaluators import Retrieval
 from embtune.model import builds_multi_vector
+from embtune.model.resolve import hub_id
 from embtune.objectives import Objective, objective_for
 from embtune.objectives.matryoshka import matryoshka_dims
 
@@ -310,6 +311,21 @@ def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teach
                          "is taken at the smaller dims and the saved model would claim dims it was not trained at; "
                          "use matryoshka=off")
     return objective
+
+
+def check_model_folder(model_cfg) -> None:
+    """A model named by a local path (``model.name_or_path``) must be a folder: refused before the data is read.
+    A hub name is looked up when the model loads (the cache, the bundled copy, the hub:
+    :func:`embtune.model.resolve_model_path`).
+
+    Raises:
+        FileNotFoundError: a local path that is not a folder, e.g. ``model.name_or_path='/no/such/folder': no
+            such folder``.
+    """
+    name = model_cfg.get("name_or_path")
+    if isinstance(name, str) and hub_id(name) is None and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"model.name_or_path={name!r}: no such folder (a model is a local folder or a "
+                                "hub name)")
 
 
 def check_strategy(t: DictConfig, model_cfg, evaluator) -> None:

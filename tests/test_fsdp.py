@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, REPO
+from conftest import CONF, NOT_A_MODEL, REPO
 from hydra import compose, initialize_config_dir
 
 from embtune.training import checkpoint, fsdp
@@ -179,7 +179,7 @@ def _refused(tmp_path, overrides):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"query": f"q {i}", "positive": f"p {i}"}) + "\n" for i in range(8)))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model.name_or_path={tmp_path / 'no_model'}", "data=jsonl",
+        cfg = compose(config_name="config", overrides=[f"model.name_or_path={NOT_A_MODEL}", "data=jsonl",
                                                        f"data.path={data}", "logger=none", *overrides])
     return lambda: train(cfg, tmp_path / "run", None)
 

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune.config import build, check_run
+from embtune.config import build, check_model_folder, check_run, normalize
 from embtune.data.batching import make_loader, plan_batches
 from embtune.data.cache import cache_dir
 from embtune.data.checks import make_examples, text_report
@@ -78,6 +78,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
+    normalize(cfg)  # the values' types first (check_run reads them again), then the model's folder: before the data
+    check_model_folder(cfg.model)
     data = data if data is not None else build(cfg, "data")
     data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
     evaluator = build(cfg, "eval")
