@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from embtune.eval.evaluators import Retrieval
 from embtune.model import builds_multi_vector
+from embtune.model.resolve import hub_id
 from embtune.objectives import Objective, objective_for
 from embtune.objectives.matryoshka import matryoshka_dims
 
@@ -250,8 +251,8 @@ def _describe(options: list, nullable: bool = False) -> str:
     words = []
     for option in options:
         origin, args = typing.get_origin(option) or option, typing.get_args(option)
-        if origin is Literal:
-            words.append("one of " + ", ".join(repr(a) for a in args))
+        if origin is Literal:  # spelled as the config writes them: auto, false, null (not 'auto', False, None)
+            words.append(" or ".join(_yaml_word(a) for a in args))
         elif origin in _WORDS:
             words.append(_WORDS[origin])
         elif origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
@@ -262,6 +263,13 @@ def _describe(options: list, nullable: bool = False) -> str:
         else:
             words.append(getattr(option, "__name__", str(option)))
     return " or ".join(dict.fromkeys(words + (["null"] if nullable else [])))
+
+
+def _yaml_word(value) -> str:
+    """``value`` as a YAML config or a command line writes it: ``true``, ``false``, ``null``, a bare string."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
 
 
 def _unescape(value):
@@ -339,6 +347,21 @@ def check_streaming(t: DictConfig, data_format, objective: Objective, teacher) -
         clashes.append("data_format=raw_texts (it keeps every distinct text once, which needs every text seen)")
     if clashes:
         raise ValueError("data.streaming=true cannot work with " + "; ".join(clashes))
+
+
+def check_model_folder(model_cfg) -> None:
+    """A model named by a local path (``model.name_or_path``) must be a folder: refused before the data is read.
+    A hub name is looked up when the model loads (the cache, the bundled copy, the hub:
+    :func:`embtune.model.resolve_model_path`).
+
+    Raises:
+        FileNotFoundError: a local path that is not a folder, e.g. ``model.name_or_path='/no/such/folder': no
+            such folder``.
+    """
+    name = model_cfg.get("name_or_path")
+    if isinstance(name, str) and hub_id(name) is None and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"model.name_or_path={name!r}: no such folder (a model is a local folder or a "
+                                "hub name)")
 
 
 def check_strategy(t: DictConfig, model_cfg, evaluator) -> None:

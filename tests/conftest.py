@@ -24,6 +24,8 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 CONF = REPO / "conf"
+# a folder that is not a model: a test's model.name_or_path when the run must stop before any model loads
+NOT_A_MODEL = str(REPO / "tests" / "fixtures" / "not_a_model")
 
 
 def logged(recipe, cfg, run_dir):

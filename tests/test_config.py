@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import CONF, DATA
+from conftest import CONF, DATA, NOT_A_MODEL
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
@@ -115,7 +115,7 @@ def test_hard_negatives_without_negatives_in_the_data_fail_naming_both():
 def test_incompatible_combination_fails_before_the_model_loads(tmp_path):
     from embtune.recipes.finetune import train
 
-    cfg = _compose(["negatives=hard", "data_format=pairwise", "model.name_or_path=/nonexistent/model",
+    cfg = _compose(["negatives=hard", "data_format=pairwise", f"model.name_or_path={NOT_A_MODEL}",
                     "data.max_train_pairs=8", "data.max_test_queries=4"])
     with pytest.raises(ValueError, match="negatives=hard"):  # not FileNotFoundError for the model
         train(cfg, tmp_path, logger=None)

@@ -63,7 +63,8 @@ def test_numbers_are_read_where_they_belong():
 WRONG = [
     (["train.max_steps=ten"], r"train.max_steps must be an integer or null, got 'ten'"),
     (["train.lr=fast"], r"train.lr must be a number, got 'fast'"),
-    (["train.on_nonfinite=crash"], r"train.on_nonfinite must be one of 'skip', 'stop', got 'crash'"),
+    (["train.on_nonfinite=crash"], r"train.on_nonfinite must be skip or stop, got 'crash'"),
+    (["model.unpad=maybe"], r"model.unpad must be auto or false, got 'maybe'"),  # YAML's false, not Python's False
     (["data.max_train_pairs=abc"], r"data.max_train_pairs must be an integer or null, got 'abc'"),
     (["model.query_max_length=long"], r"model.query_max_length must be an integer or null, got 'long'"),
     (["model.normalize=yes"], r"model.normalize must be true or false or null, got 'yes'"),

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import CONF, DATA, logged
+from conftest import CONF, DATA, NOT_A_MODEL, logged
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -218,7 +218,7 @@ def test_bad_mixtures_are_refused_before_any_model_loads(sources, overrides, mes
             sources[1]["name"] = "scifact"
         elif what == "in_batch":
             sources[1]["in_batch"] = False
-    cfg = _cfg(str(tmp_path / "no_model_here"), sources, overrides)  # loading the model would fail otherwise
+    cfg = _cfg(NOT_A_MODEL, sources, overrides)  # loading the model would fail otherwise
     OmegaConf.resolve(cfg)
     with pytest.raises(ValueError, match=message):
         _train(cfg, tmp_path / "run")

@@ -125,7 +125,7 @@ def test_hold_out_keeps_file_lines_and_fingerprints_the_split():
     assert hold_out_dev(load_jsonl(str(TOY), dev_queries=0), MultiNegative()).test is None
 
 
-def test_a_run_without_a_test_set_reports_base_and_final_on_its_dev_split(tmp_path, tiny_bert, caplog):
+def test_a_run_without_a_test_set_reports_base_and_final_on_its_dev_split(tmp_path, tiny_bert, caplog, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from embtune.recipes.finetune import train
@@ -137,10 +137,16 @@ def test_a_run_without_a_test_set_reports_base_and_final_on_its_dev_split(tmp_pa
                 "train.max_steps=1", "train.batch_size=4", "eval.cache_base=false", *extra])
         return logged(train, cfg, folder)
 
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))  # cold: nothing split or tokenised before
     with caplog.at_level("INFO", logger="embtune"):
         summary = run(tmp_path / "dev")
+    assert caplog.text.count("data_format=multi_negative columns: query <- query") == 1  # split, then examples: once
     assert set(summary["base"]) == set(summary["final"]) == {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
     assert summary["data"]["dev_split"]["dev_queries"] == 5 and summary["examples"] == 5
     assert "evaluating on: a dev split of" in caplog.text
-    off = run(tmp_path / "off", "data.dev_queries=0")
+    assert "(data.dev_queries=0 holds none out and trains on every row)" in caplog.text  # how, not a status
+    caplog.clear()
+    with caplog.at_level("INFO", logger="embtune"):
+        off = run(tmp_path / "off", "data.dev_queries=0")
+    assert "no test set and no dev split (data.dev_queries=0; set it > 0 to hold queries out)" in caplog.text
     assert off["base"] == {} and off["final"] == {} and off["examples"] == 10

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, NOT_A_MODEL
 from hydra.utils import instantiate
 
 from embtune.data.batching import candidate_batch
@@ -182,7 +182,7 @@ def test_a_distillation_loss_without_scores_fails_before_the_model_loads(tmp_pat
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "data=jsonl", f"data.path={NLI}", "data_format=multi_negative", "negatives=hard", "loss=margin_mse",
-            "model.name_or_path=/nonexistent/model"])
+            f"model.name_or_path={NOT_A_MODEL}"])
     with pytest.raises(ValueError, match="loss=margin_mse needs teacher scores"):
         train(cfg, tmp_path, logger=None)
     assert instantiate(cfg.loss).input_kind == "teacher_scores"

@@ -93,11 +93,42 @@ def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straigh
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     state, _ = checkpoint.load(tmp_path / "first")
     assert state["step"] == N // 2 and state["done"] == 1 and state["epoch"] == 1  # mid-epoch 2
+    stopped_at = json.loads((tmp_path / "first" / "summary.json").read_text())  # how far it got, and what it ran
+    assert stopped_at["status"] == "interrupted" and stopped_at["steps"] == N // 2 and stopped_at["signal"] == "SIGINT"
+    assert stopped_at["precision"] in ("fp32", "bf16-autocast") and stopped_at["data"]["train_rows"] == 10
+    assert stopped_at["checkpoint"].endswith(checkpoint.LAST) and "final" not in stopped_at
     monkeypatch.setattr(Contrastive, "loss", real)
     summary = _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'first'}"]), tmp_path / "second")
     assert summary["resumed_from"].endswith("ckpt-last.pt")
     assert sorted(_losses(tmp_path / "second")) == list(range(N // 2 + 1, N + 1))
     _assert_same_result(tmp_path / "second", straight)
+
+
+def test_an_interrupted_summary_is_replaced_by_its_completed_resume_and_never_replaces_a_completed_one(
+        tiny_bert, tmp_path, monkeypatch):
+    real, calls = Contrastive.loss, []
+
+    def interrupted_at_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Contrastive, "loss", interrupted_at_2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        _train(_cfg(tiny_bert), run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(Contrastive, "loss", real)
+    _train(_cfg(tiny_bert, [f"resume_from={run_dir}"]), run_dir)  # resumed in its own folder
+    completed = (run_dir / "summary.json").read_text()
+    assert json.loads(completed)["status"] == "completed" and json.loads(completed)["steps"] == N
+
+    calls.clear()
+    monkeypatch.setattr(Contrastive, "loss", interrupted_at_2)
+    with pytest.raises(SystemExit):  # a run stopped in a folder that holds a completed run's summary
+        _train(_cfg(tiny_bert, ["train.max_steps=4"]), run_dir)
+    assert (run_dir / "summary.json").read_text() == completed
 
 
 CHILD = textwrap.dedent("""
@@ -144,6 +175,8 @@ def test_killed_process_resumes_to_the_straight_result(tiny_bert, straight, tmp_
     assert state["step"] == expected, why
     if sig != signal.SIGKILL:
         assert "resume_from=" in child.stderr, why
+        stopped_at = json.loads((tmp_path / "killed" / "summary.json").read_text())
+        assert stopped_at["status"] == "interrupted" and stopped_at["steps"] == at, why
     _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'killed'}"]), tmp_path / "resumed")
     _assert_same_result(tmp_path / "resumed", straight)
 
@@ -181,10 +214,16 @@ def test_resume_from_the_previous_checkpoint_still_equals_the_straight_run(tiny_
     _assert_same_result(tmp_path / "resumed", straight)
 
 
-def test_resume_refuses_changed_data(tiny_bert, straight, tmp_path):
+def test_resume_refuses_changed_data_before_the_model_loads(tiny_bert, straight, tmp_path, monkeypatch):
+    import embtune.model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
     state, _ = checkpoint.load(straight)
     state["fingerprint"] = "0" * 64
     checkpoint.save(tmp_path / "run", state)
+    monkeypatch.setattr(embtune.model, "from_pretrained", no_model)  # what model=encoder's _target_ calls
     with pytest.raises(ValueError, match="training data changed since the checkpoint"):
         _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'run'}"]), tmp_path / "resumed")
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from conftest import NOT_A_MODEL
 
 import embtune.training.grad_cache as gc
 from embtune.data.batching import candidate_batch
@@ -171,14 +172,14 @@ def test_the_loop_with_grad_cache_trains_as_the_plain_loop(tmp_path, tiny_bert):
     assert moved > 1e-4  # the weights did train: the comparison below is not between two untouched copies
     assert max((plain_weights[k] - cached_weights[k]).abs().max().item() for k in plain_weights) < 1e-5
     with pytest.raises(ValueError, match="train.mini_batch_size must be >= 1"):
-        _run(tmp_path, "/nonexistent/model", ["train.grad_cache=true", "train.mini_batch_size=0"])
+        _run(tmp_path, NOT_A_MODEL, ["train.grad_cache=true", "train.mini_batch_size=0"])
 
 
 def test_simcse_with_grad_cache_is_refused_before_the_model_loads(tmp_path):
     from test_train import _run
 
     with pytest.raises(ValueError, match="train.grad_cache=true with loss=simcse"):
-        _run(tmp_path, "/nonexistent/model", ["train.grad_cache=true", "loss=simcse"])
+        _run(tmp_path, NOT_A_MODEL, ["train.grad_cache=true", "loss=simcse"])
 
 
 def test_the_loop_logs_the_candidates_under_grad_cache(tmp_path, tiny_bert):

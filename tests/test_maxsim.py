@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, DATA, logged
+from conftest import CONF, DATA, NOT_A_MODEL, logged
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -192,4 +192,4 @@ def test_multi_vector_with_hard_negatives(tmp_path, tiny_bert):
 ])
 def test_unsupported_combinations_fail_before_the_model_loads(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        _run(tmp_path, "/nonexistent/model", overrides)
+        _run(tmp_path, NOT_A_MODEL, overrides)

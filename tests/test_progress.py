@@ -1,6 +1,7 @@
 """What a person sees while texts are encoded to evaluate or mine (embtune.run.progress.encoding_progress):
 a transient bar on a terminal that advances to the number of texts, nothing drawn anywhere else (a pipe,
-a log file, a torchrun rank other than 0), and one plain line at the start and at the end of an evaluation."""
+a log file, a torchrun rank other than 0), and one plain line at the start and at the end of an evaluation;
+no library bar while embtune.load reads a model."""
 
 import io
 import logging
@@ -74,3 +75,20 @@ def test_mining_draws_the_same_bar_over_its_queries_and_pool(monkeypatch, model)
     miner(model, data, Pairwise())
     # 5 queries + a pool of the 13 corpus documents (the positives are among them: the same texts)
     assert BAR in out.getvalue() and "mine" in out.getvalue() and "18/18" in out.getvalue()
+
+
+def test_embtune_load_draws_no_loading_bar_and_leaves_the_bars_as_they_were(tiny_bert, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    import embtune
+
+    was = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a fresh Python session (a CLI run in this process turns it off)
+    try:
+        capfd.readouterr()
+        embtune.load(tiny_bert)
+        out, err = capfd.readouterr()
+        assert "Loading weights" not in out + err
+        assert transformers_logging.is_progress_bar_enabled()  # the user's own setting, restored
+    finally:
+        (transformers_logging.enable_progress_bar if was else transformers_logging.disable_progress_bar)()

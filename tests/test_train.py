@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CONF, DATA, logged
+from conftest import CONF, DATA, NOT_A_MODEL, logged
 from hydra import compose, initialize_config_dir
 
 from embtune.recipes.finetune import train
@@ -139,7 +139,7 @@ def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        _run(tmp_path, "/nonexistent/model", overrides)
+        _run(tmp_path, NOT_A_MODEL, overrides)
 
 
 def test_sts_evaluation_reports_spearman(tmp_path, tiny_bert):
@@ -201,6 +201,17 @@ def test_a_mistyped_local_model_path_is_named():
         resolve_model_path("./no/such/model")
 
 
+def test_a_missing_model_folder_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    import embtune.data
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read before the model folder was checked")
+
+    monkeypatch.setattr(embtune.data, "load_stdlib", unread)  # data=stdlib's _target_
+    with pytest.raises(FileNotFoundError, match=r"^model.name_or_path='/no/such/folder': no such folder"):
+        _run(tmp_path, "/no/such/folder", [])
+
+
 def test_duplicate_heavy_data_trains_on_no_batch_below_the_floor(tmp_path, tiny_bert):
     """8 of 12 rows share a positive (tests/test_sampler.py: at seed 0 the plan was [4, 2, 1, 1, 1, 1, 1, 1],
     six steps with an in-batch loss of exactly 0). Batches of 4 have a floor of 2: 4 batches of 2 pairs,
@@ -222,7 +233,7 @@ def test_data_that_makes_no_batch_above_the_floor_is_a_clear_error(tmp_path, tin
     path.write_text("".join(json.dumps({"query": f"q{i}", "positive": "P"}) + "\n" for i in range(5)))
     with pytest.raises(ValueError, match=r"no batch of at least 4 examples \(train.min_batch_size\) .* 5 examples"):
         # a model that does not exist: the data is refused before any model loads
-        _run(tmp_path / "run", "/nonexistent/model", ["data=jsonl", f"data.path={path}", "data.dev_queries=0"])
+        _run(tmp_path / "run", NOT_A_MODEL, ["data=jsonl", f"data.path={path}", "data.dev_queries=0"])
 
 
 def test_data_smaller_than_half_a_batch_is_one_batch_of_all_of_it(tmp_path, tiny_bert):
@@ -232,5 +243,5 @@ def test_data_smaller_than_half_a_batch_is_one_batch_of_all_of_it(tmp_path, tiny
                                                  "eval.before=false", "train.max_steps=null", "train.epochs=2"])
     assert summary["steps"] == 2 and summary["unbatched_rows"] == 0  # one batch of all three rows per epoch
     with pytest.raises(ValueError, match=r"no batch of at least 4 examples"):  # an explicit floor stays strict
-        _run(tmp_path / "run2", "/nonexistent/model", ["data=jsonl", f"data.path={path}", "data.dev_queries=0",
+        _run(tmp_path / "run2", NOT_A_MODEL, ["data=jsonl", f"data.path={path}", "data.dev_queries=0",
                                                        "train.min_batch_size=4"])

@@ -245,9 +245,12 @@ def describe_held_out(data: TrainingData, evaluator) -> str:
         return (f"evaluating on: a dev split of {data.name}: {h['dev_queries']} of its {h['of_queries']} queries "
                 f"held out (by sha256 of data.seed={h['seed']} and the query), ranked against all {h['candidates']} "
                 f"candidate texts; {h['dropped_train_rows']} training rows dropped for sharing a query "
-                "or positive with them (no dev split: data.dev_queries=0)")
+                "or positive with them (data.dev_queries=0 holds none out and trains on every row)")
     if data.test is not None:
         return (f"evaluating on: the test set of {data.name} ({len(data.test.qrels)} queries, "
                 f"{len(data.test.corpus)} documents)")
     why = f" ({h['reason']})" if h else ""
+    dev = getattr(data, "dev", None)  # a mixture has none: each source says its own
+    if not h and dev is not None and dev.off:  # what was asked, and how to ask otherwise
+        why = f" ({'data.dev_queries' if dev.queries == 0 else 'data.dev_ratio'}=0; set it > 0 to hold queries out)"
     return f"evaluating on: nothing: {data.name} has no test set and no dev split{why}"

@@ -130,10 +130,12 @@ class _RowFormat:
 
     roles: tuple[str, ...] = ()
     columns: dict = {}
+    _logged: str | None = None  # the last columns line logged
 
     def resolve_columns(self, rows: list[dict]) -> dict:
         """Role -> column for these rows: the configured column, or for a null one the first name of
-        :data:`COLUMN_NAMES` that some row has (and no other role took). Logs the mapping in one line.
+        :data:`COLUMN_NAMES` that some row has (and no other role took). Logs the mapping in one line, once while it stays
+        the same.
 
         Raises:
             ValueError: a role with no column in any row (configured or recognised), naming the
@@ -161,9 +163,12 @@ class _RowFormat:
             columns[role] = col
         used = {c for v in columns.values() for c in (v if isinstance(v, list) else [v])} | self._extra_columns()
         unread = [c for c in present if c not in used]
-        log.info("data_format=%s columns: %s%s", self.name,
-                 ", ".join(f"{r} <- {'+'.join(c) if isinstance(c, list) else c}" for r, c in columns.items()),
-                 f" (not read: {', '.join(unread)})" if unread else "")
+        line = (f"data_format={self.name} columns: "
+                + ", ".join(f"{r} <- {'+'.join(c) if isinstance(c, list) else c}" for r, c in columns.items())
+                + (f" (not read: {', '.join(unread)})" if unread else ""))
+        if line != self._logged:  # the dev split resolves the rows, then the examples the rows kept: one line
+            log.info("%s", line)
+            self._logged = line
         return columns
 
     def _extra_columns(self) -> set:

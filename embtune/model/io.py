@@ -20,6 +20,7 @@ folder), small but needing peft and the base model wherever it is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -289,17 +290,37 @@ def load(name_or_path: str, device: str | None = None, truncate_dim: int | None 
     path = Path(resolve_model_path(name_or_path))
     meta = path / "embtune.json"
     m = json.loads(meta.read_text()) if meta.is_file() else {}
-    if m.get("multi_vector_dim"):
-        model = from_pretrained_multi_vector(str(path), append_eos=m.get("append_eos", False),
-                                             multi_vector_dim=m["multi_vector_dim"])
-    else:
-        model = from_pretrained(str(path), append_eos=m.get("append_eos", False),
-                                shared_weights=m.get("shared_weights", True))
+    with _no_loading_bar():
+        if m.get("multi_vector_dim"):
+            model = from_pretrained_multi_vector(str(path), append_eos=m.get("append_eos", False),
+                                                 multi_vector_dim=m["multi_vector_dim"])
+        else:
+            model = from_pretrained(str(path), append_eos=m.get("append_eos", False),
+                                    shared_weights=m.get("shared_weights", True))
     if truncate_dim is None:  # a model saved after loading with truncate_dim keeps it
         truncate_dim = m.get("truncate_dim")
     if truncate_dim is not None:
         _set_truncate_dim(model, truncate_dim, m.get("matryoshka_dims") or [], path)
     return model.to(device) if device else model
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """transformers' "Loading weights" bar off while :func:`load` reads the weights (the command line turns the
+    libraries' bars off for good: ``embtune.run.progress.quiet_libraries``), then the caller's setting again:
+    transformers' bars and huggingface_hub's (which transformers switches with its own)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    bars, hub_bars = transformers_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+        if hub_bars != (not are_progress_bars_disabled()):
+            (enable_progress_bars if hub_bars else disable_progress_bars)()
 
 
 def _set_truncate_dim(model, d: int, trained: list[int], path: Path) -> None:

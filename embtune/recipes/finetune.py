@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune.config import build, check_run
+from embtune.config import build, check_model_folder, check_run, normalize
 from embtune.data import streaming
 from embtune.data.batching import make_loader, plan_batches
 from embtune.data.cache import cache_dir
@@ -34,7 +35,7 @@ from embtune.model.cross_encoder import score_examples
 from embtune.objectives.matryoshka import matryoshka_dims
 from embtune.recipes import mixture as mix
 from embtune.recipes.model_card import model_card, typed_overrides
-from embtune.run.outputs import write_json
+from embtune.run.outputs import record_interrupted, write_json
 from embtune.run.progress import print_comparison, progress_bar
 from embtune.run.redact import redact
 from embtune.training import checkpoint, distributed, fsdp
@@ -78,6 +79,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
 
     # -- data, format, negatives, loss: cheap, and checked before any model loads
+    normalize(cfg)  # the values' types first (check_run reads them again), then the model's folder: before the data
+    check_model_folder(cfg.model)
     data = data if data is not None else build(cfg, "data")
     data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
     evaluator = build(cfg, "eval")
@@ -87,6 +90,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         evaluator = mix.prepare(data, cfg.data_format, data_format, evaluator)  # every source evaluated
     elif isinstance(evaluator, Retrieval):  # data without a test set: a dev split of its rows, by query
         data = hold_out_dev(data, data_format)
+    if state is not None:  # resumed: on the checkpoint's data (the dev split held out as then), checked before the model
+        checkpoint.check_data(state, data.fingerprint)
     patience = t.get("early_stopping_patience")
     check_selection(evaluator.every_steps, evaluator.keep, patience, evaluator.metric, evaluator.metrics,
                     evaluates=data.test is not None or not evaluator.uses_data)
@@ -209,6 +214,14 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
             return fsdp.save_sharded(output_dir, state, model, optimizer, rng, proc)
         return checkpoint.save(output_dir, state)
 
+    def known(seconds: float) -> dict:  # summary.json's fields known at any step: interrupted or completed
+        return {"base": base, "steps": step, "skipped_steps": skipped, "startup_seconds": round(startup, 2),
+                "train_seconds": round(seconds, 2), "pairs_per_second": round(seen / max(seconds, 1e-9), 2),
+                "examples": None if streamed else len(examples), "precision": precision_name(bf16),
+                "eval_precision": precision_name(eval_bf16), "unpadded": unpadded,
+                "temperature": loss_fn.temperature, "margin": loss_fn.margin,
+                "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None}
+
     every_eval, last, stopped = evaluator.every_steps, None, False  # last: the latest evaluation's metrics
 
     with (progress_bar(total, per_epoch, t.log_every, show=main) as bar, checkpoint.StopOnSignal() as stop,
@@ -252,6 +265,10 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
                 if signum or (every is not None and (step == total or stopped or (every and step % every == 0))):
                     path = save_checkpoint()  # rank 0 writes (the weights are the same on every process; fsdp: shards)
                 if signum:
+                    if main:  # the run folder says how far it got and how to go on
+                        record_interrupted(output_dir, redact({
+                            "status": "interrupted", **known(time.perf_counter() - start),
+                            "signal": signal.Signals(signum).name, "checkpoint": str(path) if path else None}))
                     raise checkpoint.stop_after_signal(signum, step, path)
                 if step >= total or stopped:
                     break
@@ -285,18 +302,9 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if final and not best.evaluations:  # evaluations during training are logged at their steps
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     save(model, output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
-    summary = redact({
-        "status": "completed", "base": base, "final": final, "steps": step, "skipped_steps": skipped,
-        "startup_seconds": round(startup, 2), "train_seconds": round(train_seconds, 2),
-        "pairs_per_second": round(seen / max(train_seconds, 1e-9), 2),
-        "examples": None if streamed else len(examples),
-        "unbatched_rows": unbatched, "precision": precision_name(bf16),
-        "eval_precision": precision_name(eval_bf16), "unpadded": unpadded,
-        "temperature": loss_fn.temperature, "margin": loss_fn.margin,
-        "data": {**data.summary(), "texts": texts}, "resumed_from": str(resumed) if resumed else None,
-        **({"selection": best.summary(), "last": last} if best.evaluations else {}),
-    })
-    write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"
+    summary = redact({"status": "completed", **known(train_seconds), "final": final, "unbatched_rows": unbatched,
+                      **({"selection": best.summary(), "last": last} if best.evaluations else {})})
+    write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"; replaces "interrupted"
     pooling_name = type(model.pooling).__name__ if model.pooling is not None else None  # the inherited one too
     card = model_card(summary, saved_config, pooling_name, model.normalize, typed_overrides())
     (output_dir / "model" / "README.md").write_text(card, encoding="utf-8")

@@ -1,4 +1,5 @@
-"""The run folder: never overwrite a run, clear one on request, record a failure, write JSON atomically."""
+"""The run folder: never overwrite a run, clear one on request, record a failure or an interruption, write JSON
+atomically."""
 
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def record_failure(folder: Path, error: BaseException) -> None:
     summary.update(status="failed", error=redact_text(f"{type(error).__name__}: {error}"),
                    traceback=redact_text("".join(traceback.format_exception(error))))
     folder.mkdir(parents=True, exist_ok=True)
+    write_json(path, summary)
+
+
+def record_interrupted(folder: Path, summary: dict) -> None:
+    """Write ``summary`` (``status: interrupted``: a run stopped by SIGINT/SIGTERM after saving a checkpoint)
+    as ``folder/summary.json``, atomically; a completed run's summary there is never replaced. The resumed
+    run's completed summary replaces it (:func:`write_json`)."""
+    path = folder / "summary.json"
+    try:
+        if json.loads(path.read_text()).get("status") == "completed":
+            return
+    except (OSError, ValueError, AttributeError):  # none yet, or not a summary: write ours
+        pass
     write_json(path, summary)
 
 

@@ -3,7 +3,7 @@ metric against temperature and against margin.
 
 A sweep folder holds one numbered folder per job (``outputs/sweeps/<date_time>/<job>/``), each with
 ``.hydra/overrides.yaml`` and ``.hydra/config.yaml`` (written when the job starts) and ``summary.json``
-(written when it ends: ``status`` ``completed`` or ``failed``). A job without ``summary.json`` is still
+(written when it ends: ``status`` ``completed``, ``failed`` or ``interrupted``). A job without ``summary.json`` is still
 running (or was killed), so the report works on a sweep in progress or half failed.
 """
 

@@ -346,9 +346,7 @@ def restore_training(state: dict, *, model, optimizer, scheduler, loss_fn, negat
     Raises:
         ValueError: the data differs from the data the checkpoint was trained on.
     """
-    if state["fingerprint"] != fingerprint:
-        raise ValueError("the training data changed since the checkpoint was written (sha256 fingerprint "
-                         f"{state['fingerprint'][:12]} then, {fingerprint[:12]} now); resume with the same data")
+    check_data(state, fingerprint)
     if not state.get("shards"):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -356,6 +354,18 @@ def restore_training(state: dict, *, model, optimizer, scheduler, loss_fn, negat
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(rank_rng(state, rank, world), negatives_rng)
     return {k: state[k] for k in ("step", "epoch", "done", "seen", "skipped", "seconds")}
+
+
+def check_data(state: dict, fingerprint: str) -> None:
+    """Refuse to resume ``state`` on other data than it was trained on (``fingerprint``: the data's sha256, see
+    :class:`embtune.data.TrainingData`); the loop calls it in its pre-flight, before any model loads.
+
+    Raises:
+        ValueError: the fingerprints differ, both shown.
+    """
+    if state["fingerprint"] != fingerprint:
+        raise ValueError("the training data changed since the checkpoint was written (sha256 fingerprint "
+                         f"{state['fingerprint'][:12]} then, {fingerprint[:12]} now); resume with the same data")
 
 
 def rank_rng(state: dict, rank: int, world: int) -> dict:
