@@ -11,7 +11,7 @@ import re
 import signal
 
 import pytest
-from conftest import CONF, DATA, logged
+from conftest import CONF, DATA, NOT_A_MODEL, logged
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -160,7 +160,7 @@ def test_what_a_stream_cannot_do_is_refused_by_name_before_the_model_loads(name,
         raise AssertionError("the model loaded")
 
     monkeypatch.setattr(train_module, "instantiate", no_model)
-    cfg = _compose([*STREAM, f"data.path={TOY}", "model.name_or_path=/nonexistent/model", *REFUSED[name]])
+    cfg = _compose([*STREAM, f"data.path={TOY}", f"model.name_or_path={NOT_A_MODEL}", *REFUSED[name]])
     with pytest.raises(ValueError, match=r"streaming=true") as refused:
         run_recipe(cfg, tmp_path, None)
     assert name in str(refused.value)
