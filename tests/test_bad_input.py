@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import CONF
+from conftest import CONF, NOT_A_MODEL
 from hydra import compose, initialize_config_dir
 
 from embtune.data.beir import load_beir
@@ -276,8 +276,8 @@ def test_training_names_every_bad_row_before_the_model_loads(tmp_path):
     path = _file(tmp_path, "t.jsonl", _jsonl(rows))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            f"model.name_or_path={tmp_path / 'no-such-model'}", "data=jsonl", f"data.path={path}", "logger=none"])
-    with pytest.raises(ValueError) as e:  # the model path does not exist: the data is refused first
+            f"model.name_or_path={NOT_A_MODEL}", "data=jsonl", f"data.path={path}", "logger=none"])
+    with pytest.raises(ValueError) as e:  # a folder that is no model: the data is refused before it loads
         train(cfg, tmp_path / "run", RunLogger(tmp_path / "run", wandb=False))
     assert str(e.value).splitlines() == [
         "2 bad rows (set data.drop_bad_rows=true to drop such rows with a warning):",
