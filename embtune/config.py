@@ -462,6 +462,8 @@ def check_train_settings(t: DictConfig, objective: Objective, negatives, loss_fn
     if t.grad_cache and getattr(loss_fn, "same_text_positive", False):
         raise ValueError(f"train.grad_cache=true with loss={loss_fn.name}: the anchor's two passes need two dropout "
                          "masks, but GradCache encodes each column once; train this loss without grad_cache")
+    if t.batch_size < 1:
+        raise ValueError(f"train.batch_size must be an integer >= 1 (examples per step and process), got {t.batch_size}")
     floor = t.get("min_batch_size")
     if floor is not None and not 1 <= floor <= t.batch_size:
         raise ValueError(f"train.min_batch_size must be in 1..train.batch_size ({t.batch_size}) or null, got {floor}")

@@ -125,6 +125,7 @@ def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
 
 @pytest.mark.parametrize("overrides,match", [
     (["train.batch_size=1"], r"train.batch_size=1 with negatives=in_batch"),
+    (["train.batch_size=0"], r"^train.batch_size must be an integer >= 1 \(examples per step and process\), got 0$"),
     (["train.max_steps=0"], r"train.max_steps must be >= 1"),
     (["eval.k=10"], r"eval.k=10"),
     (["matryoshka=on", "matryoshka.weights=[1]"], r"matryoshka.dims .* same length"),
@@ -210,6 +211,44 @@ def test_a_missing_model_folder_is_refused_before_the_data_is_read(tmp_path, mon
     monkeypatch.setattr(embtune.data, "load_stdlib", unread)  # data=stdlib's _target_
     with pytest.raises(FileNotFoundError, match=r"^model.name_or_path='/no/such/folder': no such folder"):
         _run(tmp_path, "/no/such/folder", [])
+
+
+@pytest.mark.parametrize("device, match", [
+    ("tpu", r"^train.device='tpu': not a device \(auto, cpu, cuda, cuda:N, \.\.\.\)$"),
+    pytest.param("cuda", r"^train.device=cuda: this torch has no CUDA device", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="this machine has a CUDA device")),
+])
+def test_a_device_this_machine_lacks_is_refused_before_the_data_is_read(tmp_path, tiny_bert, monkeypatch, device,
+                                                                       match):
+    import embtune.data
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read before the device was checked")
+
+    monkeypatch.setattr(embtune.data, "load_stdlib", unread)
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, tiny_bert, [f"train.device={device}"])
+
+
+def test_a_folder_that_holds_no_model_is_named_as_such(tmp_path):
+    from embtune.model import from_pretrained
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"a folder without config.json, adapter_config.json, modules.json: "
+                                                r"not a model folder$"):
+        from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"not a model folder \(an embtune run folder's model is its model/"):
+        from_pretrained(str(tmp_path / "run"))
+
+
+def test_one_string_encodes_to_one_vector(tiny_bert):
+    from embtune.model import from_pretrained
+
+    model = from_pretrained(tiny_bert)
+    one, listed = model.encode("hello world", kind="query"), model.encode(["hello world"], kind="query")
+    assert one.shape == (model.dim,)
+    np.testing.assert_array_equal(one, listed[0])
 
 
 def test_duplicate_heavy_data_trains_on_no_batch_below_the_floor(tmp_path, tiny_bert):

@@ -169,10 +169,11 @@ class Embedder(nn.Module):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
-    def encode(self, texts: list[str], kind: str = "document", batch_size: int = 64,
+    def encode(self, texts: list[str] | str, kind: str = "document", batch_size: int = 64,
                max_length: int | None = None, progress: Callable[[int], None] | None = None,
                bf16: bool | str = False) -> np.ndarray:
-        """Encode texts in length-sorted batches (less padding), returned in input order.
+        """Encode texts in length-sorted batches (less padding), returned in input order. One string gives one
+        vector [D] (as sentence-transformers' ``encode``), never a vector per character.
 
         Args:
             kind: "query" or "document": picks the tower, the prompt and (when ``max_length`` is None)
@@ -184,10 +185,12 @@ class Embedder(nn.Module):
                 (:func:`embtune.training.precision.use_bf16`; evaluation and ``eval.bf16`` use it), about
                 1e-3 from the fp32 vectors; True: bf16, refused where it would be emulated.
         Returns:
-            float32 array [N, D].
+            float32 array [N, D] ([D] for one string).
         Raises:
             ValueError: a ``kind`` or ``bf16`` value that is not one of the above.
         """
+        if isinstance(texts, str):
+            return self.encode([texts], kind, batch_size, max_length, progress, bf16)[0]
         self.tower(kind)  # checks kind
         on = use_bf16(bf16, self.device, option="encode(bf16=...)")
         was_training, was_bf16 = self.training, self.bf16

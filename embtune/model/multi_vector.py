@@ -80,7 +80,11 @@ class MultiVectorEmbedder(Embedder):
             kind: "query" or "document": picks the max length when ``max_length`` is None.
             progress: called with each chunk's number of texts once it is encoded (as in ``Embedder.encode``).
             bf16: the tower's precision, as for :meth:`Embedder.encode`.
+        Raises:
+            TypeError: one string instead of a list (it would be a text per character).
         """
+        if isinstance(texts, str):
+            raise TypeError("MultiVectorEmbedder.encode takes a list of texts; for one text, encode([text])")
         if max_length is None:
             max_length = self.query_max_length if kind == "query" else self.document_max_length
         on = use_bf16(bf16, self.device, option="encode(bf16=...)")

@@ -12,6 +12,9 @@ BUNDLED_NAMES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
 BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+MODEL_FILES = ("config.json", "adapter_config.json", "modules.json")  # one of them makes a folder a model
+
+
 def hub_id(name_or_path: str) -> str | None:
     """The hub id a model was named by (``owner/name``, or a bare ``name`` as huggingface_hub's
     ``validate_repo_id`` allows), None when it names a local path. The bundled all-MiniLM-L6-v2 is
@@ -38,10 +41,16 @@ def resolve_model_path(name_or_path: str) -> str:
     Returns:
         A local directory path.
     Raises:
-        FileNotFoundError: nothing found, with what was tried.
+        FileNotFoundError: nothing found, with what was tried; a local folder with none of a model's files
+            (``config.json``, a LoRA adapter's ``adapter_config.json``, sentence-transformers' ``modules.json``).
     """
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        if not any((folder / f).is_file() for f in MODEL_FILES):
+            hint = " (an embtune run folder's model is its model/ folder)" if (folder / "model").is_dir() else ""
+            raise FileNotFoundError(f"model {name_or_path!r}: a folder without {', '.join(MODEL_FILES)}: not a "
+                                    f"model folder{hint}")
+        return str(folder)
     if name_or_path.startswith(("/", "./", "../", "~")):  # meant as local: don't turn a typo into a hub error
         raise FileNotFoundError(f"model {name_or_path!r}: no such folder")
     from huggingface_hub import snapshot_download

@@ -81,6 +81,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     # -- data, format, negatives, loss: cheap, and checked before any model loads
     normalize(cfg)  # the values' types first (check_run reads them again), then the model's folder: before the data
     check_model_folder(cfg.model)
+    device = distributed.pick_device(t.device)  # a device this machine lacks: refused before the data
     data = data if data is not None else build(cfg, "data")
     data_format, negatives, loss_fn = build(cfg, "data_format"), build(cfg, "negatives"), build(cfg, "loss")
     evaluator = build(cfg, "eval")
@@ -107,7 +108,6 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
         examples, teacher = score_examples(teacher, examples), None  # None: free the cross-encoder
 
     # -- processes (torchrun) and model
-    device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     proc = distributed.setup(device.type)
     if proc.world > 1 and device.type == "cuda":
         device = torch.device("cuda", proc.local_rank)

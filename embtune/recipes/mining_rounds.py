@@ -15,7 +15,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +25,7 @@ from embtune.mining.miner import mine_to_file
 from embtune.recipes.finetune import train
 from embtune.run.logger import StageLogger
 from embtune.run.outputs import write_json
+from embtune.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ def train_rounds(cfg: DictConfig, output_dir: str | Path, logger) -> dict:
     if str(cfg.data.get("_target_", "")).endswith("load_mixture"):
         raise ValueError("recipe=mining_rounds with data=mixture: a round mines and trains on one data set's rows; "
                          "use recipe=finetune for a mixture")
+    t = cfg.train
+    device = distributed.pick_device(t.device)  # before the data is read
     miner, data, data_format = build(cfg, "miner"), build(cfg, "data"), build(cfg, "data_format")
     data.problems.raise_bad()  # the file's bad rows, before the model loads
-    t = cfg.train
-    device = torch.device(t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path, offset, rounds = cfg.model.name_or_path, 0, []
     for r in range(1, n_rounds + 1):
         round_dir = output_dir / f"round{r}"

@@ -46,6 +46,27 @@ class Dist:
         return self.rank == 0
 
 
+def pick_device(name: str, option: str = "train.device") -> torch.device:
+    """The device ``train.device`` names: ``auto`` is CUDA where this torch has a CUDA device, else the CPU.
+
+    Raises:
+        ValueError: a name torch does not know (``train.device=tpu``), or a CUDA device this torch or machine
+            does not have (``train.device=cuda`` on a CPU-only build), naming the option and the value.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option}={name!r}: not a device (auto, cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option}={name}: this torch has no CUDA device (torch.cuda.is_available() is false); "
+                         f"use {option}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{option}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def setup(device_kind: str) -> Dist:
     """Join the process group when started by ``torchrun`` or ``srun`` with more than one process
     (:func:`process_env`): NCCL on CUDA, gloo on CPU. A plain ``python -m embtune.cli`` run is a world of
