@@ -194,7 +194,21 @@ def test_under_fused_linear_it_encodes_the_padded_forwards_numbers(embedder):
     with torch.no_grad():
         plain = embedder.eval()(**tokens).numpy()  # padded, plain nn.Linear
     embedder.unpad = True
-    assert abs(embedder.encode(TEXTS) - plain).max() < 1e-5  # encode: unpadded and fused
+    assert abs(embedder.encode(TEXTS) - plain).max() < 1e-5  # encode: fused, padded (its batches are length-sorted)
+    assert embedder.unpad  # put back for training
+
+
+def test_encode_takes_the_padded_forward_and_puts_unpad_back(embedder, monkeypatch):
+    import embtune.model.embedder as E
+
+    def unpadded(*args, **kwargs):
+        raise AssertionError("encode ran the unpadded forward")
+
+    monkeypatch.setattr(E, "unpadded_hidden_states", unpadded)
+    assert embedder.unpad and embedder.encode(TEXTS).shape == (len(TEXTS), embedder.dim)
+    assert embedder.unpad
+    with pytest.raises(AssertionError, match="unpadded forward"):  # the patch is where training's forward looks
+        embedder.train()(**embedder.tokenize(TEXTS))
 
 
 def test_under_fast_dropout_in_training_with_nothing_dropped_it_equals_the_padded_forward(embedder, monkeypatch):

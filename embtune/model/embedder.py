@@ -193,9 +193,11 @@ class Embedder(nn.Module):
             return self.encode([texts], kind, batch_size, max_length, progress, bf16)[0]
         self.tower(kind)  # checks kind
         on = use_bf16(bf16, self.device, option="encode(bf16=...)")
-        was_training, was_bf16 = self.training, self.bf16
+        was_training, was_bf16, was_unpad = self.training, self.bf16, self.unpad
         self.eval()
-        self.bf16 = on
+        # length-sorted batches hold little padding: gathering the real tokens costs more than it saves
+        # (SciFact corpus, all-MiniLM-L6-v2: padded 41 vs unpadded 37 docs/s in fp32, 120 vs 106 in bf16)
+        self.bf16, self.unpad = on, False
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         dtype = torch.bfloat16 if on else torch.float32  # oneDNN: prepacked weights, bias and GELU fused
@@ -210,7 +212,7 @@ class Embedder(nn.Module):
                         progress(len(idx))
         finally:
             self.train(was_training)
-            self.bf16 = was_bf16
+            self.bf16, self.unpad = was_bf16, was_unpad
         return out
 
 def _prompt_mask(offsets: list[tuple[int, int]], special: list[int], prompt_chars: int) -> list[int]:
