@@ -2,6 +2,7 @@
 to another host raises (tests/netguard/sitecustomize.py)."""
 
 import os
+import signal
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -38,6 +39,24 @@ def logged(recipe, cfg, run_dir):
         return recipe(cfg, run_dir, logger)
     finally:
         logger.finish()
+
+
+def interrupt_at(monkeypatch, step: int, sig: int = signal.SIGINT):
+    """Make signal ``sig`` (Ctrl-C's SIGINT by default) arrive in the middle of training step ``step``
+    (1-based): ``Contrastive.loss`` raises it on its ``step``-th call, as a user's Ctrl-C would land.
+    Returns ``stop()``, which puts the real loss back (for the resumed run)."""
+    from embtune.objectives import Contrastive
+
+    real, calls = Contrastive.loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Contrastive, "loss", loss)
+    return lambda: monkeypatch.setattr(Contrastive, "loss", real)
 
 
 @pytest.fixture(scope="session")

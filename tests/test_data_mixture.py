@@ -3,11 +3,10 @@ source evaluated, the source choice rules, resume, per-source in_batch, and bad 
 model loads."""
 
 import json
-import signal
 
 import pytest
 import torch
-from conftest import CONF, DATA, NOT_A_MODEL, logged
+from conftest import CONF, DATA, NOT_A_MODEL, interrupt_at, logged
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -144,19 +143,11 @@ def test_interrupted_mixture_resumes_to_the_straight_result(tiny_bert, tmp_path,
     _train(_cfg(tiny_bert, _sources(), settings), tmp_path / "straight")
     queries = _queries_of_each_source()
     assert [_source_of(b, queries) for b in batches] == ["scifact", "toy"] * 3  # round robin, from the start
-    calls, real = [], Contrastive.loss
-
-    def interrupted(*args, **kwargs):  # Ctrl-C during step 3
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(Contrastive, "loss", interrupted)
+    stop = interrupt_at(monkeypatch, 3)  # Ctrl-C during step 3
     with pytest.raises(SystemExit):
         _train(_cfg(tiny_bert, _sources(), settings), tmp_path / "first")
     assert checkpoint.load(tmp_path / "first")[0]["step"] == 3
-    monkeypatch.setattr(Contrastive, "loss", real)
+    stop()
     resumed = _cfg(tiny_bert, _sources(), [f"resume_from={tmp_path / 'first'}"])
     _train(resumed, tmp_path / "second")
     straight = {e["step"]: e for e in _events(tmp_path / "straight") if "train/loss" in e}

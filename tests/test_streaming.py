@@ -8,10 +8,9 @@ uninterrupted one and ends with its weights; a short run trains and records that
 
 import json
 import re
-import signal
 
 import pytest
-from conftest import CONF, DATA, NOT_A_MODEL, logged
+from conftest import CONF, DATA, NOT_A_MODEL, interrupt_at, logged
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -224,22 +223,14 @@ def test_an_interrupted_stream_resumes_on_exactly_the_batches_and_weights_of_a_s
     assert len(straight) == N and straight[:3] != straight[3:6]  # a new order each epoch
     seen_batches.clear()
 
-    calls, real = [], Contrastive.loss
-
-    def interrupted_at_half(*args, **kwargs):  # Ctrl-C arrives during step N/2
-        calls.append(1)
-        if len(calls) == N // 2:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(Contrastive, "loss", interrupted_at_half)
+    stop = interrupt_at(monkeypatch, N // 2)  # Ctrl-C during step N/2
     with pytest.raises(SystemExit):
         _train(tiny_bert, tmp_path / "first")
     state, _ = checkpoint.load(tmp_path / "first")
     assert state["step"] == N // 2 and state["stream"] == [{"epoch": 1, "batches": 1, "rows": 4}]  # mid-epoch 2
     assert seen_batches == straight[:N // 2]
     seen_batches.clear()
-    monkeypatch.setattr(Contrastive, "loss", real)
+    stop()
 
     summary = logged(train_module.train, OmegaConf.create({"resume_from": str(tmp_path / "first")}),
                      tmp_path / "second")
