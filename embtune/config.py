@@ -252,7 +252,7 @@ def _describe(options: list, nullable: bool = False) -> str:
     for option in options:
         origin, args = typing.get_origin(option) or option, typing.get_args(option)
         if origin is Literal:  # spelled as the config writes them: auto, false, null (not 'auto', False, None)
-            words.append(" or ".join(_yaml_word(a) for a in args))
+            words.append(" or ".join(yaml_word(a) for a in args))
         elif origin in _WORDS:
             words.append(_WORDS[origin])
         elif origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
@@ -265,7 +265,7 @@ def _describe(options: list, nullable: bool = False) -> str:
     return " or ".join(dict.fromkeys(words + (["null"] if nullable else [])))
 
 
-def _yaml_word(value) -> str:
+def yaml_word(value) -> str:
     """``value`` as a YAML config or a command line writes it: ``true``, ``false``, ``null``, a bare string."""
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CONF, DATA, REPO, logged
+from conftest import CONF, DATA, REPO, interrupt_at, logged
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
@@ -76,16 +76,7 @@ def test_a_completed_run_drops_its_checkpoints_unless_asked_to_keep_them(tiny_be
 
 
 def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straight, tmp_path, monkeypatch):
-    calls = []
-    real = Contrastive.loss
-
-    def interrupted_at_half(*args, **kwargs):  # Ctrl-C arrives during step N/2
-        calls.append(1)
-        if len(calls) == N // 2:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(Contrastive, "loss", interrupted_at_half)
+    stop = interrupt_at(monkeypatch, N // 2)  # Ctrl-C during step N/2
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN, not Python's handler, when started in the background
     with pytest.raises(SystemExit) as stopped:
         _train(_cfg(tiny_bert), tmp_path / "first")
@@ -97,7 +88,7 @@ def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straigh
     assert stopped_at["status"] == "interrupted" and stopped_at["steps"] == N // 2 and stopped_at["signal"] == "SIGINT"
     assert stopped_at["precision"] in ("fp32", "bf16-autocast") and stopped_at["data"]["train_rows"] == 10
     assert stopped_at["checkpoint"].endswith(checkpoint.LAST) and "final" not in stopped_at
-    monkeypatch.setattr(Contrastive, "loss", real)
+    stop()
     summary = _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'first'}"]), tmp_path / "second")
     assert summary["resumed_from"].endswith("ckpt-last.pt")
     assert sorted(_losses(tmp_path / "second")) == list(range(N // 2 + 1, N + 1))
@@ -106,26 +97,17 @@ def test_interrupt_half_way_then_resume_equals_a_straight_run(tiny_bert, straigh
 
 def test_an_interrupted_summary_is_replaced_by_its_completed_resume_and_never_replaces_a_completed_one(
         tiny_bert, tmp_path, monkeypatch):
-    real, calls = Contrastive.loss, []
-
-    def interrupted_at_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(Contrastive, "loss", interrupted_at_2)
+    stop = interrupt_at(monkeypatch, 2, signal.SIGTERM)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
         _train(_cfg(tiny_bert), run_dir)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(Contrastive, "loss", real)
+    stop()
     _train(_cfg(tiny_bert, [f"resume_from={run_dir}"]), run_dir)  # resumed in its own folder
     completed = (run_dir / "summary.json").read_text()
     assert json.loads(completed)["status"] == "completed" and json.loads(completed)["steps"] == N
 
-    calls.clear()
-    monkeypatch.setattr(Contrastive, "loss", interrupted_at_2)
+    interrupt_at(monkeypatch, 2, signal.SIGTERM)
     with pytest.raises(SystemExit):  # a run stopped in a folder that holds a completed run's summary
         _train(_cfg(tiny_bert, ["train.max_steps=4"]), run_dir)
     assert (run_dir / "summary.json").read_text() == completed
@@ -226,6 +208,14 @@ def test_resume_refuses_changed_data_before_the_model_loads(tiny_bert, straight,
     monkeypatch.setattr(embtune.model, "from_pretrained", no_model)  # what model=encoder's _target_ calls
     with pytest.raises(ValueError, match="training data changed since the checkpoint"):
         _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'run'}"]), tmp_path / "resumed")
+
+
+def test_resume_from_a_missing_folder_or_an_empty_one_says_which(tiny_bert, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"typo: no such run folder or checkpoint file to resume from"):
+        _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'typo'}"]), tmp_path / "resumed")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: no checkpoint \(checkpoints/ckpt-last.pt"):
+        _train(_cfg(tiny_bert, [f"resume_from={tmp_path / 'empty'}"]), tmp_path / "resumed")
 
 
 class _Evil:

@@ -92,3 +92,15 @@ def test_embtune_load_draws_no_loading_bar_and_leaves_the_bars_as_they_were(tiny
         assert transformers_logging.is_progress_bar_enabled()  # the user's own setting, restored
     finally:
         (transformers_logging.enable_progress_bar if was else transformers_logging.disable_progress_bar)()
+
+
+def test_a_resumed_run_estimates_its_time_left_from_its_own_first_step(monkeypatch, caplog):
+    clock = iter([0.0, 2.0, 3.0])  # the bar opens at 0 s; resumed steps 6 and 7 end at 2 s and 3 s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress, "console", Console(file=io.StringIO(), force_terminal=False))
+    with caplog.at_level(logging.INFO, logger=progress.log.name), progress.progress_bar(10, 5, log_every=1) as bar:
+        bar.update(6, loss=0.5, lr=1e-5, pairs_per_s=8.0)
+        bar.update(7, loss=0.4, lr=1e-5, pairs_per_s=8.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert lines[0].endswith("ETA 0:00:08")  # 2 s for its first step x 4 steps left
+    assert lines[1].endswith("ETA 0:00:04")  # 1.5 s a step x 3 left, in whole seconds

@@ -329,6 +329,6 @@ def _set_truncate_dim(model, d: int, trained: list[int], path: Path) -> None:
     if not 1 <= d <= model.dim:
         raise ValueError(f"{path}: truncate_dim={d} outside 1..{model.dim} (the embedding size)")
     if d not in trained and d != model.dim:
-        log.warning("%s was trained at Matryoshka dims %s, not %d: truncated embeddings may be poor", path,
-                    trained or "none", d)
+        trained_at = f"Matryoshka dims {trained}" if trained else f"its full size {model.dim} only"
+        log.warning("%s was trained at %s, not %d: truncated embeddings may be poor", path, trained_at, d)
     model.truncate_dim = d

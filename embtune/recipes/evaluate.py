@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from embtune.config import CONFIG_PATH, build, normalize
+from embtune.config import CONFIG_PATH, build, normalize, yaml_word
 from embtune.data.checks import text_report
 from embtune.eval.base_cache import base_metrics
 from embtune.objectives.matryoshka import matryoshka_dims
@@ -77,7 +77,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = use_bf16(getattr(evaluator, "bf16", False), device, option="eval.bf16")  # refused before the model loads
-    log.info("precision: %s on %s (eval.bf16=%s)", precision_name(bf16), device.type, getattr(evaluator, "bf16", False))
+    log.info("precision: %s on %s (eval.bf16=%s)", precision_name(bf16), device.type,
+             yaml_word(getattr(evaluator, "bf16", False)))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     model.eval()
     dims = [d for d, _ in matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, model.dim)]
@@ -85,11 +86,11 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     def run() -> dict:
         return evaluator(model, data, dims)
 
-    # the cache a training run's base metrics use: the same settings give the same key
-    metrics = finite_or_missing(base_metrics(cfg, data, run) if data is not None else run())
-    texts = None
+    texts = None  # counted (and the truncated ones logged) before the evaluation, as a training run does
     if data is not None:
         texts = text_report([], data.test, model.tokenizer, model.query_max_length, model.document_max_length)["test"]
+    # the cache a training run's base metrics use: the same settings give the same key
+    metrics = finite_or_missing(base_metrics(cfg, data, run) if data is not None else run())
     summary = redact({
         "status": "completed", "model": cfg.model.name_or_path, "metrics": metrics, "precision": precision_name(bf16),
         "data": {**data.summary(), "texts": texts} if data is not None else None,

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embtune.config import build, check_model_folder, check_run, normalize
+from embtune.config import build, check_model_folder, check_run, normalize, yaml_word
 from embtune.data import streaming
 from embtune.data.batching import make_loader, plan_batches
 from embtune.data.cache import cache_dir
@@ -120,7 +120,7 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if main:
         log.info(describe_held_out(data, evaluator))
         log.info("precision: %s on %s (train.bf16=%s), evaluation %s (eval.bf16=%s)", precision_name(bf16),
-                 device.type, t.bf16, precision_name(eval_bf16), getattr(evaluator, "bf16", False))
+                 device.type, yaml_word(t.bf16), precision_name(eval_bf16), yaml_word(getattr(evaluator, "bf16", False)))
     model = instantiate(cfg.model, pooling=instantiate(cfg.pooling)).to(device)
     if t.cache_tokens is True or t.cache_tokens == "auto" and not streamed:  # each text tokenised once, for all jobs
         from embtune.model.resolve import resolve_model_path

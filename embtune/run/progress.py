@@ -82,8 +82,8 @@ class _Progress:
         epoch = self._epoch(step)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=loss, lr=lr, pps=pairs_per_s, epoch=epoch)
-        if self.first_step is None:  # a resumed run's clock starts at its first step
-            self.first_step, self.started = step - 1, time.perf_counter()
+        if self.first_step is None:  # a resumed run counts its rate from the step it resumed at
+            self.first_step = step - 1
         if step % self.log_every == 0 or step == self.total:
             done = step - self.first_step
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
@@ -171,8 +171,8 @@ def print_comparison(base: dict[str, float], final: dict[str, float]) -> None:
 
 def quiet_libraries() -> None:
     """Keep the libraries' own noise out of a run's output: the download/load/save bars of transformers,
-    huggingface_hub and datasets, and their deprecation warnings (FutureWarning, DeprecationWarning).
-    Their errors and real warnings still show."""
+    huggingface_hub and datasets, their deprecation warnings (FutureWarning, DeprecationWarning), and
+    faiss's lines on which CPU build it loaded. Their errors and real warnings still show."""
     import warnings
 
     for module in ("transformers", "huggingface_hub", "datasets", "torch", "sentence_transformers", "peft"):
@@ -186,3 +186,4 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     hub_quiet()
     datasets_quiet()
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "Loading faiss with AVX2 support." and the like

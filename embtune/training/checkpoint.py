@@ -117,10 +117,12 @@ def load(where: str | Path) -> tuple[dict, Path]:
     Returns:
         ``(state, path of the file read)``.
     Raises:
-        FileNotFoundError: no checkpoint there.
+        FileNotFoundError: ``where`` does not exist, or holds no checkpoint.
         CheckpointError: every candidate is damaged.
     """
     where = Path(where).expanduser()
+    if not where.exists():
+        raise FileNotFoundError(f"{where}: no such run folder or checkpoint file to resume from")
     if where.is_file():
         return _with_shards(_current(read(where)), where), where
     folder = where / FOLDER if (where / FOLDER).is_dir() else where
