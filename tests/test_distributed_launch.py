@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import REPO
 
-from embtune.training import distributed
+from embtune.training import checkpoint, distributed
 from embtune.training.distributed import first_host, process_env
 
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "LOCAL_WORLD_SIZE",
@@ -136,6 +136,35 @@ def test_torchrun_c10d_rendezvous_one_node_trains_and_rank_zero_saves_once(tiny_
     # saved once: a second save of model/ would have raised FileExistsError and failed the run
     assert [p.name for p in run.glob("model*")] == ["model"] and (run / "model" / "model.safetensors").is_file()
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_two_torchrun_processes_train_on_a_stream_and_checkpoint_each_ones_position(tiny_bert, tmp_path):
+    """data.streaming=true under torchrun: each process reads its share of the file (12 of 24 rows: 3 batches
+    of 4 an epoch), the checkpoint records both positions, and resuming with one process is refused."""
+    run, data = tmp_path / "run", tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"query": f"question {i}", "positive": f"answer {i}"}) + "\n" for i in range(24)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "data=jsonl", f"data.path={data}",
+           "data.streaming=true", "data.shuffle_buffer=8", "train.batch_size=4", "train.max_steps=4",
+           "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoint=true", "eval.before=false",
+           "eval.after=false", "negatives.cross_device=true", "logger=none", f"hydra.run.dir={run}"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in train if "train/loss" in e]
+    assert [e["step"] for e in train] == [1, 2, 3, 4] and all(e["train/candidates"] == 8.0 for e in train)
+    state, _ = checkpoint.load(run)
+    # step 4 = epoch 2's first batch on each process: an epoch of a process is its 12 rows, not the file's 24
+    assert state["step"] == 4 and [(p["epoch"], p["batches"]) for p in state["stream"]] == [(1, 1), (1, 1)]
+
+    alone = subprocess.run([sys.executable, "-m", "embtune.cli", f"resume_from={run}", "logger=none",
+                            f"hydra.run.dir={tmp_path / 'alone'}"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert alone.returncode != 0 and "resume with the same number" in alone.stdout + alone.stderr
 
 def _draws(negatives) -> dict:
     """The next value of every random source a training step reads on this process."""
