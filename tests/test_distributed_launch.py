@@ -140,30 +140,49 @@ def test_torchrun_c10d_rendezvous_one_node_trains_and_rank_zero_saves_once(tiny_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-def test_two_torchrun_processes_train_on_a_stream_and_checkpoint_each_ones_position(tiny_bert, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_torchrun_processes_train_on_a_stream_and_resume_it_exactly(strategy, tiny_bert, tmp_path):
     """data.streaming=true under torchrun: each process reads its share of the file (12 of 24 rows: 3 batches
-    of 4 an epoch), the checkpoint records both positions, and resuming with one process is refused."""
-    run, data = tmp_path / "run", tmp_path / "pairs.jsonl"
+    of 4 an epoch), the checkpoint records both positions, two processes resumed from step 2 end on the
+    uninterrupted weights, and resuming with one process is refused."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"query": f"question {i}", "positive": f"answer {i}"}) + "\n" for i in range(24)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "data=jsonl", f"data.path={data}",
-           "data.streaming=true", "data.shuffle_buffer=8", "train.batch_size=4", "train.max_steps=4",
-           "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoint=true", "eval.before=false",
-           "eval.after=false", "negatives.cross_device=true", "logger=none", f"hydra.run.dir={run}"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [e for e in train if "train/loss" in e]
-    assert [e["step"] for e in train] == [1, 2, 3, 4] and all(e["train/candidates"] == 8.0 for e in train)
-    state, _ = checkpoint.load(run)
-    # step 4 = epoch 2's first batch on each process: an epoch of a process is its 12 rows, not the file's 24
-    assert state["step"] == 4 and [(p["epoch"], p["batches"]) for p in state["stream"]] == [(1, 1), (1, 1)]
 
-    alone = subprocess.run([sys.executable, "-m", "embtune.cli", f"resume_from={run}", "logger=none",
-                            f"hydra.run.dir={tmp_path / 'alone'}"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=900)
+    def embtune(run, *overrides, procs=2):
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else []
+        cmd = [sys.executable, *launch, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "data=jsonl",
+               f"data.path={data}", "data.streaming=true", "data.shuffle_buffer=8", "train.batch_size=4",
+               "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoint=true",
+               f"train.strategy={strategy}", "eval.before=false", "eval.after=false", "negatives.cross_device=true",
+               "logger=none", f"hydra.run.dir={run}", *overrides]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+    def steps(run):
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [e["step"] for e in lines if "train/loss" in e and e["train/candidates"] == 8.0]  # 2 x 4 positives
+
+    straight = tmp_path / "straight"
+    done = embtune(straight)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert steps(straight) == [1, 2, 3, 4]
+    folder = straight / checkpoint.FOLDER
+    # step 4 = epoch 2's first batch on each process: a process's epoch is its 12 rows, not the file's 24
+    last, prev = checkpoint.read(folder / checkpoint.LAST), checkpoint.read(folder / checkpoint.PREV)
+    assert [(p["epoch"], p["batches"]) for p in last["stream"]] == [(1, 1), (1, 1)]
+    assert prev["step"] == 2 and [(p["epoch"], p["batches"]) for p in prev["stream"]] == [(0, 2), (0, 2)]
+
+    resumed = tmp_path / "resumed"
+    done = embtune(resumed, f"resume_from={folder / checkpoint.PREV}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert steps(resumed) == [3, 4]
+    a, b = (load_file(r / "model" / "model.safetensors") for r in (resumed, straight))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    alone = embtune(tmp_path / "alone", f"resume_from={folder / checkpoint.PREV}", procs=1)
     assert alone.returncode != 0 and "resume with the same number" in alone.stdout + alone.stderr
 
 def _draws(negatives) -> dict:

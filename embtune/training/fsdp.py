@@ -177,19 +177,34 @@ def restore_sharded(state: dict, model: nn.Module, optimizer, negatives_rng, d: 
     """Load what :func:`save_sharded` wrote into the sharded ``model`` and ``optimizer`` and this process's
     random state (``state`` from :func:`embtune.training.checkpoint.load`, which sets ``shards_dir``).
 
+    A parameter that never had a gradient (a BERT pooler under mean pooling) has no AdamW state in the
+    checkpoint, while ``get_state_dict`` gives a fresh optimiser state for every parameter: those are loaded
+    partially and their state dropped again, so the optimiser is the one that was saved.
+
     Raises:
         ValueError: the run has another number of processes than the one that wrote the checkpoint (each
-            process's share of the data, and its random state, would differ).
+            process's share of the data, and its random state, would differ); a weight of the model is
+            missing from the checkpoint.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if d.world != state["world"]:
         raise ValueError(f"{state['shards_dir']}: a train.strategy=fsdp checkpoint of {state['world']} processes; "
                          f"resume it with {state['world']} processes (torchrun --nproc_per_node), not {d.world}")
+    saved = set(dcp.FileSystemReader(state["shards_dir"]).read_metadata().state_dict_metadata)
     model_state, optim_state = get_state_dict(model, optimizer)
+    missing = [k for k in model_state if f"model.{k}" not in saved]
+    if missing:
+        raise ValueError(f"{state['shards_dir']}: the checkpoint has no weights for {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}: it was written for another model")
+    stateless = [k for k in optim_state["state"] if not any(s.startswith(f"optimizer.state.{k}.") for s in saved)]
     shards = {"model": model_state, "optimizer": optim_state}
-    dcp.load(shards, checkpoint_id=state["shards_dir"])
+    dcp.load(shards, checkpoint_id=state["shards_dir"], planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+    params = dict(model.named_parameters())
+    for name in stateless:
+        optimizer.state.pop(params[name], None)
     rng = torch.load(Path(state["shards_dir"]) / f"rng-{d.rank}.pt", weights_only=True)
     checkpoint.set_rng_state(rng, negatives_rng)
