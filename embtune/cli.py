@@ -10,6 +10,9 @@ from pathlib import Path
 from embtune.training.threads import openmp_defaults
 
 openmp_defaults()  # before torch loads: OpenMP reads its thread count and wait policy once (see the module)
+# a batch tokenised during training stays on one thread beside torch's (the token cache turns it on for its
+# cold start: embtune.data.token_cache); set here so that `embtune` and `python -m embtune.cli` agree
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
@@ -139,5 +142,4 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
 import tracemalloc
 
 import pytest
@@ -258,6 +261,40 @@ def test_a_cold_run_tokenises_each_distinct_text_once_and_counts_as_the_tokenize
     want = plain(texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
     assert all(torch.equal(got[k], want[k]) for k in ("input_ids", "attention_mask"))
     assert max(seen.values()) == 1  # nothing tokenised again
+
+
+def test_the_cold_start_tokenises_on_every_core_and_training_batches_on_one(tmp_path, tiny_bert, monkeypatch):
+    import embtune.data.token_cache as token_cache
+
+    seen = []
+    real = token_cache.encode
+
+    def encode(*args):
+        seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return real(*args)
+
+    monkeypatch.setattr(token_cache, "encode", encode)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # as the embtune command sets it
+    path = tmp_path / "train.jsonl"
+    _write(path, _pairs(60))
+    _, examples, model, _ = _prepare(path, tiny_bert)
+    assert seen and set(seen) == {"true"}  # every table call on the tokenizer's thread pool
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # and put back for training's batches
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    path2 = tmp_path / "other.jsonl"
+    _write(path2, _pairs(40, doc_words=7))
+    _prepare(path2, tiny_bert)
+    assert "TOKENIZERS_PARALLELISM" not in os.environ  # unset before, unset after
+
+
+def test_the_embtune_command_keeps_the_tokenizer_on_one_thread_unless_told_otherwise():
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    code = "import os, embtune.cli; print(os.environ['TOKENIZERS_PARALLELISM'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "false"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TOKENIZERS_PARALLELISM": "true"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "true"
 
 
 def _peak_bytes(path, tiny_bert) -> int:

@@ -22,6 +22,7 @@ One tokenizer call gives both (:func:`encode`): the windows that truncation cuts
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -154,7 +155,8 @@ class TokenCache:
         """Tokenise the ``wanted`` [N] texts of ``texts`` into ``file`` unless it exists, map its ids for
         :meth:`tokenize` and copy its untruncated lengths into ``counts`` [N] where it holds them."""
         if not file.is_file():
-            _tokenise_table(tokenizer, texts, wanted, length, file)
+            with _every_core():
+                _tokenise_table(tokenizer, texts, wanted, length, file)
             log.info("token ids of %s texts at max length %d written to %s", f"{int(wanted.sum()):,}", length, file)
         table = open_table(file)
         self.tables.setdefault(length, []).append((texts, ListColumn(table.column("ids"))))
@@ -235,6 +237,24 @@ def encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]
             lengths[i] += len(row) - specials
         return ids, lengths
     return rows, [len(r) + n for r, n in zip(rows, out["num_truncated_tokens"])]
+
+
+@contextlib.contextmanager
+def _every_core():
+    """Let a fast tokenizer's batch calls run on its own thread pool (Rust's rayon: every CPU this process
+    may use; ``RAYON_NUM_THREADS`` caps it) while a table is tokenised. Nothing else computes then, so the
+    cold start of a large data set takes a fraction of one core's time; ``embtune`` otherwise keeps
+    ``TOKENIZERS_PARALLELISM=false``, so that a batch tokenised during training does not compete with
+    torch's threads. The tokenizers library reads the variable at each call."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _tokenise_table(tokenizer, texts, wanted: np.ndarray, max_length: int, file: Path) -> None:
