@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from embtune.data import RetrievalSet, TrainingData, beir
 from embtune.data.beir import load_beir, load_beir_test
 from embtune.data.files import load_hf, load_jsonl
+from embtune.data.stdlib import load_stdlib
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -86,6 +87,20 @@ def test_scifact_subsample_is_deterministic():
     assert a.rows == b.rows and a.fingerprint == b.fingerprint and a.test.qrels == b.test.qrels
     assert a.rows != c.rows and a.fingerprint != c.fingerprint
     assert [s[1] for s in a.source] == sorted(s[1] for s in a.source)  # file order kept
+
+
+@pytest.mark.parametrize("option, value", [("max_train_pairs", -3), ("max_train_pairs", "abc"),
+                                           ("max_train_pairs", True), ("max_test_queries", -1)])
+def test_a_bad_sample_size_is_refused_by_name_before_any_file_is_read(tmp_path, option, value):
+    missing = str(tmp_path / "nowhere")  # the size is checked first: the missing folder is never reached
+    loaders = [lambda **kw: load_beir(missing, **kw), lambda **kw: load_stdlib(cache_dir=missing, **kw)]
+    if option == "max_train_pairs":
+        loaders += [lambda **kw: load_jsonl(missing + ".jsonl", **kw), lambda **kw: load_hf(missing, **kw)]
+    else:
+        loaders.append(lambda **kw: load_beir_test(missing, **kw))
+    for load in loaders:
+        with pytest.raises(ValueError, match=rf"^data\.{option}={value!r}: must be an integer >= 0 or null"):
+            load(**{option: value})
 
 
 # --- small BEIR folders --------------------------------------------------------------------------

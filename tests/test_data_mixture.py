@@ -197,6 +197,9 @@ def test_in_batch_off_trains_on_hard_negatives(tiny_bert, tmp_path):
     ("missing", [], r"data.sources\[1\] \(toy\) failed to load: .*no_such.jsonl"),
     ("same name", [], r"data.sources\[1\]: name='scifact' must be unique"),
     ("in_batch", [], r"data.sources\[1\] \(toy\): in_batch=false .* needs negatives=hard"),
+    ("no path", [], r"data.sources\[1\] \(toy\): path is missing: embtune.data.load_jsonl needs it"),
+    ("bogus", [], r"data.sources\[0\] \(scifact\): bogus: not an option of embtune.data.load_beir \(it takes path, "),
+    ("max_train_pairs", [], r"data.sources\[0\] \(scifact\) failed to load: data.max_train_pairs=-3: must be an "),
 ])
 def test_bad_mixtures_are_refused_before_any_model_loads(sources, overrides, message, tmp_path):
     if sources is None or isinstance(sources, str):
@@ -209,6 +212,10 @@ def test_bad_mixtures_are_refused_before_any_model_loads(sources, overrides, mes
             sources[1]["name"] = "scifact"
         elif what == "in_batch":
             sources[1]["in_batch"] = False
+        elif what == "no path":
+            del sources[1]["path"]
+        elif what in ("bogus", "max_train_pairs"):
+            sources[0][what] = -3
     cfg = _cfg(NOT_A_MODEL, sources, overrides)  # loading the model would fail otherwise
     OmegaConf.resolve(cfg)
     with pytest.raises(ValueError, match=message):

@@ -74,6 +74,8 @@ def load_beir(
             allowed (ArguAna): evaluation leaves a query's own document out of its ranking
             (``eval.ignore_identical_ids``).
     """
+    check_sample_size(max_train_pairs, "data.max_train_pairs")
+    check_sample_size(max_test_queries, "data.max_test_queries")
     problems = DataProblems(drop_bad_rows)
     if train_split is None:  # evaluation only: the test split must exist, and no train file is read
         test = load_beir_test(path, test_split, max_test_queries, seed, problems)
@@ -121,6 +123,7 @@ def load_beir_test(path: str, split: str = "test", max_test_queries: int | None 
         FileNotFoundError: the folder, corpus, queries or ``{split}.tsv`` qrels file is missing.
         ValueError: as :func:`load_beir` (bad lines are dropped instead when ``problems`` allows it).
     """
+    check_sample_size(max_test_queries, "data.max_test_queries")
     problems = problems or DataProblems()
     corpus, queries, _, qrels_file = _read_collection(path, split, "qrels file", problems)
     return _retrieval_set(qrels_file, queries, corpus, max_test_queries, seed, problems)
@@ -225,16 +228,24 @@ def read_qrels(file: Path, queries: dict[str, str], corpus: dict[str, str],
     return out
 
 
-def subsample(keys: list[Hashable], k: int | None, seed: int) -> set:
+def subsample(keys: list[Hashable], k: int | None, seed: int, option: str = "data.max_train_pairs") -> set:
     """A deterministic sample of ``k`` keys: ``random.Random(seed).sample`` over the sorted keys.
 
-    Returns all keys when ``k`` is None or not smaller than their number. Raises ValueError when ``k < 0``.
+    Returns all keys when ``k`` is None or not smaller than their number.
+
+    Raises:
+        ValueError: ``k`` is not None or an integer >= 0, naming ``option`` (the setting it came from).
     """
+    check_sample_size(k, option)
     if k is None or k >= len(keys):
         return set(keys)
-    if k < 0:
-        raise ValueError(f"sample size must be >= 0 or None, got {k}")
     return set(random.Random(seed).sample(sorted(keys), k))
+
+
+def check_sample_size(k: object, option: str) -> None:
+    """Refuse a sample size that is not None or an integer >= 0, naming the option it came from."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise ValueError(f"{option}={k!r}: must be an integer >= 0 or null (all of them)")
 
 
 def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | None, seed: int,
@@ -242,7 +253,7 @@ def _retrieval_set(file: Path, queries: dict, corpus: dict, max_queries: int | N
     qrels: dict[str, dict[str, int]] = {}
     for qid, did, grade, _ in read_qrels(file, queries, corpus, problems, keep_missing_docs=True):
         qrels.setdefault(qid, {})[did] = grade  # grades <= 0 too: such a query scores 0, as in pytrec_eval
-    keep = subsample(list(qrels), max_queries, seed)
+    keep = subsample(list(qrels), max_queries, seed, "data.max_test_queries")
     qrels = {qid: docs for qid, docs in qrels.items() if qid in keep}
     return RetrievalSet(queries={qid: queries[qid] for qid in qrels}, corpus=corpus, qrels=qrels)
 

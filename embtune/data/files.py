@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from embtune.data import rows as row_tables
-from embtune.data.beir import load_beir_test, read_json_objects, read_lines, subsample
+from embtune.data.beir import check_sample_size, load_beir_test, read_json_objects, read_lines, subsample
 from embtune.data.checks import DataProblems
 from embtune.data.dataset import DevSplit, RetrievalSet, TrainingData, feed_test, fingerprint, held_out_digest
 from embtune.data.streaming import StreamedData, file_identity, open_stream
@@ -99,6 +99,7 @@ def load_jsonl(
             the wrong number of fields, each naming ``file:line``. With ``streaming``: ``max_train_pairs`` or
             ``dev_queries`` > 0 (both need every row up front), or a bad ``shuffle_buffer``.
     """
+    check_sample_size(max_train_pairs, "data.max_train_pairs")
     dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     file = Path(path).expanduser()
     if not file.exists():
@@ -297,6 +298,7 @@ def load_hf(
     """
     import datasets  # heavy import; only this loader needs it
 
+    check_sample_size(max_train_pairs, "data.max_train_pairs")
     dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     local = Path(name).expanduser()
     problems = DataProblems(drop_bad_rows)

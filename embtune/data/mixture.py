@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import inspect
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Sampler
 
@@ -180,6 +181,7 @@ def load_mixture(sources: list, choice: str = "proportional") -> Mixture:
         if fmt is not None and not isinstance(fmt, DictConfig):
             raise ValueError(f"{where}: data_format must be a node (with _target_, or keys over the run's "
                              f"data_format) or null, got {fmt!r}")
+        _check_loader_keys(where, node)
         nodes.append((where, name, weight, in_batch, fmt, node))
     loaded = []
     for where, name, weight, in_batch, fmt, node in nodes:
@@ -194,6 +196,29 @@ def load_mixture(sources: list, choice: str = "proportional") -> Mixture:
             raise ValueError(f"{where}: {node._target_} returned {type(data).__name__}, not TrainingData")
         loaded.append(Source(name, data, float(weight) if weight is not None else None, in_batch, fmt))
     return Mixture(loaded, choice)
+
+
+def _check_loader_keys(where: str, node: DictConfig) -> None:
+    """Refuse a source whose loader settings its ``_target_`` does not take, or that lacks one it needs.
+
+    Raises:
+        ValueError: naming ``where``, the key and the loader, before any source is read.
+    """
+    try:
+        params = inspect.signature(get_object(node._target_)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError) as e:
+        raise ValueError(f"{where}: _target_={node._target_!r} is not a loader that can be imported ({e})") from e
+    given = {str(k) for k in node if not str(k).startswith("_") and k not in SOURCE_KEYS}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(given - set(params))
+        if unknown:
+            raise ValueError(f"{where}: {', '.join(unknown)}: not an option of {node._target_} (it takes "
+                             f"{', '.join(params)})")
+    needed = [n for n, p in params.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                  p.KEYWORD_ONLY)]
+    missing = [n for n in needed if n not in given]
+    if missing:
+        raise ValueError(f"{where}: {', '.join(missing)} is missing: {node._target_} needs it")
 
 
 def _default_name(node: DictConfig, i: int) -> str:

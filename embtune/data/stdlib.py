@@ -28,6 +28,7 @@ import tokenize
 import warnings
 from pathlib import Path
 
+from embtune.data.beir import check_sample_size
 from embtune.data.cache import cache_dir as default_cache_dir
 from embtune.data.dataset import RetrievalSet, TrainingData
 
@@ -177,8 +178,9 @@ def _is_test(module: str, test_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
 
-def _subsample(items: list, k: int | None, seed: int) -> list:
+def _subsample(items: list, k: int | None, seed: int, option: str) -> list:
     """`k` items drawn with `random.Random(seed)`, in their original order; all of them if k is None."""
+    check_sample_size(k, option)
     if k is None or len(items) <= k:
         return items
     keep = sorted(random.Random(seed).sample(range(len(items)), k))
@@ -219,8 +221,8 @@ def load_stdlib(test_fraction: float = 0.15, min_query_words: int = 4, min_doc_c
     train = [p for p in pairs if not _is_test(p["module"], test_fraction)]
     test = [p for p in pairs if _is_test(p["module"], test_fraction)]
     # separate generators: changing one cap does not change the other split's sample
-    train = _subsample(train, max_train_pairs, seed)
-    test = _subsample(test, max_test_queries, seed)
+    train = _subsample(train, max_train_pairs, seed, "data.max_train_pairs")
+    test = _subsample(test, max_test_queries, seed, "data.max_test_queries")
     rows = [{"query": p["query"], "positive": p["document"], "id": p["id"], "module": p["module"]}
             for p in train]
     # a document's id is its query's plus ":code": BEIR's rule ignores a document that shares the query's id
