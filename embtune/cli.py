@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,11 @@ from embtune.config import CONFIG_PATH, normalize
 from embtune.run.errors import full_traceback, message, user_error
 from embtune.run.outputs import clear_run, rank, record_failure, refuse_if_used
 from embtune.run.progress import quiet_libraries
+from hydra_plugins.embtune_optuna_sweeper import OptunaSweeper
+
+# Hydra finds plugins by walking the folders of the hydra_plugins namespace; an editable install
+# (pip install -e .) reaches this one through an import hook instead, which that walk never sees
+Plugins.instance().register(OptunaSweeper)
 
 log = logging.getLogger("embtune")
 

@@ -4,10 +4,12 @@ study in sqlite that resumes after an interrupt and runs only the missing trials
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -26,6 +28,18 @@ from embtune.run.search_space import choice_strings, search_space
 
 def test_installed_optuna_is_4_or_newer():
     assert Version(optuna.__version__) >= Version("4")
+
+
+def test_the_installed_embtune_command_finds_the_optuna_sweeper_from_any_folder(tmp_path):
+    """Run from outside the repository (no ``hydra_plugins`` folder on the path), as a user runs it after
+    ``pip install -e .``: Hydra's plugin scan alone misses the sweeper there, so ``hparams_search=optuna``
+    failed with "Unknown plugin class"."""
+    command = shutil.which("embtune", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert command, "the embtune command is not installed (pip install -e .)"
+    out = subprocess.run([command, "--info", "plugins"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    section = out.stdout.split("\tSweeper:\n")[1].split("\n\n")[0]  # up to the blank line after the list
+    assert {"BasicSweeper", "OptunaSweeper"} <= {line.strip() for line in section.splitlines()}
 
 
 def test_search_space_syntax_maps_to_optuna_distributions():
