@@ -53,7 +53,14 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     if rank() > 0:  # torchrun: rank 0 logs, evaluates and saves; the others only train
-        run(cfg, output_dir, logger=None)
+        try:
+            run(cfg, output_dir, logger=None)
+        except Exception as e:
+            cause = user_error(e) if not full_traceback() else None
+            if cause is None:
+                raise
+            # one line, as rank 0 gives: it may be this process's alone (its share of a streamed file)
+            raise SystemExit(f"Error (rank {rank()}): {redact_text(message(cause))}") from None
         teardown()
         return None
     if cfg.overwrite:

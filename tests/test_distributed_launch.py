@@ -111,6 +111,22 @@ def test_srun_variables_set_by_hand_form_a_group_of_two(tmp_path):
         assert g["ranks"] == [0, 1] and g["backend"] == "gloo"
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_a_bad_setting_under_torchrun_is_one_line_from_every_process(tmp_path):
+    """Every process meets the bad value; each says so in one line, none with a traceback."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "embtune.cli",
+           "data=jsonl", f"data.path={tmp_path / 'pairs.jsonl'}", "train.strategy=bogus", "logger=none",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "Error: train.strategy must be ddp or fsdp, got 'bogus'" in out  # rank 0
+    assert "Error (rank 1): train.strategy must be ddp or fsdp, got 'bogus'" in out
+    assert "Error executing job" not in out and 'File "' + str(REPO) not in out  # no embtune traceback
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_torchrun_c10d_rendezvous_one_node_trains_and_rank_zero_saves_once(tiny_bert, tmp_path):
