@@ -111,6 +111,32 @@ def test_srun_variables_set_by_hand_form_a_group_of_two(tmp_path):
         assert g["ranks"] == [0, 1] and g["backend"] == "gloo"
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_two_embtune_commands_with_srun_variables_train_as_one_run(tiny_bert, tmp_path):
+    """srun starts the command once per task with SLURM_PROCID set and no RANK: task 1 must know it is
+    not rank 0 before the group forms (it used to take the run folder as its own, and task 0 waited forever)."""
+    run, data = tmp_path / "run", tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"query": f"question {i}", "positive": f"answer {i}"}) + "\n" for i in range(20)))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(_free_port()))
+    cmd = [sys.executable, "-m", "embtune.cli", f"model.name_or_path={tiny_bert}", "data=jsonl", f"data.path={data}",
+           "data.dev_queries=4", "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "eval.before=false",
+           "negatives.cross_device=true", "logger=none", f"hydra.run.dir={run}"]
+    tasks = [subprocess.Popen(cmd, cwd=REPO, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outs = [t.communicate(timeout=300)[0] for t in tasks]
+    finally:  # a task waiting for a peer that never comes would outlive the test
+        for t in tasks:
+            t.kill()
+    assert [t.returncode for t in tasks] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    train = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in e]
+    assert [(e["step"], e["train/candidates"]) for e in train] == [(1, 8.0), (2, 8.0)]  # 2 processes x 4 positives
+    assert (run / "model" / "model.safetensors").is_file()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_a_bad_setting_under_torchrun_is_one_line_from_every_process(tmp_path):
     """Every process meets the bad value; each says so in one line, none with a traceback."""

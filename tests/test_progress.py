@@ -59,9 +59,12 @@ def test_off_a_terminal_no_bar_is_written_and_the_evaluation_logs_its_start_and_
     assert any(line.startswith("evaluated hand-made test set in ") and " s: ndcg@10 " in line for line in lines)
 
 
-def test_a_torchrun_rank_other_than_0_draws_no_bar(monkeypatch, model):
+@pytest.mark.parametrize("launcher", [{"RANK": "1", "WORLD_SIZE": "2"},  # torchrun
+                                      {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}])  # srun
+def test_a_rank_other_than_0_draws_no_bar(monkeypatch, model, launcher):
     out = _console(monkeypatch, terminal=True)
-    monkeypatch.setenv("RANK", "1")
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
     Retrieval(batch_size=4)(model, _data(), [])
     assert BAR not in out.getvalue()
 

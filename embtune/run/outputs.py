@@ -106,5 +106,14 @@ def write_json(path: Path, obj) -> None:
 
 
 def rank() -> int:
-    """This process's rank under torchrun (0 otherwise): only rank 0 checks, logs and writes the run."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank under torchrun or srun (0 for a world of one): only rank 0 checks, logs and
+    writes the run. Read from the launcher's variables (:func:`embtune.training.distributed.process_env`),
+    since it is needed before the process group forms; SLURM variables that form no group give 0 here and
+    are refused when the group is set up."""
+    from embtune.training.distributed import process_env  # imports torch: only when asked
+
+    try:
+        env = process_env(os.environ)
+    except ValueError:
+        return 0
+    return env["rank"] if env else 0

@@ -35,6 +35,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from embtune.run.outputs import rank
+
 log = logging.getLogger("embtune.progress")
 
 console = Console()
@@ -131,7 +133,7 @@ def encoding_progress(what: str, total: int, show: bool = True):
     one is running (rich >= 14.1 nests live displays). Yields ``advance(n)``: call it with the number of
     texts each encoded batch held (``Embedder.encode(..., progress=advance)``); off a terminal it does
     nothing and nothing is written."""
-    if not (show and total > 0 and console.is_terminal and int(os.environ.get("RANK", "0")) == 0):
+    if not (show and total > 0 and console.is_terminal and rank() == 0):
         yield _no_progress
         return
     bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), _TextsPerSecond(),
