@@ -169,13 +169,16 @@ def test_bad_settings_are_refused_by_name():
 
 
 @pytest.mark.slow
-def test_a_killed_sqlite_study_started_again_runs_only_the_last_trial(tmp_path, tiny_bert):
+@pytest.mark.parametrize("sweep_dir", ["dated", "fixed"])
+def test_a_killed_sqlite_study_started_again_runs_only_the_last_trial(tmp_path, tiny_bert, sweep_dir):
     """3 trials with sqlite storage; the sweep is killed (SIGKILL) when trial 2's job starts. The same
-    command started again runs one job (trial 2's parameters) and its report lists every trial."""
+    command started again runs one job (trial 2's parameters) and its report lists every trial; with a
+    fixed ``hydra.sweep.dir`` the new job goes into the same folder beside the first run's."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
+    where = "sweeps/${now:%H-%M-%S-%f}" if sweep_dir == "dated" else "sweeps/one"
     cmd = [sys.executable, "-m", "embtune.cli", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
            f"hydra.sweeper.storage={storage}", f"model.name_or_path={tiny_bert}", *TINY, "logger=none",
-           f"hydra.sweep.dir={tmp_path}/sweeps/${{now:%H-%M-%S-%f}}"]
+           f"hydra.sweep.dir={tmp_path}/{where}"]
     env = {**os.environ, "COLUMNS": "250"}
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 900
@@ -187,9 +190,13 @@ def test_a_killed_sqlite_study_started_again_runs_only_the_last_trial(tmp_path, 
     assert sorted(p.name for p in first_dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
 
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (second_dir,) = set((tmp_path / "sweeps").iterdir()) - {first_dir}
-    assert sorted(p.name for p in second_dir.iterdir() if p.is_dir()) == ["3"]  # one job: the missing trial
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    if sweep_dir == "dated":
+        (second_dir,) = set((tmp_path / "sweeps").iterdir()) - {first_dir}
+        assert sorted(p.name for p in second_dir.iterdir() if p.is_dir()) == ["3"]  # one job: the missing trial
+    else:
+        second_dir = first_dir
+        assert sorted(p.name for p in first_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
     study = optuna.load_study(study_name="embtune", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[3].params == study.trials[2].params
@@ -199,3 +206,16 @@ def test_a_killed_sqlite_study_started_again_runs_only_the_last_trial(tmp_path, 
     assert "4 trials, 3 completed, 0 failed, 1 interrupted" in " ".join(report.split())  # the title may wrap
     for n, folder in [(0, first_dir / "0"), (1, first_dir / "1"), (2, first_dir / "2"), (3, second_dir / "3")]:
         assert f"│ {n:>5} │" in report and str(folder) in report
+
+
+def test_a_new_trials_job_folder_that_holds_a_run_is_refused_and_its_trial_failed(tmp_path):
+    from embtune.run.optuna_sweeper import _refuse_used_job_folders
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "summary.json").write_text("{}")  # another study's trial 0, in the same sweep folder
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask({"loss.temperature": FloatDistribution(0.01, 0.2)})
+    with pytest.raises(SystemExit, match=rf"^Error: {tmp_path / '0'} already holds a run .*its own hydra.sweep.dir"):
+        _refuse_used_job_folders(study, [trial], tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert (tmp_path / "0" / "summary.json").read_text() == "{}"

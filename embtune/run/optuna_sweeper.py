@@ -193,6 +193,7 @@ class OptunaSweeper(Sweeper):
             if left <= 0:
                 break
             trials = [study.ask(space) for _ in range(min(self.n_jobs, left))]
+            _refuse_used_job_folders(study, trials, sweep_dir)
             batch = []
             for t in trials:
                 t.set_user_attr(WORKER, worker)
@@ -269,3 +270,25 @@ class OptunaSweeper(Sweeper):
             raise SystemExit(f"Error: all {len(finished_trials(study))} finished trials of study "
                              f"{study.study_name!r} failed, so there is no best value; each trial's reason is in "
                              f"the table above and in its job folder's summary.json")
+
+
+def _refuse_used_job_folders(study, trials: list, sweep_dir: Path) -> None:
+    """A new trial's job folder (``sweep_dir/<trial number>``) that already holds a run belongs to another
+    study or sweep: refuse it, telling Optuna the trials failed, rather than write into it.
+
+    Raises:
+        SystemExit: naming the folder and how to go on.
+    """
+    from optuna.trial import TrialState
+
+    from embtune.run.outputs import refuse_if_used
+
+    try:
+        for t in trials:
+            refuse_if_used(sweep_dir / str(t.number))
+    except FileExistsError as e:
+        for t in trials:
+            t.set_user_attr(FAILURE, "its job folder holds another run")
+            study.tell(t, state=TrialState.FAIL)
+        raise SystemExit(f"Error: {e} (a study continues in the sweep folder it started in; another study "
+                         "needs its own hydra.sweep.dir)") from None

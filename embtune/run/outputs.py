@@ -39,6 +39,8 @@ class NeverOverwrite(Callback):
                              "embtune-push SWEEP_DIR/JOB REPO_ID")
         if config.get("overwrite"):
             return
+        if config.hydra.sweeper.get("storage"):  # a lasting Optuna study goes on in its own folder: the sweeper
+            return                               # checks each new trial's job folder (optuna_sweeper.py)
         sweep = Path(config.hydra.sweep.dir)
         self._check(sorted(sweep.iterdir()) if sweep.is_dir() else [])
 
