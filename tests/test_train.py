@@ -137,6 +137,11 @@ def test_listwise_trains_on_graded_lists(tmp_path, tiny_bert):
     (["negatives.cross_device=1"], r"negatives.cross_device must be true or false, got 1"),
     (["loss=arcface", "matryoshka=on"], r"matryoshka.dims with loss=arcface: its class centres are full-size"),
     (["train.min_batch_size=9"], r"train.min_batch_size must be in 1..train.batch_size \(8\) or null, got 9"),
+    (["train.lr=-1"], r"^train.lr must be a number > 0 \(the peak learning rate\), got -1"),
+    (["train.lr=0"], r"^train.lr must be a number > 0"),
+    (["train.weight_decay=-0.1"], r"^train.weight_decay must be a number >= 0, got -0.1"),
+    (["train.warmup_ratio=1.5"], r"^train.warmup_ratio must be in \[0, 1\]"),
+    (["train.max_grad_norm=0"], r"^train.max_grad_norm must be a number > 0"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
