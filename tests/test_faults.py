@@ -411,3 +411,19 @@ def test_remote_code_is_off_by_default():
     from embtune.model import from_pretrained
 
     assert inspect.signature(from_pretrained).parameters["trust_remote_code"].default is False
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_model(tiny_bert, tmp_path, monkeypatch):
+    from embtune.eval.evaluators import Retrieval
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises once training's own signal handler is gone
+
+    monkeypatch.setattr(Retrieval, "__call__", stopped)
+    with pytest.raises(SystemExit) as stop:
+        _train(_cfg(tiny_bert, ["data.dev_queries=3", "eval.after=true"]), tmp_path / "run")
+    assert stop.value.code == 128 + signal.SIGINT
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == N and summary["final"] == {}
+    assert summary["final_evaluation"] == "stopped by SIGINT"

@@ -291,19 +291,27 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     # -- final metrics, model, summary
     if stopped:
         log.info("early stopping after step %d: %d evaluations without a better %s", step, best.since_best, best.metric)
-    if best.evaluations and last is None:  # resumed at the last step: evaluate the last model again
-        last = finite_or_missing(evaluator(model, data, eval_dims))
-    if best.evaluations:  # evaluated during training: the saved model is the best (eval.keep=best) or the last
-        final = best.metrics if best.restore(model) else last
-    else:
-        final = finite_or_missing(evaluator(model, data, eval_dims)) if evaluator.after else {}
+    evaluation_stopped = False
+    try:
+        if best.evaluations and last is None:  # resumed at the last step: evaluate the last model again
+            last = finite_or_missing(evaluator(model, data, eval_dims))
+        if best.evaluations:  # evaluated during training: the saved model is the best (eval.keep=best) or the last
+            final = best.metrics if best.restore(model) else last
+        else:
+            final = finite_or_missing(evaluator(model, data, eval_dims)) if evaluator.after else {}
+    except KeyboardInterrupt:  # Ctrl-C after the last step: keep what was trained
+        evaluation_stopped, final = True, {}
+        log.warning("Ctrl-C during the final evaluation: the trained model is saved unevaluated (%s); score it "
+                    "with embtune-eval model.name_or_path=%s", "the last step's weights" if best.evaluations
+                    else "training was complete", output_dir / "model")
     if model.token_cache is not None:
         model.token_cache.save()
     if final and not best.evaluations:  # evaluations during training are logged at their steps
         logger.log({f"eval/{k}": v for k, v in final.items()}, step=step)
     save(model, output_dir / "model", matryoshka_dims=eval_dims if cfg.matryoshka.dims else None, config=saved_config)
     summary = redact({"status": "completed", **known(train_seconds), "final": final, "unbatched_rows": unbatched,
-                      **({"selection": best.summary(), "last": last} if best.evaluations else {})})
+                      **({"selection": best.summary(), "last": last} if best.evaluations else {}),
+                      **({"final_evaluation": "stopped by SIGINT"} if evaluation_stopped else {})})
     write_json(output_dir / "summary.json", summary)  # whole or absent: sweeps read it as "done"; replaces "interrupted"
     pooling_name = type(model.pooling).__name__ if model.pooling is not None else None  # the inherited one too
     card = model_card(summary, saved_config, pooling_name, model.normalize, typed_overrides())
@@ -311,6 +319,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     if not t.get("keep_checkpoint", False):  # completed: model/ holds the weights; the optimiser state is ~2x them
         shutil.rmtree(output_dir / checkpoint.FOLDER, ignore_errors=True)
     logger.summary(summary)
+    if evaluation_stopped:
+        raise SystemExit(128 + signal.SIGINT)
     if base or final:
         print_comparison(base, final)
     distributed.barrier(proc)
