@@ -68,6 +68,8 @@ def _case(name, tmp_path, drop):
     if name == "invalid JSON row":
         return _rows_through_format(_file(tmp_path, "t.jsonl", _jsonl([GOOD[0], '{"query": "c", "positive": ', GOOD[2]])),
                                     drop)
+    if name == "unterminated JSON string":
+        return _rows_through_format(_file(tmp_path, "t.jsonl", _jsonl([GOOD[0], '{"query": "c', GOOD[2]])), drop)
     if name == "undecodable byte":
         content = _jsonl([GOOD[0]]).encode() + b'{"query": "caf\xe9", "positive": "d"}\n' + _jsonl([GOOD[2]]).encode()
         return _rows_through_format(_file(tmp_path, "t.jsonl", content), drop)
@@ -98,6 +100,7 @@ CASES = [  # name, what the message must say (file:line: field ...), what is kep
     ("string score", r"t\.csv:3: field 'score' must be a finite number, got str: 'high'", 2),
     ("label outside its range", r"t\.jsonl:2: field 'label' must be in \[0, 1\] for loss=pointwise_bce, got 3", 2),
     ("invalid JSON row", r"t\.jsonl:2: bad JSON \(Expecting value at column 27\)", 2),
+    ("unterminated JSON string", r"t\.jsonl:2: bad JSON \(Unterminated string starting at column 11\)", 2),
     ("undecodable byte", r"t\.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 15 of the line\)", 2),
     ("wrong field count (TSV)", r"t\.tsv:3: expected 2 fields \(query, positive\), got 3", 2),
     ("qrels names a missing query", r"qrels/train\.tsv:3: field 'query-id': unknown query id 'q9'", 2),

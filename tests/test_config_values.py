@@ -54,6 +54,14 @@ def test_prompt_escapes_become_a_newline_and_a_tab():
     assert normalize(cfg).model.query_prompt == "Instruct: find code" + chr(10) + "Query: "  # read twice: the same
 
 
+def test_wandb_mode_follows_the_environment_unless_set(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert _compose(["logger=wandb"]).logger.mode == "disabled"
+    assert _compose(["logger=wandb", "logger.mode=online"]).logger.mode == "online"
+    monkeypatch.delenv("WANDB_MODE")
+    assert _compose(["logger=wandb"]).logger.mode == "offline"
+
+
 def test_numbers_are_read_where_they_belong():
     cfg = normalize(_compose(["train.max_steps=1e3", "loss.temperature=1", "data.test_fraction=0"]))
     assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)  # integral float: an integer

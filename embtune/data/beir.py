@@ -290,7 +290,7 @@ def read_json_objects(file: Path, problems: DataProblems | None = None):
         try:
             obj = json.loads(raw.strip())  # stripped: the error's column is on this line, not the next
         except json.JSONDecodeError as e:
-            problems.bad_row(f"{file}:{line}: bad JSON ({e.msg} at column {e.colno}); expected one JSON object a line")
+            problems.bad_row(f"{file}:{line}: bad JSON ({e.msg.removesuffix(' at')} at column {e.colno}); expected one JSON object a line")
             continue
         if not isinstance(obj, dict):
             problems.bad_row(f"{file}:{line}: expected a JSON object, got {type(obj).__name__}")
