@@ -286,10 +286,11 @@ def _unescape(value):
 
 # -- pre-flight checks ------------------------------------------------------------------------------------
 
-def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teacher) -> Objective:
+def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teacher, where: str | None = None) -> Objective:
     """Every pre-flight check of one run; returns the objective that trains it
     (:func:`embtune.objectives.objective_for`). Starts with :func:`normalize` (nothing is built from the
-    groups it reads here on: model, train).
+    groups it reads here on: model, train). ``where`` names whose ``data_format`` this is (a mixture's
+    source, ``data.sources[0] (name)``) in the format's errors.
 
     Raises:
         ValueError: naming the clashing options or the bad key.
@@ -297,8 +298,13 @@ def check_run(cfg: DictConfig, data_format, negatives, loss_fn, evaluator, teach
     normalize(cfg)
     t = cfg.train
     objective = objective_for(loss_fn, negatives, multi_vector=builds_multi_vector(cfg.model))
-    check_compatible(data_format, negatives, loss_fn, objective)
-    objective.check(data_format, teacher)
+    try:
+        check_compatible(data_format, negatives, loss_fn, objective)
+        objective.check(data_format, teacher)
+    except ValueError as e:
+        if where is None:
+            raise
+        raise ValueError(f"{where}: {e}") from e
     check_train_settings(t, objective, negatives, loss_fn)
     matryoshka_dims(cfg.matryoshka.dims, cfg.matryoshka.weights, size=10**9)  # the model's size: once it loads
     check_multi_vector(cfg.model, negatives, cfg.matryoshka.dims, evaluator)

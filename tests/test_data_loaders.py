@@ -103,6 +103,14 @@ def test_a_bad_sample_size_is_refused_by_name_before_any_file_is_read(tmp_path, 
             load(**{option: value})
 
 
+def test_a_shuffle_buffer_without_streaming_is_refused_by_name_before_any_file_is_read(tmp_path):
+    missing = str(tmp_path / "nowhere.jsonl")  # checked first: the missing file is never reached
+    for load in (load_jsonl, load_hf):
+        with pytest.raises(ValueError, match=r"^data.shuffle_buffer=64 is only read with data.streaming=true"):
+            load(missing, shuffle_buffer=64)
+    assert load_jsonl(str(TOY), dev_queries=0).rows  # the default (null) is not a value given
+
+
 # --- small BEIR folders --------------------------------------------------------------------------
 
 

@@ -200,6 +200,8 @@ def test_in_batch_off_trains_on_hard_negatives(tiny_bert, tmp_path):
     ("no path", [], r"data.sources\[1\] \(toy\): path is missing: embtune.data.load_jsonl needs it"),
     ("bogus", [], r"data.sources\[0\] \(scifact\): bogus: not an option of embtune.data.load_beir \(it takes path, "),
     ("max_train_pairs", [], r"data.sources\[0\] \(scifact\) failed to load: data.max_train_pairs=-3: must be an "),
+    (None, ["negatives=hard"], r"^data.sources\[0\] \(scifact\): negatives=hard needs negatives in each example, "
+                               "but data_format=pairwise has none"),
 ])
 def test_bad_mixtures_are_refused_before_any_model_loads(sources, overrides, message, tmp_path):
     if sources is None or isinstance(sources, str):

@@ -51,7 +51,7 @@ def load_jsonl(
     dev_queries: int | None = None,
     dev_ratio: float = 0.1,
     streaming: bool = False,
-    shuffle_buffer: int = 10_000,
+    shuffle_buffer: int | None = None,
 ) -> TrainingData | StreamedData:
     """Load training rows from a local file, chosen by suffix, or a ``save_to_disk`` folder.
 
@@ -83,7 +83,7 @@ def load_jsonl(
             seeded by ``seed``; see :class:`embtune.data.dataset.DevSplit`; 0: none). It is made once the
             data format names the query and positive columns, in the training recipe.
         streaming: read the rows as training goes instead of into the cache (:mod:`embtune.data.streaming`).
-        shuffle_buffer: with ``streaming``, the rows of the shuffle buffer.
+        shuffle_buffer: with ``streaming``, the rows of the shuffle buffer (None: 10000); refused without it.
 
     Returns:
         TrainingData with the rows as dicts, ``source`` = ``(path, line number)`` per row (the element
@@ -100,6 +100,7 @@ def load_jsonl(
             ``dev_queries`` > 0 (both need every row up front), or a bad ``shuffle_buffer``.
     """
     check_sample_size(max_train_pairs, "data.max_train_pairs")
+    shuffle_buffer = _shuffle_buffer(shuffle_buffer, streaming)
     dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     file = Path(path).expanduser()
     if not file.exists():
@@ -264,7 +265,7 @@ def load_hf(
     dev_queries: int | None = None,
     dev_ratio: float = 0.1,
     streaming: bool = False,
-    shuffle_buffer: int = 10_000,
+    shuffle_buffer: int | None = None,
 ) -> TrainingData | StreamedData:
     """Load training rows with ``datasets.load_dataset``.
 
@@ -283,7 +284,7 @@ def load_hf(
         streaming: read the rows as training goes (:mod:`embtune.data.streaming`): a local file or
             ``save_to_disk`` folder through the same readers as without it, anything else through
             ``datasets.load_dataset(..., streaming=True)`` (no copy in ``datasets``' cache either).
-        shuffle_buffer: with ``streaming``, the rows of the shuffle buffer.
+        shuffle_buffer: with ``streaming``, the rows of the shuffle buffer (None: 10000); refused without it.
 
     Returns:
         TrainingData with the rows as dicts and ``source`` = ``(name[split], row number from 1)``, or
@@ -299,6 +300,7 @@ def load_hf(
     import datasets  # heavy import; only this loader needs it
 
     check_sample_size(max_train_pairs, "data.max_train_pairs")
+    shuffle_buffer = _shuffle_buffer(shuffle_buffer, streaming)
     dev = _dev_split(test_path, dev_queries, dev_ratio, seed)
     local = Path(name).expanduser()
     problems = DataProblems(drop_bad_rows)
@@ -332,6 +334,20 @@ def load_hf(
     return _stored(("hf", files, f"{name}[{split}]"), _numbered(_dataset_batches(ds)),
                    f"{name}: split {split!r} has no rows", max_train_pairs, seed, problems, test, str(name), dev,
                    subset=subset)
+
+
+def _shuffle_buffer(value: int | None, streaming: bool) -> int | None:
+    """``data.shuffle_buffer`` as a stream reads it (None: 10000 rows).
+
+    Raises:
+        ValueError: a value given without ``data.streaming=true``, where nothing would read it.
+    """
+    if not streaming:
+        if value is not None:
+            raise ValueError(f"data.shuffle_buffer={value!r} is only read with data.streaming=true (a run on disk "
+                             "shuffles all its rows each epoch); drop it or set data.streaming=true")
+        return None
+    return 10_000 if value is None else value
 
 
 def _check_streaming(max_train_pairs: int | None, dev_queries: int | None) -> None:

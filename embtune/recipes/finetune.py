@@ -99,7 +99,8 @@ def train(cfg: DictConfig, output_dir: str | Path, logger, base: dict | None = N
     best = Best(evaluator.metric, evaluator.keep, patience)  # the best evaluation during training and its weights
     teacher = build(cfg, "teacher") if cfg.get("teacher") else None
     checked_format = data.sources[0].data_format if mixed else data_format  # mix.check: every source's format
-    objective = check_run(cfg, checked_format, negatives, loss_fn, evaluator, teacher)  # embtune.objectives
+    objective = check_run(cfg, checked_format, negatives, loss_fn, evaluator, teacher,  # embtune.objectives
+                          where=f"data.sources[0] ({data.sources[0].name})" if mixed else None)
     if mixed:
         mix.check(data, objective, negatives, loss_fn, teacher)
     examples, row_of = (mix.make_examples if mixed else streaming.make_examples if streamed
