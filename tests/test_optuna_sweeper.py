@@ -149,11 +149,14 @@ def test_nan_and_none_are_failed_trials_and_an_all_failed_study_is_a_clear_error
 
 def test_a_failed_trial_names_the_jobs_error(tmp_path):
     job = tmp_path / "sweep" / "0"
-    job.mkdir(parents=True)
-    (job / "summary.json").write_text(json.dumps({"status": "failed", "error": "ValueError: bad margin"}))
+
+    def launch(batch, initial_job_idx):  # the job runs, fails and records why in its own folder
+        job.mkdir(parents=True)
+        (job / "summary.json").write_text(json.dumps({"status": "failed", "error": "ValueError: bad margin"}))
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan, working_dir=str(job))]
+
     launcher = FakeLauncher(lambda o: math.nan)
-    launcher.launch = lambda batch, initial_job_idx: [JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan,
-                                                                working_dir=str(job))]
+    launcher.launch = launch
     with pytest.raises(SystemExit):
         _sweeper(tmp_path, launcher, n_trials=1).sweep([])
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
