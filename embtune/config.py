@@ -458,17 +458,17 @@ def check_train_settings(t: DictConfig, objective: Objective, negatives, loss_fn
         raise ValueError(f"train.max_steps must be >= 1 or null (then train.epochs decides), got {t.max_steps}")
     if t.max_steps is None and t.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1 when train.max_steps is null, got {t.epochs}")
-    if not (isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool) and t.lr > 0):
+    # normalize() has made these numbers (TrainSettings); only their ranges are left to check
+    if t.lr <= 0:
         raise ValueError(f"train.lr must be a number > 0 (the peak learning rate), got {t.lr!r}")
-    if not (isinstance(t.weight_decay, (int, float)) and not isinstance(t.weight_decay, bool) and t.weight_decay >= 0):
+    if t.weight_decay < 0:
         raise ValueError(f"train.weight_decay must be a number >= 0, got {t.weight_decay!r}")
-    if not (isinstance(t.warmup_ratio, (int, float)) and not isinstance(t.warmup_ratio, bool)
-            and 0 <= t.warmup_ratio <= 1):
+    if not 0 <= t.warmup_ratio <= 1:
         raise ValueError(f"train.warmup_ratio must be in [0, 1] (the fraction of steps that warm up), got "
                          f"{t.warmup_ratio!r}")
-    if t.max_grad_norm is not None and not (isinstance(t.max_grad_norm, (int, float))
-                                            and not isinstance(t.max_grad_norm, bool) and t.max_grad_norm > 0):
-        raise ValueError(f"train.max_grad_norm must be a number > 0 or null (no clipping), got {t.max_grad_norm!r}")
+    if t.max_grad_norm <= 0:
+        raise ValueError(f"train.max_grad_norm must be a number > 0 (the gradient norm clipped to), got "
+                         f"{t.max_grad_norm!r}")
     if t.on_nonfinite not in ("skip", "stop"):
         raise ValueError(f"train.on_nonfinite must be skip or stop, got {t.on_nonfinite!r}")
     if t.log_every < 1:
