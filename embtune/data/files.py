@@ -97,7 +97,8 @@ def load_jsonl(
             and (unless
             ``drop_bad_rows``) a line that is not UTF-8, bad JSON or not an object, or a CSV/TSV row with
             the wrong number of fields, each naming ``file:line``. With ``streaming``: ``max_train_pairs`` or
-            ``dev_queries`` > 0 (both need every row up front), or a bad ``shuffle_buffer``.
+            ``dev_queries`` > 0 (both need every row up front), or a bad ``shuffle_buffer``. Before any file is
+            read: a ``max_train_pairs`` that is not an integer >= 0, a ``shuffle_buffer`` without ``streaming``.
     """
     check_sample_size(max_train_pairs, "data.max_train_pairs")
     shuffle_buffer = _shuffle_buffer(shuffle_buffer, streaming)
@@ -293,8 +294,8 @@ def load_hf(
 
     Raises:
         FileNotFoundError: a local path that does not exist, or the ``test_path`` test split is missing.
-        ValueError: the split has no rows, or ``subset`` is given for a local file; with ``streaming``, as
-            for :func:`load_jsonl`.
+        ValueError: the split has no rows, or ``subset`` is given for a local file; a bad ``max_train_pairs``
+            or ``shuffle_buffer``, and with ``streaming``, as for :func:`load_jsonl`.
         Whatever ``datasets.load_dataset`` raises for an unknown or unreachable hub data set.
     """
     import datasets  # heavy import; only this loader needs it
